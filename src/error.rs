@@ -1,0 +1,100 @@
+//! The one error type of the crate.
+
+use std::fmt;
+
+/// Why a call was refused. Every check runs before any output or layer state is written, so an
+/// `Err` leaves the layer (running statistics, counter) and the output buffer untouched.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// A buffer or parameter vector has the wrong number of elements.
+    Length {
+        /// Which buffer: `"x"`, `"y"`, `"weight"`, `"running_mean"`, ...
+        what: &'static str,
+        /// The length the shape (or the layer's channel count) requires.
+        expected: usize,
+        /// The length that was passed.
+        got: usize,
+    },
+    /// `shape.c` differs from the layer's channel count.
+    Channels {
+        /// The layer's channel count.
+        expected: usize,
+        /// `shape.c`.
+        got: usize,
+    },
+    /// `eps` must be finite and non-negative.
+    Eps(f64),
+    /// `momentum` must be finite and within `[0, 1]`.
+    Momentum(f64),
+    /// Training needs at least two values per channel (`n * spatial >= 2`), as in PyTorch.
+    TooFewValues {
+        /// `n * spatial` of the shape that was passed.
+        per_channel: usize,
+    },
+    /// `n * c * spatial` does not fit in `usize`.
+    Overflow {
+        /// Batch size.
+        n: usize,
+        /// Channels.
+        c: usize,
+        /// Spatial size.
+        spatial: usize,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Length {
+                what,
+                expected,
+                got,
+            } => write!(f, "`{what}` has {got} elements, expected {expected}"),
+            Error::Channels { expected, got } => {
+                write!(f, "shape has {got} channels, but the layer has {expected}")
+            }
+            Error::Eps(eps) => write!(f, "eps must be finite and >= 0, got {eps}"),
+            Error::Momentum(m) => write!(f, "momentum must be finite and in [0, 1], got {m}"),
+            Error::TooFewValues { per_channel } => write!(
+                f,
+                "training needs more than 1 value per channel (n * spatial), got {per_channel}"
+            ),
+            Error::Overflow { n, c, spatial } => write!(
+                f,
+                "shape {n} x {c} x {spatial} has more elements than usize can count"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// `Err(Error::Length)` unless `got == expected`.
+pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), Error> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(Error::Length {
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+/// Checks that input and output both hold the `shape.len()` elements of `shape`.
+pub(crate) fn check_xy(shape: crate::Shape, x: usize, y: usize) -> Result<(), Error> {
+    let total = shape.len()?;
+    check_len("x", total, x)?;
+    check_len("y", total, y)
+}
+
+/// `Err(Error::Eps)` unless eps is finite and non-negative.
+pub(crate) fn check_eps(eps: f64) -> Result<(), Error> {
+    if eps.is_finite() && eps >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::Eps(eps))
+    }
+}

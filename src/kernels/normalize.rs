@@ -1,0 +1,152 @@
+//! The element-wise pass: `y = ((x - hi) - lo) * scale + shift` per channel.
+//!
+//! `hi + lo` is the channel's mean split into two parts of the element type, so that a mean of
+//! 1e6 (whose `f32` rounding alone is 0.03) still centers the data exactly; `x - hi` is exact
+//! for `x` near the mean. Without a center (`hi = lo = 0`) this is the inference engines'
+//! `y = x * scale + shift`.
+
+use super::buffers::Buffers;
+use super::lanes::Lanes;
+use crate::element::Element;
+
+/// One channel's normalization: `y = ((x - hi) - lo) * scale + shift`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Affine<T> {
+    pub hi: T,
+    pub lo: T,
+    pub scale: T,
+    pub shift: T,
+}
+
+impl<T: Element> Affine<T> {
+    /// The normalization of a channel with mean `mean` (split into `hi + lo`), multiplier
+    /// `scale` and offset `shift`.
+    pub fn centered(mean: f64, scale: f64, shift: f64) -> Self {
+        let hi = T::from_f64(mean);
+        Affine {
+            hi,
+            lo: T::from_f64(mean - hi.to_f64()),
+            scale: T::from_f64(scale),
+            shift: T::from_f64(shift),
+        }
+    }
+}
+
+/// Every channel's [`Affine`], as arrays (lanes load the parameters of neighbouring
+/// channels together). Empty `hi` and `lo` mean no centering.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChannelAffine<'a, T> {
+    pub hi: &'a [T],
+    pub lo: &'a [T],
+    pub scale: &'a [T],
+    pub shift: &'a [T],
+}
+
+impl<T: Element> ChannelAffine<'_, T> {
+    /// Channel `c`'s parameters.
+    #[inline(always)]
+    pub fn get(&self, c: usize) -> Affine<T> {
+        let center = |v: &[T]| v.get(c).copied().unwrap_or(T::ZERO);
+        Affine {
+            hi: center(self.hi),
+            lo: center(self.lo),
+            scale: self.scale[c],
+            shift: self.shift[c],
+        }
+    }
+}
+
+#[inline(always)]
+fn apply<L: Lanes>(v: L, hi: L, lo: L, scale: L, shift: L) -> L {
+    v.sub(hi).sub(lo).mul_add(scale, shift)
+}
+
+/// Normalizes a run of one channel (NCHW).
+#[inline(always)]
+pub(crate) fn normalize_run<L: Lanes, B: Buffers<L::Elem>>(buf: &mut B, a: Affine<L::Elem>) {
+    let (hi, lo, scale, shift) = (
+        L::splat(a.hi),
+        L::splat(a.lo),
+        L::splat(a.scale),
+        L::splat(a.shift),
+    );
+    let f = |v: L| apply(v, hi, lo, scale, shift);
+    let (len, w) = (buf.len(), L::WIDTH);
+    let mut i = 0;
+    while i + w <= len {
+        buf.map(i, w, f);
+        i += w;
+    }
+    if i < len {
+        buf.map(i, len - i, f);
+    }
+}
+
+/// Normalizes whole rows of `c` channels each (NHWC), lane `j` of a vector being channel
+/// `c0 + j`.
+#[inline(always)]
+pub(crate) fn normalize_rows<L: Lanes, B: Buffers<L::Elem>>(
+    buf: &mut B,
+    c: usize,
+    p: &ChannelAffine<'_, L::Elem>,
+) {
+    let w = L::WIDTH;
+    let zero = L::splat(L::Elem::ZERO);
+    let centered = !p.hi.is_empty();
+    let load = |v: &[L::Elem], c0: usize, n: usize| {
+        if n == w {
+            L::load(&v[c0..])
+        } else {
+            L::load_partial(&v[c0..c0 + n], L::Elem::ZERO)
+        }
+    };
+    let rows = if c == 0 { 0 } else { buf.len() / c };
+    for r in 0..rows {
+        let mut c0 = 0;
+        while c0 < c {
+            let n = w.min(c - c0);
+            let (hi, lo) = if centered {
+                (load(p.hi, c0, n), load(p.lo, c0, n))
+            } else {
+                (zero, zero)
+            };
+            let (scale, shift) = (load(p.scale, c0, n), load(p.shift, c0, n));
+            buf.map(r * c + c0, n, |v: L| apply(v, hi, lo, scale, shift));
+            c0 += n;
+        }
+    }
+}
+
+/// Owned per-channel parameters, built from each channel's [`Affine`].
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AffineArrays<T> {
+    hi: Vec<T>,
+    lo: Vec<T>,
+    scale: Vec<T>,
+    shift: Vec<T>,
+}
+
+impl<T: Element> AffineArrays<T> {
+    /// Borrowed view for the kernels.
+    pub fn view(&self) -> ChannelAffine<'_, T> {
+        ChannelAffine {
+            hi: &self.hi,
+            lo: &self.lo,
+            scale: &self.scale,
+            shift: &self.shift,
+        }
+    }
+}
+
+impl<T: Element> FromIterator<Affine<T>> for AffineArrays<T> {
+    fn from_iter<I: IntoIterator<Item = Affine<T>>>(iter: I) -> Self {
+        let mut out = AffineArrays::default();
+        for a in iter {
+            out.hi.push(a.hi);
+            out.lo.push(a.lo);
+            out.scale.push(a.scale);
+            out.shift.push(a.shift);
+        }
+        out
+    }
+}

@@ -1,0 +1,62 @@
+//! `wide`'s vectors as [`Lanes`]: the portable path (SSE2 in a default x86-64 build, NEON on
+//! aarch64, simd128 on wasm, and whatever target features the build itself enables).
+
+use super::lanes::Lanes;
+use wide::{f32x8, f64x4};
+
+macro_rules! wide_lanes {
+    ($v:ty, $t:ty, $w:expr) => {
+        impl Lanes for $v {
+            type Elem = $t;
+            const WIDTH: usize = $w;
+
+            #[inline(always)]
+            fn splat(v: $t) -> Self {
+                <$v>::splat(v)
+            }
+            #[inline(always)]
+            fn load(s: &[$t]) -> Self {
+                let a: [$t; $w] = s[..$w].try_into().expect("slice of WIDTH");
+                <$v>::new(a)
+            }
+            #[inline(always)]
+            fn load_partial(s: &[$t], fill: $t) -> Self {
+                let mut a = [fill; $w];
+                a[..s.len()].copy_from_slice(s);
+                <$v>::new(a)
+            }
+            #[inline(always)]
+            fn store(self, s: &mut [$t]) {
+                s[..$w].copy_from_slice(&self.to_array());
+            }
+            #[inline(always)]
+            fn store_partial(self, s: &mut [$t]) {
+                let n = s.len();
+                s.copy_from_slice(&self.to_array()[..n]);
+            }
+            #[inline(always)]
+            fn add(self, o: Self) -> Self {
+                self + o
+            }
+            #[inline(always)]
+            fn sub(self, o: Self) -> Self {
+                self - o
+            }
+            #[inline(always)]
+            fn mul(self, o: Self) -> Self {
+                self * o
+            }
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                <$v>::mul_add(self, a, b)
+            }
+            #[inline(always)]
+            fn sum(self) -> $t {
+                self.reduce_add()
+            }
+        }
+    };
+}
+
+wide_lanes!(f32x8, f32, 8);
+wide_lanes!(f64x4, f64, 4);

@@ -1,0 +1,234 @@
+//! The layer: parameters, running statistics, and the checks that keep them consistent.
+
+use crate::element::Element;
+use crate::error::{check_eps, check_len, check_xy, Error};
+use crate::exec;
+use crate::kernels::buffers::{Buffers, Split};
+use crate::kernels::normalize::{Affine, AffineArrays};
+use crate::moments::Moments;
+use crate::shape::{Layout, Shape};
+
+/// Batch normalization over the channel dimension, as PyTorch's `BatchNorm{1,2,3}d`.
+///
+/// Training normalizes each channel with the batch's mean and biased variance,
+/// `y = (x - mean) / sqrt(var + eps) * weight + bias`, and moves the running statistics:
+/// `running = (1 - m) * running + m * batch`, with the unbiased batch variance `M2 / (n - 1)`
+/// unless [`unbiased_running_var`](Self::unbiased_running_var) is false (ONNX). With
+/// `momentum: None`, `m = 1 / num_batches_tracked` (after incrementing it): the cumulative
+/// average over all batches. Inference normalizes with the running statistics.
+///
+/// The fields are public, like a PyTorch module's parameters and buffers; every call checks
+/// that their lengths agree with the shape it is given.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNorm<T> {
+    /// Gamma, one per channel.
+    pub weight: Vec<T>,
+    /// Beta, one per channel.
+    pub bias: Vec<T>,
+    /// Running mean, one per channel.
+    pub running_mean: Vec<T>,
+    /// Running variance, one per channel.
+    pub running_var: Vec<T>,
+    /// Added to the variance before the square root. Default `1e-5`.
+    pub eps: f64,
+    /// Weight of the new batch in the running statistics. Default `Some(0.1)`; `None` is the
+    /// cumulative average.
+    pub momentum: Option<f64>,
+    /// Whether `running_var` takes the unbiased batch variance (PyTorch, the default) or the
+    /// biased one (ONNX).
+    pub unbiased_running_var: bool,
+    /// Training batches seen.
+    pub num_batches_tracked: u64,
+}
+
+/// What training's forward pass saves for the backward pass: per channel, the batch mean and
+/// `invstd = 1 / sqrt(biased var + eps)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SavedStats<T> {
+    /// Batch mean per channel.
+    pub mean: Vec<T>,
+    /// `1 / sqrt(var + eps)` per channel, with the biased batch variance.
+    pub invstd: Vec<T>,
+}
+
+impl<T: Element> BatchNorm<T> {
+    /// A layer of `channels` channels with PyTorch's defaults: weight 1, bias 0, running mean 0,
+    /// running variance 1, eps 1e-5, momentum 0.1, unbiased running variance.
+    pub fn new(channels: usize) -> Self {
+        let one = T::from_f64(1.0);
+        BatchNorm {
+            weight: vec![one; channels],
+            bias: vec![T::ZERO; channels],
+            running_mean: vec![T::ZERO; channels],
+            running_var: vec![one; channels],
+            eps: 1e-5,
+            momentum: Some(0.1),
+            unbiased_running_var: true,
+            num_batches_tracked: 0,
+        }
+    }
+
+    /// A layer with ONNX `BatchNormalization`'s conventions: `momentum` weights the *old*
+    /// running value (ONNX's default 0.9 is PyTorch's 0.1) and the running variance takes the
+    /// biased batch variance. An invalid `momentum` is reported by the first training call.
+    pub fn onnx(channels: usize, epsilon: f64, momentum: f64) -> Self {
+        BatchNorm {
+            eps: epsilon,
+            momentum: Some(1.0 - momentum),
+            unbiased_running_var: false,
+            ..BatchNorm::new(channels)
+        }
+    }
+
+    /// Number of channels (the length of `weight`).
+    pub fn channels(&self) -> usize {
+        self.weight.len()
+    }
+
+    /// Training's forward pass: normalizes `x` into `y` with the batch statistics, updates the
+    /// running statistics, and returns what the backward pass needs.
+    pub fn forward_train(
+        &mut self,
+        x: &[T],
+        y: &mut [T],
+        shape: Shape,
+        layout: Layout,
+    ) -> Result<SavedStats<T>, Error> {
+        check_xy(shape, x.len(), y.len())?;
+        self.train(Split { x, y }, shape, layout)
+    }
+
+    /// [`forward_train`](Self::forward_train) writing over its input.
+    pub fn forward_train_in_place(
+        &mut self,
+        xy: &mut [T],
+        shape: Shape,
+        layout: Layout,
+    ) -> Result<SavedStats<T>, Error> {
+        self.train(xy, shape, layout)
+    }
+
+    /// Inference: normalizes `x` into `y` with the running statistics.
+    pub fn forward_eval(
+        &self,
+        x: &[T],
+        y: &mut [T],
+        shape: Shape,
+        layout: Layout,
+    ) -> Result<(), Error> {
+        check_xy(shape, x.len(), y.len())?;
+        self.eval(Split { x, y }, shape, layout)
+    }
+
+    /// [`forward_eval`](Self::forward_eval) writing over its input.
+    pub fn forward_eval_in_place(
+        &self,
+        xy: &mut [T],
+        shape: Shape,
+        layout: Layout,
+    ) -> Result<(), Error> {
+        self.eval(xy, shape, layout)
+    }
+
+    /// The inference normalization folded into one multiply-add per element,
+    /// `y = x * scale[c] + shift[c]`, for [`crate::apply_scale_shift`]:
+    /// `scale = weight / sqrt(running_var + eps)`, `shift = bias - running_mean * scale`.
+    pub fn scale_shift(&self) -> Result<(Vec<T>, Vec<T>), Error> {
+        let c = self.channels();
+        let (mut scale, mut shift) = (vec![T::ZERO; c], vec![T::ZERO; c]);
+        crate::ops::fold_scale_shift(
+            &self.running_mean,
+            &self.running_var,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            &mut scale,
+            &mut shift,
+        )?;
+        Ok((scale, shift))
+    }
+
+    /// Checks the parameters against `shape` and `len` input elements.
+    fn check(&self, shape: Shape, len: usize) -> Result<(), Error> {
+        let total = shape.len()?;
+        if shape.c != self.channels() {
+            return Err(Error::Channels {
+                expected: self.channels(),
+                got: shape.c,
+            });
+        }
+        check_len("bias", shape.c, self.bias.len())?;
+        check_len("running_mean", shape.c, self.running_mean.len())?;
+        check_len("running_var", shape.c, self.running_var.len())?;
+        check_len("x", total, len)?;
+        check_eps(self.eps)
+    }
+
+    fn train<B: Buffers<T>>(
+        &mut self,
+        buf: B,
+        shape: Shape,
+        layout: Layout,
+    ) -> Result<SavedStats<T>, Error> {
+        self.check(shape, buf.len())?;
+        if let Some(m) = self.momentum {
+            if !(m.is_finite() && (0.0..=1.0).contains(&m)) {
+                return Err(Error::Momentum(m));
+            }
+        }
+        if shape.per_channel() < 2 {
+            return Err(Error::TooFewValues {
+                per_channel: shape.per_channel(),
+            });
+        }
+        let (weight, bias, eps) = (&self.weight, &self.bias, self.eps);
+        let moments = exec::train(buf, shape, layout, |c, m| {
+            let invstd = 1.0 / (m.variance() + eps).sqrt();
+            Affine::centered(m.mean, weight[c].to_f64() * invstd, bias[c].to_f64())
+        });
+        self.update_running(&moments);
+        Ok(SavedStats {
+            mean: moments.iter().map(|m| T::from_f64(m.mean)).collect(),
+            invstd: moments
+                .iter()
+                .map(|m| T::from_f64(1.0 / (m.variance() + eps).sqrt()))
+                .collect(),
+        })
+    }
+
+    fn update_running(&mut self, moments: &[Moments]) {
+        self.num_batches_tracked = self.num_batches_tracked.saturating_add(1);
+        let factor = self
+            .momentum
+            .unwrap_or(1.0 / self.num_batches_tracked as f64);
+        let stats = self
+            .running_mean
+            .iter_mut()
+            .zip(self.running_var.iter_mut());
+        for ((rm, rv), m) in stats.zip(moments) {
+            let var = if self.unbiased_running_var {
+                m.sample_variance()
+            } else {
+                m.variance()
+            };
+            *rm = T::from_f64((1.0 - factor) * rm.to_f64() + factor * m.mean);
+            *rv = T::from_f64((1.0 - factor) * rv.to_f64() + factor * var);
+        }
+    }
+
+    fn eval<B: Buffers<T>>(&self, buf: B, shape: Shape, layout: Layout) -> Result<(), Error> {
+        self.check(shape, buf.len())?;
+        let params: AffineArrays<T> = (0..shape.c)
+            .map(|c| {
+                let invstd = 1.0 / (self.running_var[c].to_f64() + self.eps).sqrt();
+                Affine::centered(
+                    self.running_mean[c].to_f64(),
+                    self.weight[c].to_f64() * invstd,
+                    self.bias[c].to_f64(),
+                )
+            })
+            .collect();
+        exec::apply(buf, shape, layout, &params.view());
+        Ok(())
+    }
+}

@@ -1,0 +1,25 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod element;
+mod error;
+mod exec;
+pub mod kernels;
+mod layer;
+mod moments;
+mod ops;
+pub mod oracle;
+mod parallel;
+mod shape;
+
+pub use element::Element;
+pub use error::Error;
+pub use kernels::lanes::{Lanes, Scalar};
+pub use kernels::{with_isa, Isa};
+pub use layer::{BatchNorm, SavedStats};
+pub use moments::Moments;
+pub use ops::{apply_scale_shift, apply_scale_shift_in_place, fold_scale_shift, moments};
+#[doc(hidden)]
+pub use parallel::with_parallel_threshold;
+pub use parallel::DEFAULT_PARALLEL_THRESHOLD;
+pub use shape::{Layout, Shape};

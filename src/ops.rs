@@ -1,0 +1,92 @@
+//! The lower-level operations an inference engine calls directly.
+
+use crate::element::Element;
+use crate::error::{check_eps, check_len, check_xy, Error};
+use crate::exec;
+use crate::kernels::buffers::{Buffers, Split};
+use crate::kernels::normalize::ChannelAffine;
+use crate::moments::Moments;
+use crate::shape::{Layout, Shape};
+
+/// Per-channel moments (count, mean, M2) of `x`, in one pass over memory. They merge exactly
+/// with the moments of other data ([`Moments::merge`]), so statistics can be accumulated over
+/// micro-batches or devices.
+pub fn moments<T: Element>(x: &[T], shape: Shape, layout: Layout) -> Result<Vec<Moments>, Error> {
+    check_len("x", shape.len()?, x.len())?;
+    Ok(exec::moments(x, shape, layout))
+}
+
+/// Folds running statistics and the affine parameters into one scale and shift per channel:
+/// `scale = weight / sqrt(var + eps)`, `shift = bias - mean * scale` (computed in `f64`).
+pub fn fold_scale_shift<T: Element>(
+    mean: &[T],
+    var: &[T],
+    weight: &[T],
+    bias: &[T],
+    eps: f64,
+    scale: &mut [T],
+    shift: &mut [T],
+) -> Result<(), Error> {
+    let c = mean.len();
+    for (what, len) in [
+        ("var", var.len()),
+        ("weight", weight.len()),
+        ("bias", bias.len()),
+        ("scale", scale.len()),
+        ("shift", shift.len()),
+    ] {
+        check_len(what, c, len)?;
+    }
+    check_eps(eps)?;
+    for i in 0..c {
+        let s = weight[i].to_f64() / (var[i].to_f64() + eps).sqrt();
+        scale[i] = T::from_f64(s);
+        shift[i] = T::from_f64(bias[i].to_f64() - mean[i].to_f64() * s);
+    }
+    Ok(())
+}
+
+/// `y = x * scale[c] + shift[c]` for every element of channel `c`: inference with folded
+/// statistics ([`fold_scale_shift`]), one multiply-add per element.
+pub fn apply_scale_shift<T: Element>(
+    x: &[T],
+    y: &mut [T],
+    scale: &[T],
+    shift: &[T],
+    shape: Shape,
+    layout: Layout,
+) -> Result<(), Error> {
+    check_xy(shape, x.len(), y.len())?;
+    apply(Split { x, y }, scale, shift, shape, layout)
+}
+
+/// [`apply_scale_shift`] writing over its input.
+pub fn apply_scale_shift_in_place<T: Element>(
+    xy: &mut [T],
+    scale: &[T],
+    shift: &[T],
+    shape: Shape,
+    layout: Layout,
+) -> Result<(), Error> {
+    apply(xy, scale, shift, shape, layout)
+}
+
+fn apply<T: Element, B: Buffers<T>>(
+    buf: B,
+    scale: &[T],
+    shift: &[T],
+    shape: Shape,
+    layout: Layout,
+) -> Result<(), Error> {
+    check_len("x", shape.len()?, buf.len())?;
+    check_len("scale", shape.c, scale.len())?;
+    check_len("shift", shape.c, shift.len())?;
+    let p = ChannelAffine {
+        hi: &[],
+        lo: &[],
+        scale,
+        shift,
+    };
+    exec::apply(buf, shape, layout, &p);
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! How work is spread over threads: rayon's `join` and parallel iterators in whatever pool
+//! the caller runs in (`pool.install(..)`), or the calling thread alone below a size
+//! threshold or without the `rayon` feature.
+
+use crate::element::Element;
+use crate::kernels::buffers::Buffers;
+use std::cell::Cell;
+
+/// Tensors with fewer elements than this run on the calling thread: below it, waking other
+/// threads costs more than they save (a 1x512x7x7 activation is 25 088 elements).
+pub const DEFAULT_PARALLEL_THRESHOLD: usize = 1 << 16;
+
+thread_local! {
+    static THRESHOLD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with calls made from this thread going parallel from `min_len` elements on instead
+/// of [`DEFAULT_PARALLEL_THRESHOLD`]. For tests that must reach the parallel paths with small
+/// tensors, and for tuning; results do not depend on it beyond rounding.
+#[doc(hidden)]
+pub fn with_parallel_threshold<R>(min_len: usize, f: impl FnOnce() -> R) -> R {
+    let old = THRESHOLD.with(|t| t.replace(Some(min_len)));
+    let r = f();
+    THRESHOLD.with(|t| t.set(old));
+    r
+}
+
+/// The threading decisions of one call, taken once at its start on the calling thread.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Par {
+    /// Threads of the current rayon pool (1 without the `rayon` feature).
+    pub threads: usize,
+    /// Whether this call spreads its work over them.
+    pub on: bool,
+}
+
+impl Par {
+    /// The decision for a call over `len` elements.
+    pub fn for_len(len: usize) -> Par {
+        let threads = threads();
+        let min = THRESHOLD
+            .with(|t| t.get())
+            .unwrap_or(DEFAULT_PARALLEL_THRESHOLD);
+        Par {
+            threads,
+            on: threads > 1 && len >= min.max(2),
+        }
+    }
+
+    /// Elements per task when a buffer of `len` elements is split into spans of whole `unit`s:
+    /// about four tasks a thread, for balance.
+    pub fn grain(&self, len: usize, unit: usize) -> usize {
+        if !self.on {
+            return usize::MAX;
+        }
+        let per_task = len.div_ceil(4 * self.threads).max(4096);
+        per_task.div_ceil(unit.max(1)) * unit.max(1)
+    }
+}
+
+#[cfg(feature = "rayon")]
+fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[cfg(not(feature = "rayon"))]
+fn threads() -> usize {
+    1
+}
+
+#[cfg(feature = "rayon")]
+fn join<A: FnOnce() + Send, B: FnOnce() + Send>(a: A, b: B) {
+    rayon::join(a, b);
+}
+
+#[cfg(not(feature = "rayon"))]
+fn join<A: FnOnce(), B: FnOnce()>(a: A, b: B) {
+    a();
+    b();
+}
+
+/// Calls `f(first_unit, span)` on spans of `buf` that hold whole `unit`s and about `grain`
+/// elements, as parallel tasks (one span of everything when `grain` covers it).
+pub(crate) fn for_each_span<T: Element, B: Buffers<T>>(
+    buf: B,
+    unit: usize,
+    grain: usize,
+    first_unit: usize,
+    f: &(impl Fn(usize, B) + Sync),
+) {
+    let units = if unit == 0 { 0 } else { buf.len() / unit };
+    if buf.len() <= grain || units < 2 {
+        f(first_unit, buf);
+        return;
+    }
+    let half = units / 2;
+    let (a, b) = buf.split_at(half * unit);
+    join(
+        || for_each_span(a, unit, grain, first_unit, f),
+        || for_each_span(b, unit, grain, first_unit + half, f),
+    );
+}
+
+/// Calls `f` on every consecutive `unit` of `span` with its index, starting at `first`.
+pub(crate) fn for_each_unit<T: Element, B: Buffers<T>>(
+    span: B,
+    unit: usize,
+    first: usize,
+    mut f: impl FnMut(usize, &mut B),
+) {
+    let mut rest = span;
+    let mut i = first;
+    while rest.len() > 0 && unit > 0 {
+        let take = unit.min(rest.len());
+        let (mut head, tail) = rest.split_at(take);
+        f(i, &mut head);
+        rest = tail;
+        i += 1;
+    }
+}
+
+/// `(0..n).map(f).collect()`, in parallel when `on`.
+pub(crate) fn map<R: Send>(n: usize, on: bool, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
+    #[cfg(feature = "rayon")]
+    if on {
+        use rayon::prelude::*;
+        return (0..n).into_par_iter().map(f).collect();
+    }
+    let _ = on;
+    (0..n).map(f).collect()
+}
+
+/// Calls `f(i, &mut groups[i * size ..][..size], &mut out[i])` for every group, in parallel
+/// when `on`.
+pub(crate) fn for_each_group<X: Send, Y: Send>(
+    groups: &mut [X],
+    size: usize,
+    out: &mut [Y],
+    on: bool,
+    f: impl Fn(usize, &mut [X], &mut Y) + Sync + Send,
+) {
+    if size == 0 {
+        return;
+    }
+    #[cfg(feature = "rayon")]
+    if on {
+        use rayon::prelude::*;
+        groups
+            .par_chunks_mut(size)
+            .zip(out.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, (g, o))| f(i, g, o));
+        return;
+    }
+    let _ = on;
+    for (i, (g, o)) in groups.chunks_mut(size).zip(out.iter_mut()).enumerate() {
+        f(i, g, o);
+    }
+}
