@@ -1,0 +1,105 @@
+//! Helpers shared by the integration tests: data generators, tolerances, and a runner that
+//! repeats a check on every instruction set and threading path.
+#![allow(dead_code)]
+
+use batchnorm::{with_isa, with_parallel_threshold, Element, Isa};
+use std::sync::OnceLock;
+
+/// A small deterministic generator (xorshift64*), so that a proptest seed reproduces its data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in [-1, 1).
+    pub fn signed(&mut self) -> f64 {
+        2.0 * self.unit() - 1.0
+    }
+    /// One of a few offsets and spreads, hard cases included (offset up to 1e5 spreads): returns
+    /// `(offset, spread)`.
+    pub fn offset_spread(&mut self) -> (f64, f64) {
+        let offset = [0.0, 1.0, -30.0, 1e3][(self.unit() * 4.0) as usize];
+        let spread = [1e-2, 1.0, 50.0][(self.unit() * 3.0) as usize];
+        (offset, spread)
+    }
+    /// `n` values `offset + spread * u`, u uniform in [-1, 1), rounded to `T`.
+    pub fn data<T: Element>(&mut self, n: usize, offset: f64, spread: f64) -> Vec<T> {
+        (0..n).map(|_| T::from_f64(offset + spread * self.signed())).collect()
+    }
+}
+
+/// Runs `f` on every available instruction set, each on the calling thread and in a 3-thread
+/// pool with the parallel threshold at 0 (so even tiny tensors take the parallel paths: the
+/// channel-split and the fused ones, depending on the channel count). `f` gets a label for
+/// assertion messages.
+pub fn on_every_path(mut f: impl FnMut(&str) + Send) {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("thread pool")
+    });
+    for isa in Isa::available() {
+        with_isa(isa, || f(&format!("{isa:?}, calling thread")));
+        pool.install(|| {
+            with_isa(isa, || {
+                with_parallel_threshold(0, || f(&format!("{isa:?}, 3 threads")))
+            })
+        });
+    }
+}
+
+/// The relative tolerance of an output of type `T` against the `f64` oracle, as
+/// `|got - want| <= tol * (1 + |want|)`, for data whose mean is `ratio` times its spread.
+///
+/// f32: the normalization rounds 3 to 4 times at 2^-24 each (`x - hi`, `- lo`, the scale, the
+/// fused multiply-add) and the statistics add a relative error of at most a few 1e-7 (blocks of
+/// at most 128 values per f32 accumulator lane, merged in f64); 1e-5 leaves a margin of about
+/// ten over that and is the bound the accuracy issue sets. f64: the same count at 2^-53, plus
+/// what no f64 computation avoids, the oracle's included: the mean itself is rounded to
+/// `2^-53 * |mean|`, which is `2^-53 * ratio` standard deviations, and each Chan merge of
+/// blocks rounds the difference of two such means again (a few dozen merges at most here).
+pub fn tol<T: Element>(ratio: f64) -> f64 {
+    let base = if std::mem::size_of::<T>() == 4 {
+        1e-5
+    } else {
+        1e-12
+    };
+    base + 64.0 * f64::EPSILON * ratio
+}
+
+/// Asserts `|got - want| <= tol * (1 + |want|)` element by element, NaN matching NaN only.
+pub fn assert_close<T: Element>(got: &[T], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let g = g.to_f64();
+        let ok = if w.is_nan() {
+            g.is_nan()
+        } else if w.is_infinite() {
+            g == *w
+        } else {
+            (g - w).abs() <= tol * (1.0 + w.abs())
+        };
+        assert!(ok, "{what}[{i}]: got {g:e}, want {w:e} (tol {tol:e})");
+    }
+}
+
+/// Bit-for-bit equality (NaN payloads included).
+pub fn assert_identical<T: Element>(a: &[T], b: &[T], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            x.to_f64().to_bits() == y.to_f64().to_bits(),
+            "{what}[{i}]: {x:?} vs {y:?}"
+        );
+    }
+}
