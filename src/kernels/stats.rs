@@ -54,11 +54,11 @@ fn fold<L: Lanes, A: Copy, const K: usize>(
     acc.into_iter().reduce(combine).unwrap_or(init)
 }
 
-/// `Σ x` in lanes.
+/// `Σ (x - p)` in lanes; padding lanes hold `p`.
 #[inline(always)]
-fn sum<L: Lanes>(x: &[L::Elem]) -> L::Elem {
-    let zero = L::splat(L::Elem::ZERO);
-    fold::<L, L, 4>(x, L::Elem::ZERO, zero, |a, v| a.add(v), |a, b| a.add(b)).sum()
+fn pivoted_sum<L: Lanes>(x: &[L::Elem], p: L::Elem) -> L::Elem {
+    let (zero, pv) = (L::splat(L::Elem::ZERO), L::splat(p));
+    fold::<L, L, 4>(x, p, zero, |a, v| a.add(v.sub(pv)), |a, b| a.add(b)).sum()
 }
 
 /// `(Σ (x - k), Σ (x - k)²)` in lanes; padding lanes hold `k` and so add nothing.
@@ -80,17 +80,21 @@ fn shifted_sums<L: Lanes>(x: &[L::Elem], k: L::Elem) -> (L::Elem, L::Elem) {
 }
 
 /// The moments of a block given as `pieces` (which together fit in L1).
+///
+/// The first read sums `x - p` around the block's first value `p`, so the rounded block mean
+/// `k = p + Σ (x - p) / n` is accurate to a small fraction of the spread even when the offset
+/// is 1e6 spreads (summing `x` itself would leave `k` several spreads off).
 #[inline(always)]
 fn block<'a, L: Lanes>(pieces: &[&'a [L::Elem]]) -> Moments {
     let count: usize = pieces.iter().map(|p| p.len()).sum();
-    if count == 0 {
+    let Some(&p) = pieces.iter().find_map(|piece| piece.first()) else {
         return Moments::EMPTY;
-    }
-    let total: f64 = pieces.iter().map(|p| sum::<L>(p).to_f64()).sum();
-    let k = L::Elem::from_f64(total / count as f64);
+    };
+    let total: f64 = pieces.iter().map(|x| pivoted_sum::<L>(x, p).to_f64()).sum();
+    let k = L::Elem::from_f64(p.to_f64() + total / count as f64);
     let (mut s1, mut s2) = (0.0, 0.0);
-    for p in pieces {
-        let (a, b) = shifted_sums::<L>(p, k);
+    for x in pieces {
+        let (a, b) = shifted_sums::<L>(x, k);
         s1 += a.to_f64();
         s2 += b.to_f64();
     }
@@ -180,14 +184,16 @@ fn tile<L: Lanes, const K: usize>(
     let mut r0 = rows.start;
     while r0 < rows.end {
         let r1 = (r0 + rows_per_block).min(rows.end);
+        // First read: sums around the block's first row, as in `block`.
+        let pivots: [L; K] = std::array::from_fn(|j| load(r0, j, zero));
         let mut sums = [L::splat(zero); K];
         for r in r0..r1 {
             for (j, s) in sums.iter_mut().enumerate() {
-                *s = s.add(load(r, j, zero));
+                *s = s.add(load(r, j, zero).sub(pivots[j]));
             }
         }
         let inv = L::splat(L::Elem::from_f64(1.0 / (r1 - r0) as f64));
-        let means = sums.map(|s| s.mul(inv));
+        let means: [L; K] = std::array::from_fn(|j| sums[j].mul_add(inv, pivots[j]));
         let mut s1 = [L::splat(zero); K];
         let mut s2 = [L::splat(zero); K];
         for r in r0..r1 {

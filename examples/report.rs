@@ -1,0 +1,127 @@
+//! The main job: normalizes ResNet-sized tensors in both layouts, checks every result against
+//! the f64 oracle, and prints time, GB/s and the ratio to a plain memory copy of the same bytes
+//! measured in the same run, per shape, layout, operation, thread count and instruction set.
+//!
+//! `cargo run --release --example report [-- --quick] [-- --isa portable]`
+
+use batchnorm::{oracle, with_isa, BatchNorm, Isa, Layout, Shape};
+use rayon::prelude::*;
+use std::time::{Duration, Instant};
+
+const SHAPES: [(&str, Shape); 5] = [
+    ("A 32x64x56x56", Shape { n: 32, c: 64, spatial: 56 * 56 }),
+    ("B 32x256x28x28", Shape { n: 32, c: 256, spatial: 28 * 28 }),
+    ("C 1x512x7x7", Shape { n: 1, c: 512, spatial: 7 * 7 }),
+    ("D 256x1024", Shape { n: 256, c: 1024, spatial: 1 }),
+    ("E 8x32x224x224", Shape { n: 8, c: 32, spatial: 224 * 224 }),
+];
+
+/// Median time of `f` over enough calls to fill `budget` (at least 3, after one warm-up).
+fn time(budget: Duration, mut f: impl FnMut()) -> Duration {
+    f();
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 3 || (start.elapsed() < budget && times.len() < 200) {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// Largest `|y - want| / (1 + |want|)`.
+fn max_error(y: &[f32], want: &[f64]) -> f64 {
+    y.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs() / (1.0 + w.abs()))
+        .fold(0.0, f64::max)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only_isa = args
+        .iter()
+        .position(|a| a == "--isa")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|name| Isa::from_name(name));
+    let budget = Duration::from_millis(if quick { 60 } else { 400 });
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut threads = vec![1];
+    if all > 1 {
+        threads.push(all);
+    }
+    let isas: Vec<Isa> = Isa::available()
+        .into_iter()
+        .filter(|i| only_isa.is_none_or(|o| o == *i))
+        .collect();
+
+    println!("batchnorm report: f32, {all} hardware threads, instruction sets {isas:?}");
+    println!("GB/s counts 8 bytes per element (x read, y written); copy = memcpy of the same bytes, same run.");
+    println!("error = max |y - y_f64| / (1 + |y_f64|) against the oracle.\n");
+    println!("| shape | layout | op | threads | isa | time | GB/s | copy GB/s | ratio to copy | error |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let shapes = if quick { &SHAPES[2..4] } else { &SHAPES[..] };
+    for &(name, shape) in shapes {
+        let len = shape.len().expect("shape fits");
+        let bytes = 8.0 * len as f64;
+        let layouts: &[Layout] = if shape.spatial == 1 {
+            &[Layout::Nchw] // (N, C): both layouts are the same memory
+        } else {
+            &[Layout::Nchw, Layout::Nhwc]
+        };
+        for &layout in layouts {
+            let x: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919) % 1009) as f32 * 0.01 - 3.0 + (i % shape.c) as f32)
+                .collect();
+            let mut y = vec![0.0f32; len];
+            let mut bn = BatchNorm::<f32>::new(shape.c);
+            bn.running_mean = (0..shape.c).map(|c| c as f32).collect();
+            bn.running_var = vec![2.0; shape.c];
+            let want_train = oracle::forward_train(&bn, &x, shape, layout).y;
+            let want_eval = oracle::forward_eval(&bn, &x, shape, layout);
+            for &t in &threads {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+                let copy = pool.install(|| {
+                    time(budget, || {
+                        if t == 1 {
+                            y.copy_from_slice(&x)
+                        } else {
+                            y.par_chunks_mut(1 << 16)
+                                .zip(x.par_chunks(1 << 16))
+                                .for_each(|(d, s)| d.copy_from_slice(s))
+                        }
+                    })
+                });
+                let copy_gbs = bytes / copy.as_secs_f64() / 1e9;
+                for &isa in &isas {
+                    for op in ["eval", "train"] {
+                        let (elapsed, err) = pool.install(|| {
+                            with_isa(isa, || {
+                                let mut layer = bn.clone();
+                                let elapsed = time(budget, || {
+                                    if op == "eval" {
+                                        bn.forward_eval(&x, &mut y, shape, layout).unwrap();
+                                    } else {
+                                        layer.forward_train(&x, &mut y, shape, layout).unwrap();
+                                    }
+                                });
+                                let want = if op == "eval" { &want_eval } else { &want_train };
+                                (elapsed, max_error(&y, want))
+                            })
+                        });
+                        assert!(err < 1e-5, "{name} {layout:?} {op} {isa:?}: error {err:e}");
+                        let gbs = bytes / elapsed.as_secs_f64() / 1e9;
+                        println!(
+                            "| {name} | {layout:?} | {op} | {t} | {} | {:.3} ms | {gbs:.1} | {copy_gbs:.1} | {:.2} | {err:.1e} |",
+                            isa.name(),
+                            elapsed.as_secs_f64() * 1e3,
+                            gbs / copy_gbs,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Accuracy against a float64 two-pass reference where batch normalization is hard: a mean
+//! 1e4 to 1e6 times the standard deviation, tiny spreads, subnormals, and non-finite values
+//! that must stay in their own channel.
+
+mod common;
+
+use batchnorm::{oracle, BatchNorm, Layout, Shape};
+use common::{assert_close, on_every_path, Rng};
+
+/// f32 data of `shape` whose channel `c` has mean `offset * (c + 1)` and standard deviation
+/// about `offset / ratio`.
+fn offset_data(shape: Shape, offset: f64, ratio: f64, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    let mut x = vec![0.0f32; shape.len().unwrap()];
+    let std = offset / ratio;
+    for c in 0..shape.c {
+        for n in 0..shape.n {
+            for s in 0..shape.spatial {
+                // Uniform in [-sqrt(3), sqrt(3)) has unit variance.
+                let v = offset * (c + 1) as f64 + std * 3f64.sqrt() * rng.signed();
+                x[shape.index(Layout::Nchw, n, c, s)] = v as f32;
+            }
+        }
+    }
+    x
+}
+
+fn relayout(x: &[f32], shape: Shape, to: Layout) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for n in 0..shape.n {
+        for c in 0..shape.c {
+            for s in 0..shape.spatial {
+                out[shape.index(to, n, c, s)] = x[shape.index(Layout::Nchw, n, c, s)];
+            }
+        }
+    }
+    out
+}
+
+/// The naive single-pass f32 variance, E[x²] - E[x]², for comparison.
+fn naive_variance(values: &[f64]) -> f64 {
+    let n = values.len() as f32;
+    let (s, ss) = values
+        .iter()
+        .fold((0f32, 0f32), |(s, ss), &v| (s + v as f32, ss + (v as f32) * (v as f32)));
+    ((ss / n) - (s / n) * (s / n)) as f64
+}
+
+/// The batch variance stays within 1e-4 relative and the output within 1e-5 * (1 + |y|) of
+/// the f64 reference for offsets of 1e4 to 1e6 standard deviations, on every path and layout;
+/// the naive f32 formula misses the variance bound by orders of magnitude on the same data.
+#[test]
+fn huge_offset_tiny_spread() {
+    let shape = Shape::new(8, 3, 1000);
+    for ratio in [1e4, 1e5, 1e6] {
+        let nchw = offset_data(shape, 1e3, ratio, ratio as u64);
+        let naive_worst = (0..shape.c)
+            .map(|c| {
+                let v = oracle::channel(&nchw, shape, Layout::Nchw, c);
+                let reference = oracle::mean_var(&nchw, shape, Layout::Nchw)[c].1;
+                (naive_variance(&v) - reference).abs() / reference
+            })
+            .fold(0.0, f64::max);
+        assert!(naive_worst > 1e-2, "naive f32 variance error {naive_worst:e}: the test is too easy");
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            let x = relayout(&nchw, shape, layout);
+            let reference = oracle::mean_var(&x, shape, layout);
+            let bn = BatchNorm::<f32>::new(shape.c);
+            let want = oracle::forward_train(&bn, &x, shape, layout);
+            on_every_path(|path| {
+                for (c, m) in batchnorm::moments(&x, shape, layout).unwrap().iter().enumerate() {
+                    let rel = (m.variance() - reference[c].1).abs() / reference[c].1;
+                    assert!(rel <= 1e-4, "ratio {ratio:e} {layout:?} {path}: variance off by {rel:e}");
+                }
+                let mut layer = bn.clone();
+                let mut y = vec![0.0f32; x.len()];
+                layer.forward_train(&x, &mut y, shape, layout).unwrap();
+                assert_close(&y, &want.y, 1e-5, &format!("y at ratio {ratio:e}, {layout:?}, {path}"));
+            });
+        }
+    }
+}
+
+/// A channel that holds NaN or an infinity becomes NaN; the other channels are exactly what
+/// they would be without it, on every path and layout.
+#[test]
+fn non_finite_values_stay_in_their_channel() {
+    let shape = Shape::new(3, 11, 9);
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            let mut rng = Rng::new(3);
+            let clean: Vec<f32> = rng.data(shape.len().unwrap(), 2.0, 1.0);
+            let mut x = clean.clone();
+            x[shape.index(layout, 1, 4, 5)] = bad;
+            let bn = BatchNorm::<f32>::new(shape.c);
+            let want = oracle::forward_train(&bn, &clean, shape, layout);
+            on_every_path(|path| {
+                let mut layer = bn.clone();
+                let mut y = vec![0.0f32; x.len()];
+                layer.forward_train(&x, &mut y, shape, layout).unwrap();
+                for c in 0..shape.c {
+                    let got = oracle::channel(&y, shape, layout, c);
+                    let clean_y = oracle::channel(&want.y, shape, layout, c);
+                    if c == 4 {
+                        assert!(got.iter().all(|v| v.is_nan()), "{bad} {layout:?} {path}");
+                        assert!(layer.running_mean[c].is_nan());
+                    } else {
+                        let got: Vec<f32> = got.iter().map(|&v| v as f32).collect();
+                        assert_close(&got, &clean_y, 1e-5, &format!("channel {c}, {bad}, {layout:?}, {path}"));
+                        assert!(layer.running_mean[c].is_finite() && layer.running_var[c].is_finite());
+                    }
+                }
+                // Inference with a non-finite input leaves other elements alone as well.
+                bn.forward_eval(&x, &mut y, shape, layout).unwrap();
+                let finite = y.iter().filter(|v| v.is_finite()).count();
+                assert_eq!(finite, y.len() - 1, "{bad} {layout:?} {path}");
+            });
+        }
+    }
+}
+
+/// Subnormal inputs and a constant channel: the variance underflows or is zero, eps takes
+/// over, and the output matches the reference (zero).
+#[test]
+fn subnormals_and_constant_channels() {
+    let shape = Shape::new(4, 5, 13);
+    let mut rng = Rng::new(11);
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        let mut x: Vec<f32> = rng.data(shape.len().unwrap(), 0.0, 1e-39);
+        for n in 0..shape.n {
+            for s in 0..shape.spatial {
+                x[shape.index(layout, n, 2, s)] = 7.5;
+            }
+        }
+        let bn = BatchNorm::<f32>::new(shape.c);
+        let want = oracle::forward_train(&bn, &x, shape, layout);
+        on_every_path(|path| {
+            let mut layer = bn.clone();
+            let mut y = vec![1.0f32; x.len()];
+            let saved = layer.forward_train(&x, &mut y, shape, layout).unwrap();
+            assert_close(&y, &want.y, 1e-5, &format!("{layout:?}, {path}"));
+            assert_eq!(saved.mean[2], 7.5);
+            assert_eq!(layer.running_var[2], 0.9, "constant channel: unbiased variance 0");
+        });
+    }
+}
+
+/// eps = 0 on a constant channel divides 0 by 0: NaN there, as in PyTorch, and nowhere else.
+#[test]
+fn zero_eps_constant_channel_is_nan() {
+    let shape = Shape::new(2, 2, 3);
+    let x = [1.0f64, 1.0, 1.0, 0.0, 1.0, 2.0, 1.0, 1.0, 1.0, 3.0, 4.0, 5.0];
+    let mut bn = BatchNorm::<f64>::new(2);
+    bn.eps = 0.0;
+    let mut y = [0.0; 12];
+    bn.forward_train(&x, &mut y, shape, Layout::Nchw).unwrap();
+    for (i, v) in y.iter().enumerate() {
+        let channel = (i / 3) % 2;
+        assert_eq!(v.is_nan(), channel == 0, "y[{i}] = {v}");
+    }
+}
