@@ -9,14 +9,49 @@ use rayon::prelude::*;
 use std::time::{Duration, Instant};
 
 const SHAPES: [(&str, Shape); 5] = [
-    ("A 32x64x56x56", Shape { n: 32, c: 64, spatial: 56 * 56 }),
-    ("B 32x256x28x28", Shape { n: 32, c: 256, spatial: 28 * 28 }),
-    ("C 1x512x7x7", Shape { n: 1, c: 512, spatial: 7 * 7 }),
-    ("D 256x1024", Shape { n: 256, c: 1024, spatial: 1 }),
-    ("E 8x32x224x224", Shape { n: 8, c: 32, spatial: 224 * 224 }),
+    (
+        "A 32x64x56x56",
+        Shape {
+            n: 32,
+            c: 64,
+            spatial: 56 * 56,
+        },
+    ),
+    (
+        "B 32x256x28x28",
+        Shape {
+            n: 32,
+            c: 256,
+            spatial: 28 * 28,
+        },
+    ),
+    (
+        "C 1x512x7x7",
+        Shape {
+            n: 1,
+            c: 512,
+            spatial: 7 * 7,
+        },
+    ),
+    (
+        "D 256x1024",
+        Shape {
+            n: 256,
+            c: 1024,
+            spatial: 1,
+        },
+    ),
+    (
+        "E 8x32x224x224",
+        Shape {
+            n: 8,
+            c: 32,
+            spatial: 224 * 224,
+        },
+    ),
 ];
 
-/// Median time of `f` over enough calls to fill `budget` (at least 3, after one warm-up).
+/// Shortest time of `f` (the least disturbed by a shared machine) over enough calls to fill `budget` (at least 3, after one warm-up).
 fn time(budget: Duration, mut f: impl FnMut()) -> Duration {
     f();
     let mut times = Vec::new();
@@ -27,7 +62,7 @@ fn time(budget: Duration, mut f: impl FnMut()) -> Duration {
         times.push(t.elapsed());
     }
     times.sort();
-    times[times.len() / 2]
+    times[0]
 }
 
 /// Largest `|y - want| / (1 + |want|)`.
@@ -60,11 +95,13 @@ fn main() {
     println!("batchnorm report: f32, {all} hardware threads, instruction sets {isas:?}");
     println!("GB/s counts 8 bytes per element (x read, y written); copy = memcpy of the same bytes, same run.");
     println!("error = max |y - y_f64| / (1 + |y_f64|) against the oracle.\n");
-    println!("| shape | layout | op | threads | isa | time | GB/s | copy GB/s | ratio to copy | error |");
+    println!(
+        "| shape | layout | op | threads | isa | time | GB/s | copy GB/s | ratio to copy | error |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let shapes = if quick { &SHAPES[2..4] } else { &SHAPES[..] };
     for &(name, shape) in shapes {
-        let len = shape.len().expect("shape fits");
+        let len = shape.numel().expect("shape fits");
         let bytes = 8.0 * len as f64;
         let layouts: &[Layout] = if shape.spatial == 1 {
             &[Layout::Nchw] // (N, C): both layouts are the same memory
@@ -82,7 +119,10 @@ fn main() {
             let want_train = oracle::forward_train(&bn, &x, shape, layout).y;
             let want_eval = oracle::forward_eval(&bn, &x, shape, layout);
             for &t in &threads {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .build()
+                    .unwrap();
                 let copy = pool.install(|| {
                     time(budget, || {
                         if t == 1 {
@@ -107,7 +147,11 @@ fn main() {
                                         layer.forward_train(&x, &mut y, shape, layout).unwrap();
                                     }
                                 });
-                                let want = if op == "eval" { &want_eval } else { &want_train };
+                                let want = if op == "eval" {
+                                    &want_eval
+                                } else {
+                                    &want_train
+                                };
                                 (elapsed, max_error(&y, want))
                             })
                         });

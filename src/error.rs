@@ -83,9 +83,9 @@ pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Resu
     }
 }
 
-/// Checks that input and output both hold the `shape.len()` elements of `shape`.
+/// Checks that input and output both hold the `shape.numel()` elements of `shape`.
 pub(crate) fn check_xy(shape: crate::Shape, x: usize, y: usize) -> Result<(), Error> {
-    let total = shape.len()?;
+    let total = shape.numel()?;
     check_len("x", total, x)?;
     check_len("y", total, y)
 }

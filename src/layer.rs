@@ -150,7 +150,7 @@ impl<T: Element> BatchNorm<T> {
 
     /// Checks the parameters against `shape` and `len` input elements.
     fn check(&self, shape: Shape, len: usize) -> Result<(), Error> {
-        let total = shape.len()?;
+        let total = shape.numel()?;
         if shape.c != self.channels() {
             return Err(Error::Channels {
                 expected: self.channels(),

@@ -12,7 +12,7 @@ use crate::shape::{Layout, Shape};
 /// with the moments of other data ([`Moments::merge`]), so statistics can be accumulated over
 /// micro-batches or devices.
 pub fn moments<T: Element>(x: &[T], shape: Shape, layout: Layout) -> Result<Vec<Moments>, Error> {
-    check_len("x", shape.len()?, x.len())?;
+    check_len("x", shape.numel()?, x.len())?;
     Ok(exec::moments(x, shape, layout))
 }
 
@@ -78,7 +78,7 @@ fn apply<T: Element, B: Buffers<T>>(
     shape: Shape,
     layout: Layout,
 ) -> Result<(), Error> {
-    check_len("x", shape.len()?, buf.len())?;
+    check_len("x", shape.numel()?, buf.len())?;
     check_len("scale", shape.c, scale.len())?;
     check_len("shift", shape.c, shift.len())?;
     let p = ChannelAffine {

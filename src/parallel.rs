@@ -88,7 +88,7 @@ pub(crate) fn for_each_span<T: Element, B: Buffers<T>>(
     first_unit: usize,
     f: &(impl Fn(usize, B) + Sync),
 ) {
-    let units = if unit == 0 { 0 } else { buf.len() / unit };
+    let units = buf.len().checked_div(unit).unwrap_or(0);
     if buf.len() <= grain || units < 2 {
         f(first_unit, buf);
         return;

@@ -34,11 +34,12 @@ impl Shape {
         Shape { n, c, spatial }
     }
 
-    /// `n * c * spatial`, or `Err(Error::Overflow)` if it does not fit in `usize`.
-    pub fn len(&self) -> Result<usize, Error> {
+    /// `n * c * spatial`, or `Err(Error::Overflow)` if it, or the per-channel count
+    /// `n * spatial`, does not fit in `usize`.
+    pub fn numel(&self) -> Result<usize, Error> {
         self.n
-            .checked_mul(self.c)
-            .and_then(|nc| nc.checked_mul(self.spatial))
+            .checked_mul(self.spatial)
+            .and_then(|per_channel| per_channel.checked_mul(self.c))
             .ok_or(Error::Overflow {
                 n: self.n,
                 c: self.c,
@@ -46,9 +47,8 @@ impl Shape {
             })
     }
 
-    /// Number of values that make up one channel: `n * spatial`. Only meaningful once
-    /// [`Shape::len`] has succeeded (then this product cannot overflow unless `c == 0`, where it
-    /// saturates).
+    /// Number of values that make up one channel: `n * spatial` (saturating; exact once
+    /// [`Shape::numel`] has succeeded).
     pub fn per_channel(&self) -> usize {
         self.n.saturating_mul(self.spatial)
     }

@@ -11,7 +11,7 @@ use common::{assert_close, on_every_path, Rng};
 /// about `offset / ratio`.
 fn offset_data(shape: Shape, offset: f64, ratio: f64, seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed);
-    let mut x = vec![0.0f32; shape.len().unwrap()];
+    let mut x = vec![0.0f32; shape.numel().unwrap()];
     let std = offset / ratio;
     for c in 0..shape.c {
         for n in 0..shape.n {
@@ -40,9 +40,9 @@ fn relayout(x: &[f32], shape: Shape, to: Layout) -> Vec<f32> {
 /// The naive single-pass f32 variance, E[x²] - E[x]², for comparison.
 fn naive_variance(values: &[f64]) -> f64 {
     let n = values.len() as f32;
-    let (s, ss) = values
-        .iter()
-        .fold((0f32, 0f32), |(s, ss), &v| (s + v as f32, ss + (v as f32) * (v as f32)));
+    let (s, ss) = values.iter().fold((0f32, 0f32), |(s, ss), &v| {
+        (s + v as f32, ss + (v as f32) * (v as f32))
+    });
     ((ss / n) - (s / n) * (s / n)) as f64
 }
 
@@ -61,21 +61,36 @@ fn huge_offset_tiny_spread() {
                 (naive_variance(&v) - reference).abs() / reference
             })
             .fold(0.0, f64::max);
-        assert!(naive_worst > 1e-2, "naive f32 variance error {naive_worst:e}: the test is too easy");
+        assert!(
+            naive_worst > 1e-2,
+            "naive f32 variance error {naive_worst:e}: the test is too easy"
+        );
         for layout in [Layout::Nchw, Layout::Nhwc] {
             let x = relayout(&nchw, shape, layout);
             let reference = oracle::mean_var(&x, shape, layout);
             let bn = BatchNorm::<f32>::new(shape.c);
             let want = oracle::forward_train(&bn, &x, shape, layout);
             on_every_path(|path| {
-                for (c, m) in batchnorm::moments(&x, shape, layout).unwrap().iter().enumerate() {
+                for (c, m) in batchnorm::moments(&x, shape, layout)
+                    .unwrap()
+                    .iter()
+                    .enumerate()
+                {
                     let rel = (m.variance() - reference[c].1).abs() / reference[c].1;
-                    assert!(rel <= 1e-4, "ratio {ratio:e} {layout:?} {path}: variance off by {rel:e}");
+                    assert!(
+                        rel <= 1e-4,
+                        "ratio {ratio:e} {layout:?} {path}: variance off by {rel:e}"
+                    );
                 }
                 let mut layer = bn.clone();
                 let mut y = vec![0.0f32; x.len()];
                 layer.forward_train(&x, &mut y, shape, layout).unwrap();
-                assert_close(&y, &want.y, 1e-5, &format!("y at ratio {ratio:e}, {layout:?}, {path}"));
+                assert_close(
+                    &y,
+                    &want.y,
+                    1e-5,
+                    &format!("y at ratio {ratio:e}, {layout:?}, {path}"),
+                );
             });
         }
     }
@@ -89,7 +104,7 @@ fn non_finite_values_stay_in_their_channel() {
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         for layout in [Layout::Nchw, Layout::Nhwc] {
             let mut rng = Rng::new(3);
-            let clean: Vec<f32> = rng.data(shape.len().unwrap(), 2.0, 1.0);
+            let clean: Vec<f32> = rng.data(shape.numel().unwrap(), 2.0, 1.0);
             let mut x = clean.clone();
             x[shape.index(layout, 1, 4, 5)] = bad;
             let bn = BatchNorm::<f32>::new(shape.c);
@@ -106,8 +121,15 @@ fn non_finite_values_stay_in_their_channel() {
                         assert!(layer.running_mean[c].is_nan());
                     } else {
                         let got: Vec<f32> = got.iter().map(|&v| v as f32).collect();
-                        assert_close(&got, &clean_y, 1e-5, &format!("channel {c}, {bad}, {layout:?}, {path}"));
-                        assert!(layer.running_mean[c].is_finite() && layer.running_var[c].is_finite());
+                        assert_close(
+                            &got,
+                            &clean_y,
+                            1e-5,
+                            &format!("channel {c}, {bad}, {layout:?}, {path}"),
+                        );
+                        assert!(
+                            layer.running_mean[c].is_finite() && layer.running_var[c].is_finite()
+                        );
                     }
                 }
                 // Inference with a non-finite input leaves other elements alone as well.
@@ -126,7 +148,7 @@ fn subnormals_and_constant_channels() {
     let shape = Shape::new(4, 5, 13);
     let mut rng = Rng::new(11);
     for layout in [Layout::Nchw, Layout::Nhwc] {
-        let mut x: Vec<f32> = rng.data(shape.len().unwrap(), 0.0, 1e-39);
+        let mut x: Vec<f32> = rng.data(shape.numel().unwrap(), 0.0, 1e-39);
         for n in 0..shape.n {
             for s in 0..shape.spatial {
                 x[shape.index(layout, n, 2, s)] = 7.5;
@@ -140,7 +162,10 @@ fn subnormals_and_constant_channels() {
             let saved = layer.forward_train(&x, &mut y, shape, layout).unwrap();
             assert_close(&y, &want.y, 1e-5, &format!("{layout:?}, {path}"));
             assert_eq!(saved.mean[2], 7.5);
-            assert_eq!(layer.running_var[2], 0.9, "constant channel: unbiased variance 0");
+            assert_eq!(
+                layer.running_var[2], 0.9,
+                "constant channel: unbiased variance 0"
+            );
         });
     }
 }
@@ -149,7 +174,9 @@ fn subnormals_and_constant_channels() {
 #[test]
 fn zero_eps_constant_channel_is_nan() {
     let shape = Shape::new(2, 2, 3);
-    let x = [1.0f64, 1.0, 1.0, 0.0, 1.0, 2.0, 1.0, 1.0, 1.0, 3.0, 4.0, 5.0];
+    let x = [
+        1.0f64, 1.0, 1.0, 0.0, 1.0, 2.0, 1.0, 1.0, 1.0, 3.0, 4.0, 5.0,
+    ];
     let mut bn = BatchNorm::<f64>::new(2);
     bn.eps = 0.0;
     let mut y = [0.0; 12];

@@ -10,7 +10,9 @@ const SENTINEL: f32 = 12345.0;
 fn trained(c: usize) -> BatchNorm<f32> {
     let mut bn = BatchNorm::new(c);
     let shape = Shape::new(2, c, 3);
-    let x: Vec<f32> = (0..shape.len().unwrap()).map(|i| (i % 7) as f32).collect();
+    let x: Vec<f32> = (0..shape.numel().unwrap())
+        .map(|i| (i % 7) as f32)
+        .collect();
     let mut y = vec![0.0; x.len()];
     bn.forward_train(&x, &mut y, shape, Layout::Nchw).unwrap();
     bn
@@ -22,14 +24,30 @@ fn all_refuse(bn: &BatchNorm<f32>, x_len: usize, y_len: usize, shape: Shape, err
         let x = vec![1.0f32; x_len];
         let mut y = vec![SENTINEL; y_len];
         let mut layer = bn.clone();
-        assert_eq!(layer.forward_train(&x, &mut y, shape, layout).unwrap_err(), *err);
+        assert_eq!(
+            layer.forward_train(&x, &mut y, shape, layout).unwrap_err(),
+            *err
+        );
         assert_eq!(&layer, bn, "training changed the layer");
-        assert_eq!(layer.forward_eval(&x, &mut y, shape, layout).unwrap_err(), *err);
+        assert_eq!(
+            layer.forward_eval(&x, &mut y, shape, layout).unwrap_err(),
+            *err
+        );
         assert!(y.iter().all(|&v| v == SENTINEL), "output written");
         if x_len == y_len {
             let mut xy = vec![SENTINEL; x_len];
-            assert_eq!(layer.forward_train_in_place(&mut xy, shape, layout).unwrap_err(), *err);
-            assert_eq!(layer.forward_eval_in_place(&mut xy, shape, layout).unwrap_err(), *err);
+            assert_eq!(
+                layer
+                    .forward_train_in_place(&mut xy, shape, layout)
+                    .unwrap_err(),
+                *err
+            );
+            assert_eq!(
+                layer
+                    .forward_eval_in_place(&mut xy, shape, layout)
+                    .unwrap_err(),
+                *err
+            );
             assert!(xy.iter().all(|&v| v == SENTINEL), "in-place buffer written");
             assert_eq!(&layer, bn);
         }
@@ -40,21 +58,48 @@ fn all_refuse(bn: &BatchNorm<f32>, x_len: usize, y_len: usize, shape: Shape, err
 fn wrong_lengths() {
     let bn = trained(3);
     let shape = Shape::new(2, 3, 4);
-    let len = Error::Length { what: "x", expected: 24, got: 23 };
+    let len = Error::Length {
+        what: "x",
+        expected: 24,
+        got: 23,
+    };
     all_refuse(&bn, 23, 23, shape, &len);
-    let y_len = Error::Length { what: "y", expected: 24, got: 25 };
+    let y_len = Error::Length {
+        what: "y",
+        expected: 24,
+        got: 25,
+    };
     let x = vec![0.0f32; 24];
     let mut y = vec![SENTINEL; 25];
     let mut layer = bn.clone();
-    assert_eq!(layer.forward_train(&x, &mut y, shape, Layout::Nchw).unwrap_err(), y_len);
-    assert_eq!(layer.forward_eval(&x, &mut y, shape, Layout::Nhwc).unwrap_err(), y_len);
+    assert_eq!(
+        layer
+            .forward_train(&x, &mut y, shape, Layout::Nchw)
+            .unwrap_err(),
+        y_len
+    );
+    assert_eq!(
+        layer
+            .forward_eval(&x, &mut y, shape, Layout::Nhwc)
+            .unwrap_err(),
+        y_len
+    );
     assert_eq!(layer, bn);
 }
 
 #[test]
 fn wrong_channels_and_parameters() {
     let bn = trained(3);
-    all_refuse(&bn, 16, 16, Shape::new(2, 4, 2), &Error::Channels { expected: 3, got: 4 });
+    all_refuse(
+        &bn,
+        16,
+        16,
+        Shape::new(2, 4, 2),
+        &Error::Channels {
+            expected: 3,
+            got: 4,
+        },
+    );
     let shape = Shape::new(2, 3, 4);
     for what in ["bias", "running_mean", "running_var"] {
         let mut broken = bn.clone();
@@ -65,7 +110,17 @@ fn wrong_channels_and_parameters() {
         };
         v.resize([2, 4, 0][v.len() % 3], 0.0);
         let got = v.len();
-        all_refuse(&broken, 24, 24, shape, &Error::Length { what, expected: 3, got });
+        all_refuse(
+            &broken,
+            24,
+            24,
+            shape,
+            &Error::Length {
+                what,
+                expected: 3,
+                got,
+            },
+        );
     }
 }
 
@@ -78,7 +133,10 @@ fn invalid_eps_and_momentum() {
         let err = Error::Eps(eps);
         // NaN != NaN: compare the messages instead.
         let mut y = vec![0.0; 24];
-        let got = bn.clone().forward_train(&[0.0; 24], &mut y, shape, Layout::Nchw).unwrap_err();
+        let got = bn
+            .clone()
+            .forward_train(&[0.0; 24], &mut y, shape, Layout::Nchw)
+            .unwrap_err();
         assert_eq!(got.to_string(), err.to_string());
         if !eps.is_nan() {
             all_refuse(&bn, 24, 24, shape, &err);
@@ -89,30 +147,50 @@ fn invalid_eps_and_momentum() {
         bn.momentum = Some(m);
         let before = bn.clone();
         let mut y = vec![SENTINEL; 24];
-        assert_eq!(bn.forward_train(&[0.0; 24], &mut y, shape, Layout::Nhwc).unwrap_err(), Error::Momentum(m));
+        assert_eq!(
+            bn.forward_train(&[0.0; 24], &mut y, shape, Layout::Nhwc)
+                .unwrap_err(),
+            Error::Momentum(m)
+        );
         assert_eq!(bn, before);
         assert!(y.iter().all(|&v| v == SENTINEL));
         // Inference does not use the momentum.
-        bn.forward_eval(&[0.0; 24], &mut y, shape, Layout::Nhwc).unwrap();
+        bn.forward_eval(&[0.0; 24], &mut y, shape, Layout::Nhwc)
+            .unwrap();
     }
     let mut bn = trained(3);
     bn.momentum = Some(f64::NAN);
     let mut y = vec![0.0; 24];
-    assert!(matches!(bn.forward_train(&[0.0; 24], &mut y, shape, Layout::Nchw), Err(Error::Momentum(m)) if m.is_nan()));
+    assert!(
+        matches!(bn.forward_train(&[0.0; 24], &mut y, shape, Layout::Nchw), Err(Error::Momentum(m)) if m.is_nan())
+    );
 }
 
 #[test]
 fn too_few_values_per_channel() {
     let bn = trained(3);
-    for shape in [Shape::new(1, 3, 1), Shape::new(0, 3, 5), Shape::new(4, 3, 0)] {
-        let len = shape.len().unwrap();
+    for shape in [
+        Shape::new(1, 3, 1),
+        Shape::new(0, 3, 5),
+        Shape::new(4, 3, 0),
+    ] {
+        let len = shape.numel().unwrap();
         let mut layer = bn.clone();
         let mut y = vec![SENTINEL; len];
-        let err = Error::TooFewValues { per_channel: shape.n * shape.spatial };
-        assert_eq!(layer.forward_train(&vec![1.0; len], &mut y, shape, Layout::Nchw).unwrap_err(), err);
+        let err = Error::TooFewValues {
+            per_channel: shape.n * shape.spatial,
+        };
+        assert_eq!(
+            layer
+                .forward_train(&vec![1.0; len], &mut y, shape, Layout::Nchw)
+                .unwrap_err(),
+            err
+        );
         assert_eq!(layer, bn);
         // Inference is fine with a single value.
-        layer.forward_eval(&vec![1.0; len], &mut y, shape, Layout::Nchw).unwrap();
+        layer
+            .forward_eval(&vec![1.0; len], &mut y, shape, Layout::Nchw)
+            .unwrap();
     }
 }
 
@@ -120,9 +198,16 @@ fn too_few_values_per_channel() {
 fn overflowing_shape() {
     let bn = trained(3);
     let shape = Shape::new(usize::MAX / 2, 3, 2);
-    let err = Error::Overflow { n: usize::MAX / 2, c: 3, spatial: 2 };
+    let err = Error::Overflow {
+        n: usize::MAX / 2,
+        c: 3,
+        spatial: 2,
+    };
     all_refuse(&bn, 6, 6, shape, &err);
-    assert_eq!(batchnorm::moments(&[0.0f32; 6], shape, Layout::Nchw).unwrap_err(), err);
+    assert_eq!(
+        batchnorm::moments(&[0.0f32; 6], shape, Layout::Nchw).unwrap_err(),
+        err
+    );
 }
 
 #[test]
@@ -130,19 +215,51 @@ fn lower_level_operations() {
     let shape = Shape::new(2, 3, 2);
     let x = [1.0f32; 12];
     let mut y = [SENTINEL; 12];
-    let err = Error::Length { what: "scale", expected: 3, got: 2 };
-    assert_eq!(batchnorm::apply_scale_shift(&x, &mut y, &[1.0; 2], &[0.0; 3], shape, Layout::Nchw).unwrap_err(), err);
-    assert_eq!(batchnorm::apply_scale_shift_in_place(&mut y, &[1.0; 3], &[0.0; 4], shape, Layout::Nhwc).unwrap_err(),
-        Error::Length { what: "shift", expected: 3, got: 4 });
-    assert!(y.iter().all(|&v| v == SENTINEL));
-    assert_eq!(batchnorm::moments(&x[..11], shape, Layout::Nchw).unwrap_err(), Error::Length { what: "x", expected: 12, got: 11 });
-    let (mut scale, mut shift) = ([0.0f32; 3], [0.0f32; 3]);
+    let err = Error::Length {
+        what: "scale",
+        expected: 3,
+        got: 2,
+    };
     assert_eq!(
-        batchnorm::fold_scale_shift(&[0.0; 3], &[1.0; 2], &[1.0; 3], &[0.0; 3], 1e-5, &mut scale, &mut shift).unwrap_err(),
-        Error::Length { what: "var", expected: 3, got: 2 }
+        batchnorm::apply_scale_shift(&x, &mut y, &[1.0; 2], &[0.0; 3], shape, Layout::Nchw)
+            .unwrap_err(),
+        err
     );
     assert_eq!(
-        batchnorm::fold_scale_shift(&[0.0; 3], &[1.0; 3], &[1.0; 3], &[0.0; 3], -1.0, &mut scale, &mut shift).unwrap_err(),
+        batchnorm::apply_scale_shift_in_place(&mut y, &[1.0; 3], &[0.0; 4], shape, Layout::Nhwc)
+            .unwrap_err(),
+        Error::Length {
+            what: "shift",
+            expected: 3,
+            got: 4
+        }
+    );
+    assert!(y.iter().all(|&v| v == SENTINEL));
+    assert_eq!(
+        batchnorm::moments(&x[..11], shape, Layout::Nchw).unwrap_err(),
+        Error::Length {
+            what: "x",
+            expected: 12,
+            got: 11
+        }
+    );
+    let (mut scale, mut shift) = ([0.0f32; 3], [0.0f32; 3]);
+    assert_eq!(
+        batchnorm::fold_scale_shift(
+            &[0.0; 3], &[1.0; 2], &[1.0; 3], &[0.0; 3], 1e-5, &mut scale, &mut shift
+        )
+        .unwrap_err(),
+        Error::Length {
+            what: "var",
+            expected: 3,
+            got: 2
+        }
+    );
+    assert_eq!(
+        batchnorm::fold_scale_shift(
+            &[0.0; 3], &[1.0; 3], &[1.0; 3], &[0.0; 3], -1.0, &mut scale, &mut shift
+        )
+        .unwrap_err(),
         Error::Eps(-1.0)
     );
     assert_eq!((scale, shift), ([0.0; 3], [0.0; 3]));
@@ -150,9 +267,21 @@ fn lower_level_operations() {
 
 #[test]
 fn messages_say_what_was_expected_and_given() {
-    let msg = Error::Length { what: "x", expected: 24, got: 23 }.to_string();
-    assert!(msg.contains("24") && msg.contains("23") && msg.contains('x'), "{msg}");
-    let msg = Error::Channels { expected: 3, got: 4 }.to_string();
+    let msg = Error::Length {
+        what: "x",
+        expected: 24,
+        got: 23,
+    }
+    .to_string();
+    assert!(
+        msg.contains("24") && msg.contains("23") && msg.contains('x'),
+        "{msg}"
+    );
+    let msg = Error::Channels {
+        expected: 3,
+        got: 4,
+    }
+    .to_string();
     assert!(msg.contains('3') && msg.contains('4'), "{msg}");
     let e: Box<dyn std::error::Error> = Box::new(Error::TooFewValues { per_channel: 1 });
     assert!(e.to_string().contains("more than 1 value"));
@@ -194,4 +323,20 @@ proptest! {
         let _ = batchnorm::apply_scale_shift(&x, &mut y, &scale, &scale, shape, layout);
         let _ = bn.scale_shift();
     }
+}
+
+/// No channels but `n * spatial` beyond `usize`: the shape is refused, not multiplied out.
+#[test]
+fn overflowing_per_channel_count_without_channels() {
+    let shape = Shape::new(usize::MAX, 0, 2);
+    let err = Error::Overflow {
+        n: usize::MAX,
+        c: 0,
+        spatial: 2,
+    };
+    assert_eq!(
+        batchnorm::moments::<f32>(&[], shape, Layout::Nhwc).unwrap_err(),
+        err
+    );
+    all_refuse(&BatchNorm::new(0), 0, 0, shape, &err);
 }

@@ -20,13 +20,18 @@ fn shape() -> impl Strategy<Value = Shape> {
         1 => (1usize..300, 1usize..40, Just(1usize)),
     ]
     .prop_map(|(n, c, s)| Shape::new(n, c, s))
-    .prop_filter("training needs two values per channel", |s| s.n * s.spatial >= 2)
+    .prop_filter("training needs two values per channel", |s| {
+        s.n * s.spatial >= 2
+    })
 }
 
 /// Data with one of [`Rng::offset_spread`]'s offsets and spreads, and the tolerance for it.
 fn data<T: Element>(rng: &mut Rng, len: usize) -> (Vec<T>, f64) {
     let (offset, spread) = rng.offset_spread();
-    (rng.data(len, offset, spread), tol::<T>(offset.abs() / spread))
+    (
+        rng.data(len, offset, spread),
+        tol::<T>(offset.abs() / spread),
+    )
 }
 
 fn layer<T: Element>(rng: &mut Rng, c: usize) -> BatchNorm<T> {
@@ -43,7 +48,7 @@ fn layer<T: Element>(rng: &mut Rng, c: usize) -> BatchNorm<T> {
 
 fn check_train<T: Element>(shape: Shape, layout: Layout, seed: u64) {
     let mut rng = Rng::new(seed);
-    let len = shape.len().unwrap();
+    let len = shape.numel().unwrap();
     let (x, tol) = data::<T>(&mut rng, len);
     let start = layer::<T>(&mut rng, shape.c);
     let want = oracle::forward_train(&start, &x, shape, layout);
@@ -54,13 +59,25 @@ fn check_train<T: Element>(shape: Shape, layout: Layout, seed: u64) {
         assert_close(&y, &want.y, tol, &format!("y, {path}"));
         assert_close(&saved.mean, &want.mean, tol, &format!("mean, {path}"));
         assert_close(&saved.invstd, &want.invstd, tol, &format!("invstd, {path}"));
-        assert_close(&bn.running_mean, &want.running_mean, tol, &format!("running_mean, {path}"));
-        assert_close(&bn.running_var, &want.running_var, tol, &format!("running_var, {path}"));
+        assert_close(
+            &bn.running_mean,
+            &want.running_mean,
+            tol,
+            &format!("running_mean, {path}"),
+        );
+        assert_close(
+            &bn.running_var,
+            &want.running_var,
+            tol,
+            &format!("running_var, {path}"),
+        );
         assert_eq!(bn.num_batches_tracked, want.num_batches_tracked);
 
         let mut in_place_bn = start.clone();
         let mut xy = x.clone();
-        let saved2 = in_place_bn.forward_train_in_place(&mut xy, shape, layout).unwrap();
+        let saved2 = in_place_bn
+            .forward_train_in_place(&mut xy, shape, layout)
+            .unwrap();
         assert_identical(&xy, &y, &format!("in-place y, {path}"));
         assert_eq!(saved2, saved, "in-place saved stats, {path}");
         assert_eq!(in_place_bn, bn, "in-place layer state, {path}");
@@ -69,7 +86,7 @@ fn check_train<T: Element>(shape: Shape, layout: Layout, seed: u64) {
 
 fn check_eval<T: Element>(shape: Shape, layout: Layout, seed: u64) {
     let mut rng = Rng::new(seed);
-    let len = shape.len().unwrap();
+    let len = shape.numel().unwrap();
     let (x, tol) = data::<T>(&mut rng, len);
     let bn = layer::<T>(&mut rng, shape.c);
     let want = oracle::forward_eval(&bn, &x, shape, layout);
@@ -101,7 +118,7 @@ fn check_eval<T: Element>(shape: Shape, layout: Layout, seed: u64) {
 
 fn check_moments<T: Element>(shape: Shape, layout: Layout, seed: u64) {
     let mut rng = Rng::new(seed);
-    let (x, tol) = data::<T>(&mut rng, shape.len().unwrap());
+    let (x, tol) = data::<T>(&mut rng, shape.numel().unwrap());
     let want = oracle::mean_var(&x, shape, layout);
     on_every_path(|path| {
         let got = batchnorm::moments(&x, shape, layout).unwrap();
@@ -110,8 +127,16 @@ fn check_moments<T: Element>(shape: Shape, layout: Layout, seed: u64) {
             // The moments are f64 but computed from f32 partial sums: the mean's error is
             // relative to the spread, the variance's to itself.
             let spread = var.sqrt();
-            assert!((m.mean - mean).abs() <= tol * spread, "mean of {c}, {path}: {} vs {mean}", m.mean);
-            assert!((m.variance() - var).abs() <= tol * var, "var of {c}, {path}: {} vs {var}", m.variance());
+            assert!(
+                (m.mean - mean).abs() <= tol * spread,
+                "mean of {c}, {path}: {} vs {mean}",
+                m.mean
+            );
+            assert!(
+                (m.variance() - var).abs() <= tol * var,
+                "var of {c}, {path}: {} vs {var}",
+                m.variance()
+            );
         }
     });
 }

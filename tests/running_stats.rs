@@ -24,7 +24,11 @@ fn pytorch_momentum() {
     two_steps(&mut bn);
     // mean: 0.9 * (0.9 * 0 + 0.1 * 2.5) + 0.1 * 1; var: 0.9 * (0.9 * 1 + 0.1 * 5/3) + 0.1 * 4/3
     assert_relative_eq!(bn.running_mean[0], 0.325, max_relative = 1e-15);
-    assert_relative_eq!(bn.running_var[0], 0.9 * (0.9 + 0.5 / 3.0) + 0.4 / 3.0, max_relative = 1e-15);
+    assert_relative_eq!(
+        bn.running_var[0],
+        0.9 * (0.9 + 0.5 / 3.0) + 0.4 / 3.0,
+        max_relative = 1e-15
+    );
     assert_eq!(bn.num_batches_tracked, 2);
 }
 
@@ -44,7 +48,11 @@ fn onnx_conventions() {
     let mut bn = BatchNorm::<f64>::onnx(1, 1e-5, 0.9);
     two_steps(&mut bn);
     assert_relative_eq!(bn.running_mean[0], 0.325, max_relative = 1e-12);
-    assert_relative_eq!(bn.running_var[0], 0.9 * (0.9 + 0.125) + 0.1, max_relative = 1e-12);
+    assert_relative_eq!(
+        bn.running_var[0],
+        0.9 * (0.9 + 0.125) + 0.1,
+        max_relative = 1e-12
+    );
 }
 
 #[test]
@@ -67,7 +75,10 @@ fn chained<T: Element>(momentum: Option<f64>, unbiased: bool, layout: Layout) {
     let batches: Vec<(Vec<T>, f64)> = (0..5)
         .map(|i| {
             let spread = 1.0 + i as f64;
-            (rng.data(shape.len().unwrap(), i as f64 * 3.0, spread), tol::<T>(3.0 * i as f64 / spread))
+            (
+                rng.data(shape.numel().unwrap(), i as f64 * 3.0, spread),
+                tol::<T>(3.0 * i as f64 / spread),
+            )
         })
         .collect();
     let mut start = BatchNorm::<T>::new(shape.c);
@@ -78,7 +89,7 @@ fn chained<T: Element>(momentum: Option<f64>, unbiased: bool, layout: Layout) {
         let mut reference = BatchNorm::<f64>::new(shape.c);
         reference.momentum = momentum;
         reference.unbiased_running_var = unbiased;
-        let mut y = vec![T::ZERO; shape.len().unwrap()];
+        let mut y = vec![T::ZERO; shape.numel().unwrap()];
         for (x, tol) in &batches {
             bn.forward_train(x, &mut y, shape, layout).unwrap();
             let x64: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
@@ -89,8 +100,14 @@ fn chained<T: Element>(momentum: Option<f64>, unbiased: bool, layout: Layout) {
             for c in 0..shape.c {
                 let (m, v) = (bn.running_mean[c].to_f64(), bn.running_var[c].to_f64());
                 let (wm, wv) = (reference.running_mean[c], reference.running_var[c]);
-                assert!((m - wm).abs() <= tol * (1.0 + wm.abs()), "running_mean[{c}] {m} vs {wm}, {path}");
-                assert!((v - wv).abs() <= tol * (1.0 + wv.abs()), "running_var[{c}] {v} vs {wv}, {path}");
+                assert!(
+                    (m - wm).abs() <= tol * (1.0 + wm.abs()),
+                    "running_mean[{c}] {m} vs {wm}, {path}"
+                );
+                assert!(
+                    (v - wv).abs() <= tol * (1.0 + wv.abs()),
+                    "running_var[{c}] {v} vs {wv}, {path}"
+                );
             }
         }
         assert_eq!(bn.num_batches_tracked, 5);

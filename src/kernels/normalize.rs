@@ -100,7 +100,7 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<L::Elem>>(
             L::load_partial(&v[c0..c0 + n], L::Elem::ZERO)
         }
     };
-    let rows = if c == 0 { 0 } else { buf.len() / c };
+    let rows = buf.len().checked_div(c).unwrap_or(0);
     for r in 0..rows {
         let mut c0 = 0;
         while c0 < c {

@@ -85,7 +85,7 @@ fn shifted_sums<L: Lanes>(x: &[L::Elem], k: L::Elem) -> (L::Elem, L::Elem) {
 /// `k = p + Σ (x - p) / n` is accurate to a small fraction of the spread even when the offset
 /// is 1e6 spreads (summing `x` itself would leave `k` several spreads off).
 #[inline(always)]
-fn block<'a, L: Lanes>(pieces: &[&'a [L::Elem]]) -> Moments {
+fn block<L: Lanes>(pieces: &[&[L::Elem]]) -> Moments {
     let count: usize = pieces.iter().map(|p| p.len()).sum();
     let Some(&p) = pieces.iter().find_map(|piece| piece.first()) else {
         return Moments::EMPTY;
