@@ -1,13 +1,40 @@
 //! The element types the kernels run on.
 
-use crate::kernels::lanes::Lanes;
 use std::fmt::Debug;
 use std::ops::{Add, Mul, Sub};
 
 mod private {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for f64 {}
+    use crate::kernels::lanes::Lanes;
+
+    /// Seals [`Element`](super::Element) and names each type's SIMD lanes, where no user can
+    /// reach them: a lane type of an instruction set this CPU lacks must not be constructible
+    /// from safe code.
+    pub trait Sealed: Sized {
+        /// `wide`'s portable vector (`f32x8`, `f64x4`).
+        type Wide: Lanes<Elem = Self>;
+        /// AVX2 + FMA vector of 256 bits.
+        #[cfg(target_arch = "x86_64")]
+        type Avx2: Lanes<Elem = Self>;
+        /// AVX-512F vector of 512 bits.
+        #[cfg(target_arch = "x86_64")]
+        type Avx512: Lanes<Elem = Self>;
+    }
+
+    impl Sealed for f32 {
+        type Wide = wide::f32x8;
+        #[cfg(target_arch = "x86_64")]
+        type Avx2 = crate::kernels::x86::avx2::F32x8;
+        #[cfg(target_arch = "x86_64")]
+        type Avx512 = crate::kernels::x86::avx512::F32x16;
+    }
+
+    impl Sealed for f64 {
+        type Wide = wide::f64x4;
+        #[cfg(target_arch = "x86_64")]
+        type Avx2 = crate::kernels::x86::avx2::F64x4;
+        #[cfg(target_arch = "x86_64")]
+        type Avx512 = crate::kernels::x86::avx512::F64x8;
+    }
 }
 
 /// A floating-point element type: `f32` and `f64` now (half types, computed in `f32`, later).
@@ -27,9 +54,6 @@ pub trait Element:
     + 'static
     + private::Sealed
 {
-    /// `wide`'s portable SIMD vector of this type (`f32x8`, `f64x4`).
-    #[doc(hidden)]
-    type Wide: Lanes<Elem = Self>;
     /// Zero.
     const ZERO: Self;
     /// Widens to `f64` (exact).
@@ -39,7 +63,6 @@ pub trait Element:
 }
 
 impl Element for f32 {
-    type Wide = wide::f32x8;
     const ZERO: f32 = 0.0;
     #[inline(always)]
     fn to_f64(self) -> f64 {
@@ -52,7 +75,6 @@ impl Element for f32 {
 }
 
 impl Element for f64 {
-    type Wide = wide::f64x4;
     const ZERO: f64 = 0.0;
     #[inline(always)]
     fn to_f64(self) -> f64 {

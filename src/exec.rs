@@ -239,7 +239,7 @@ where
         *m = k.moments_runs(n, s, |i| runs[i].as_ref().map_or(&[][..], |r| r.input()));
         let a = finish(ch, m);
         for run in runs.iter_mut().flatten() {
-            k.normalize_run(run, a);
+            k.normalize_runs(run, s, |_| a);
         }
     });
     moments
@@ -257,7 +257,8 @@ fn apply_plan<T: Element, K: Kernels<T>, B: Buffers<T>>(
     match plan {
         Plan::Runs { c, s, .. } => {
             parallel::for_each_span(buf, s, par.grain(len, s), 0, &|first, span| {
-                parallel::for_each_unit(span, s, first, |i, run| k.normalize_run(run, p.get(i % c)))
+                let mut span = span;
+                k.normalize_runs(&mut span, s, |r| p.get((first + r) % c))
             })
         }
         Plan::Rows { c, .. } => {

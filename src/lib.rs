@@ -4,7 +4,7 @@
 mod element;
 mod error;
 mod exec;
-pub mod kernels;
+mod kernels;
 mod layer;
 mod moments;
 mod ops;
@@ -14,7 +14,6 @@ mod shape;
 
 pub use element::Element;
 pub use error::Error;
-pub use kernels::lanes::{Lanes, Scalar};
 pub use kernels::{with_isa, Isa};
 pub use layer::{BatchNorm, SavedStats};
 pub use moments::Moments;

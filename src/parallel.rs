@@ -101,24 +101,6 @@ pub(crate) fn for_each_span<T: Element, B: Buffers<T>>(
     );
 }
 
-/// Calls `f` on every consecutive `unit` of `span` with its index, starting at `first`.
-pub(crate) fn for_each_unit<T: Element, B: Buffers<T>>(
-    span: B,
-    unit: usize,
-    first: usize,
-    mut f: impl FnMut(usize, &mut B),
-) {
-    let mut rest = span;
-    let mut i = first;
-    while rest.len() > 0 && unit > 0 {
-        let take = unit.min(rest.len());
-        let (mut head, tail) = rest.split_at(take);
-        f(i, &mut head);
-        rest = tail;
-        i += 1;
-    }
-}
-
 /// `(0..n).map(f).collect()`, in parallel when `on`.
 pub(crate) fn map<R: Send>(n: usize, on: bool, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
     #[cfg(feature = "rayon")]

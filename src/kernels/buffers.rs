@@ -1,7 +1,7 @@
 //! What an element-wise kernel reads and writes: an input and a separate output, or one buffer
 //! normalized where it lies. Kernels are generic over this, so the in-place API shares them.
 
-use super::lanes::Lanes;
+use super::lanes::{Lanes, MapLanes};
 use crate::element::Element;
 
 /// A span of `len()` elements read as input and written as output.
@@ -13,7 +13,7 @@ pub(crate) trait Buffers<T: Element>: Send + Sized {
     /// The first `mid` elements and the rest.
     fn split_at(self, mid: usize) -> (Self, Self);
     /// `out[i .. i + n] = f(in[i .. i + n])` with `n = WIDTH`, or `n < WIDTH` for a tail.
-    fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: impl Fn(L) -> L);
+    fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>);
 }
 
 /// Input `x` and output `y` of equal lengths.
@@ -38,11 +38,12 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
         (Split { x: xa, y: ya }, Split { x: xb, y: yb })
     }
     #[inline(always)]
-    fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: impl Fn(L) -> L) {
+    fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
         if n == L::WIDTH {
-            f(L::load(&self.x[i..])).store(&mut self.y[i..]);
+            f.apply(L::load(&self.x[i..])).store(&mut self.y[i..]);
         } else {
-            f(L::load_partial(&self.x[i..i + n], T::ZERO)).store_partial(&mut self.y[i..i + n]);
+            f.apply(L::load_partial(&self.x[i..i + n], T::ZERO))
+                .store_partial(&mut self.y[i..i + n]);
         }
     }
 }
@@ -61,12 +62,12 @@ impl<T: Element> Buffers<T> for &mut [T] {
         self.split_at_mut(mid)
     }
     #[inline(always)]
-    fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: impl Fn(L) -> L) {
+    fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
         if n == L::WIDTH {
-            f(L::load(&self[i..])).store(&mut self[i..]);
+            f.apply(L::load(&self[i..])).store(&mut self[i..]);
         } else {
             let s = &mut self[i..i + n];
-            f(L::load_partial(s, T::ZERO)).store_partial(s);
+            f.apply(L::load_partial(s, T::ZERO)).store_partial(s);
         }
     }
 }

@@ -35,6 +35,23 @@ pub trait Lanes: Copy + Send + Sync + 'static {
     fn sum(self) -> Self::Elem;
 }
 
+/// An element-wise function on vectors, for [`Buffers::map`](super::buffers::Buffers::map).
+/// (A trait, not a closure, so that it is always inlined: see `stats::Reduce`.)
+pub(crate) trait MapLanes<L: Lanes> {
+    fn apply(&self, v: L) -> L;
+}
+
+/// The `min(left, WIDTH)` elements at `x[i..]` as a vector, zero-padded: a full load when
+/// `left >= WIDTH`, else a partial one.
+#[inline(always)]
+pub(crate) fn load_upto<L: Lanes>(x: &[L::Elem], i: usize, left: usize) -> L {
+    if left >= L::WIDTH {
+        L::load(&x[i..])
+    } else {
+        L::load_partial(&x[i..i + left], L::Elem::ZERO)
+    }
+}
+
 /// One element as a vector of width 1: the plain scalar path.
 #[derive(Clone, Copy, Debug)]
 pub struct Scalar<T>(pub T);

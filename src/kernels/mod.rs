@@ -12,6 +12,8 @@ pub mod lanes;
 pub(crate) mod normalize;
 mod portable;
 pub(crate) mod stats;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86;
 
 use crate::element::Element;
 use crate::moments::Moments;
@@ -32,16 +34,28 @@ pub enum Isa {
     /// `wide`'s portable vectors (`f32x8`, `f64x4`): SSE2 in a default x86-64 build, AVX
     /// and FMA when the build enables them, NEON on aarch64.
     Portable,
+    /// AVX2 and FMA on x86-64, detected at run time: 8 `f32` or 4 `f64` lanes.
+    Avx2,
+    /// AVX-512F on x86-64, detected at run time: 16 `f32` or 8 `f64` lanes. Not chosen by
+    /// [`Isa::best`] yet: no machine this crate was developed on has it, so it has only been
+    /// compiled, not run. Select it explicitly (and run the tests) to use it.
+    Avx512,
 }
 
 impl Isa {
     /// Every instruction set this crate knows, slowest first.
-    pub const ALL: [Isa; 2] = [Isa::Scalar, Isa::Portable];
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Portable, Isa::Avx2, Isa::Avx512];
 
     /// Whether this CPU can run `self`.
     pub fn is_available(self) -> bool {
         match self {
             Isa::Scalar | Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::Avx2::detect().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::Avx512::detect().is_some(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 | Isa::Avx512 => false,
         }
     }
 
@@ -50,16 +64,23 @@ impl Isa {
         Isa::ALL.into_iter().filter(|i| i.is_available()).collect()
     }
 
-    /// The fastest available instruction set.
+    /// The instruction set calls use unless told otherwise: AVX2 where the CPU has it, else
+    /// the portable path. (AVX-512 only when asked for; see [`Isa::Avx512`].)
     pub fn best() -> Isa {
-        *Isa::available().last().unwrap_or(&Isa::Scalar)
+        if Isa::Avx2.is_available() {
+            Isa::Avx2
+        } else {
+            Isa::Portable
+        }
     }
 
-    /// The name `BATCHNORM_ISA` takes: `scalar`, `portable`.
+    /// The name `BATCHNORM_ISA` takes: `scalar`, `portable`, `avx2`, `avx512`.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
         }
     }
 
@@ -107,8 +128,13 @@ pub(crate) trait Kernels<T: Element>: Copy + Send + Sync {
     fn moments_runs<'a>(self, count: usize, len: usize, run: impl Fn(usize) -> &'a [T]) -> Moments;
     /// Adds the moments of rows `rows` of the row-major `[_, c]` matrix `x` to `out`.
     fn moments_rows(self, x: &[T], c: usize, rows: Range<usize>, out: &mut [Moments]);
-    /// Normalizes a run of one channel.
-    fn normalize_run<B: Buffers<T>>(self, buf: &mut B, a: Affine<T>);
+    /// Normalizes consecutive runs of `s` values, run `r` of `buf` with `affine(r)`.
+    fn normalize_runs<B: Buffers<T>>(
+        self,
+        buf: &mut B,
+        s: usize,
+        affine: impl Fn(usize) -> Affine<T>,
+    );
     /// Normalizes whole rows of `c` channels.
     fn normalize_rows<B: Buffers<T>>(self, buf: &mut B, c: usize, p: &ChannelAffine<'_, T>);
 }
@@ -135,8 +161,13 @@ impl<L: Lanes> Kernels<L::Elem> for Lanewise<L> {
     fn moments_rows(self, x: &[L::Elem], c: usize, rows: Range<usize>, out: &mut [Moments]) {
         stats::moments_rows::<L>(x, c, rows, out)
     }
-    fn normalize_run<B: Buffers<L::Elem>>(self, buf: &mut B, a: Affine<L::Elem>) {
-        normalize::normalize_run::<L, B>(buf, a)
+    fn normalize_runs<B: Buffers<L::Elem>>(
+        self,
+        buf: &mut B,
+        s: usize,
+        affine: impl Fn(usize) -> Affine<L::Elem>,
+    ) {
+        normalize::normalize_runs::<L, B>(buf, s, affine)
     }
     fn normalize_rows<B: Buffers<L::Elem>>(
         self,
@@ -156,8 +187,21 @@ pub(crate) trait Job<T: Element> {
 
 /// Runs `job` on the kernels of `isa`: the one place an instruction set is chosen.
 pub(crate) fn dispatch<T: Element, J: Job<T>>(isa: Isa, job: J) -> J::Output {
+    let portable = Lanewise::<T::Wide>(PhantomData);
     match isa {
         Isa::Scalar => job.run(Lanewise::<Scalar<T>>(PhantomData)),
-        Isa::Portable => job.run(Lanewise::<T::Wide>(PhantomData)),
+        Isa::Portable => job.run(portable),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => match x86::Avx2::detect() {
+            Some(k) => job.run(k),
+            None => job.run(portable),
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => match x86::Avx512::detect() {
+            Some(k) => job.run(k),
+            None => job.run(portable),
+        },
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2 | Isa::Avx512 => job.run(portable),
     }
 }

@@ -6,7 +6,7 @@
 //! `y = x * scale + shift`.
 
 use super::buffers::Buffers;
-use super::lanes::Lanes;
+use super::lanes::{load_upto, Lanes, MapLanes};
 use crate::element::Element;
 
 /// One channel's normalization: `y = ((x - hi) - lo) * scale + shift`.
@@ -56,29 +56,47 @@ impl<T: Element> ChannelAffine<'_, T> {
     }
 }
 
-#[inline(always)]
-fn apply<L: Lanes>(v: L, hi: L, lo: L, scale: L, shift: L) -> L {
-    v.sub(hi).sub(lo).mul_add(scale, shift)
+/// [`Affine`] in lanes: `((v - hi) - lo) * scale + shift`.
+#[derive(Clone, Copy)]
+struct AffineLanes<L> {
+    hi: L,
+    lo: L,
+    scale: L,
+    shift: L,
 }
 
-/// Normalizes a run of one channel (NCHW).
-#[inline(always)]
-pub(crate) fn normalize_run<L: Lanes, B: Buffers<L::Elem>>(buf: &mut B, a: Affine<L::Elem>) {
-    let (hi, lo, scale, shift) = (
-        L::splat(a.hi),
-        L::splat(a.lo),
-        L::splat(a.scale),
-        L::splat(a.shift),
-    );
-    let f = |v: L| apply(v, hi, lo, scale, shift);
-    let (len, w) = (buf.len(), L::WIDTH);
-    let mut i = 0;
-    while i + w <= len {
-        buf.map(i, w, f);
-        i += w;
+impl<L: Lanes> MapLanes<L> for AffineLanes<L> {
+    #[inline(always)]
+    fn apply(&self, v: L) -> L {
+        v.sub(self.hi).sub(self.lo).mul_add(self.scale, self.shift)
     }
-    if i < len {
-        buf.map(i, len - i, f);
+}
+
+/// Normalizes consecutive runs of `s` values (NCHW), run `r` of `buf` with `affine(r)`.
+#[inline(always)]
+pub(crate) fn normalize_runs<L: Lanes, B: Buffers<L::Elem>>(
+    buf: &mut B,
+    s: usize,
+    affine: impl Fn(usize) -> Affine<L::Elem>,
+) {
+    let w = L::WIDTH;
+    let runs = buf.len().checked_div(s).unwrap_or(0);
+    for r in 0..runs {
+        let a = affine(r);
+        let f = AffineLanes {
+            hi: L::splat(a.hi),
+            lo: L::splat(a.lo),
+            scale: L::splat(a.scale),
+            shift: L::splat(a.shift),
+        };
+        let (mut i, end) = (r * s, (r + 1) * s);
+        while i + w <= end {
+            buf.map(i, w, &f);
+            i += w;
+        }
+        if i < end {
+            buf.map(i, end - i, &f);
+        }
     }
 }
 
@@ -93,25 +111,23 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<L::Elem>>(
     let w = L::WIDTH;
     let zero = L::splat(L::Elem::ZERO);
     let centered = !p.hi.is_empty();
-    let load = |v: &[L::Elem], c0: usize, n: usize| {
-        if n == w {
-            L::load(&v[c0..])
-        } else {
-            L::load_partial(&v[c0..c0 + n], L::Elem::ZERO)
-        }
-    };
     let rows = buf.len().checked_div(c).unwrap_or(0);
     for r in 0..rows {
         let mut c0 = 0;
         while c0 < c {
             let n = w.min(c - c0);
             let (hi, lo) = if centered {
-                (load(p.hi, c0, n), load(p.lo, c0, n))
+                (load_upto(p.hi, c0, n), load_upto(p.lo, c0, n))
             } else {
                 (zero, zero)
             };
-            let (scale, shift) = (load(p.scale, c0, n), load(p.shift, c0, n));
-            buf.map(r * c + c0, n, |v: L| apply(v, hi, lo, scale, shift));
+            let f = AffineLanes {
+                hi,
+                lo,
+                scale: load_upto(p.scale, c0, n),
+                shift: load_upto(p.shift, c0, n),
+            };
+            buf.map(r * c + c0, n, &f);
             c0 += n;
         }
     }

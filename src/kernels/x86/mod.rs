@@ -1,0 +1,94 @@
+//! x86-64 instruction sets chosen at run time: the same generic kernels, entered through
+//! `#[target_feature]` functions so that the compiler emits AVX2/AVX-512 code for them in a
+//! default build. The entries sit at the leaves ([`Kernels`]), not around a driver: rayon
+//! runs tasks on other threads, outside any caller's target features.
+
+pub mod avx2;
+pub mod avx512;
+
+use super::buffers::Buffers;
+use super::normalize::{self, Affine, ChannelAffine};
+use super::{stats, Kernels};
+use crate::element::Element;
+use crate::moments::Moments;
+use std::ops::Range;
+
+macro_rules! target_feature_kernels {
+    ($(#[$doc:meta])* $name:ident, $lanes:ident, $features:literal, $($detect:tt),+) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug)]
+        pub(crate) struct $name(());
+
+        impl $name {
+            /// The kernels, if this CPU has the instruction set.
+            pub fn detect() -> Option<Self> {
+                ($(std::arch::is_x86_feature_detected!($detect))&&+).then_some($name(()))
+            }
+        }
+
+        impl<T: Element> Kernels<T> for $name {
+            fn moments_runs<'a>(
+                self,
+                count: usize,
+                len: usize,
+                run: impl Fn(usize) -> &'a [T],
+            ) -> Moments {
+                #[target_feature(enable = $features)]
+                fn entry<'a, T: Element>(
+                    count: usize,
+                    len: usize,
+                    run: impl Fn(usize) -> &'a [T],
+                ) -> Moments {
+                    stats::moments_runs::<T::$lanes>(count, len, run)
+                }
+                // SAFETY: `self` exists only if `detect` found the features.
+                unsafe { entry(count, len, run) }
+            }
+
+            fn moments_rows(self, x: &[T], c: usize, rows: Range<usize>, out: &mut [Moments]) {
+                #[target_feature(enable = $features)]
+                fn entry<T: Element>(x: &[T], c: usize, rows: Range<usize>, out: &mut [Moments]) {
+                    stats::moments_rows::<T::$lanes>(x, c, rows, out)
+                }
+                // SAFETY: `self` exists only if `detect` found the features.
+                unsafe { entry(x, c, rows, out) }
+            }
+
+            fn normalize_runs<B: Buffers<T>>(
+                self,
+                buf: &mut B,
+                s: usize,
+                affine: impl Fn(usize) -> Affine<T>,
+            ) {
+                #[target_feature(enable = $features)]
+                fn entry<T: Element, B: Buffers<T>>(
+                    buf: &mut B,
+                    s: usize,
+                    affine: impl Fn(usize) -> Affine<T>,
+                ) {
+                    normalize::normalize_runs::<T::$lanes, B>(buf, s, affine)
+                }
+                // SAFETY: `self` exists only if `detect` found the features.
+                unsafe { entry(buf, s, affine) }
+            }
+
+            fn normalize_rows<B: Buffers<T>>(self, buf: &mut B, c: usize, p: &ChannelAffine<'_, T>) {
+                #[target_feature(enable = $features)]
+                fn entry<T: Element, B: Buffers<T>>(buf: &mut B, c: usize, p: &ChannelAffine<'_, T>) {
+                    normalize::normalize_rows::<T::$lanes, B>(buf, c, p)
+                }
+                // SAFETY: `self` exists only if `detect` found the features.
+                unsafe { entry(buf, c, p) }
+            }
+        }
+    };
+}
+
+target_feature_kernels!(
+    /// The kernels on AVX2 + FMA lanes.
+    Avx2, Avx2, "avx2,fma", "avx2", "fma"
+);
+target_feature_kernels!(
+    /// The kernels on AVX-512F lanes.
+    Avx512, Avx512, "avx512f", "avx512f"
+);
