@@ -9,13 +9,16 @@ use crate::element::Element;
 use crate::layer::BatchNorm;
 use crate::shape::{Layout, Shape};
 
-/// Mean and biased variance of every channel, by two passes in `f64`.
+/// Mean and biased variance of every channel, by (corrected) two passes in `f64`.
 pub fn mean_var<T: Element>(x: &[T], shape: Shape, layout: Layout) -> Vec<(f64, f64)> {
     (0..shape.c)
         .map(|c| {
             let values = channel(x, shape, layout, c);
             let n = values.len() as f64;
-            let mean = values.iter().sum::<f64>() / n;
+            // The corrected two-pass algorithm: the second pass also removes the rounding
+            // error of the first mean, which a plain f64 sum of thousands of values has.
+            let rough = values.iter().sum::<f64>() / n;
+            let mean = rough + values.iter().map(|v| v - rough).sum::<f64>() / n;
             let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
             (mean, var)
         })

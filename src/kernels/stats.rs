@@ -15,14 +15,23 @@ use std::ops::Range;
 /// Bytes of input one block covers: half of a 32 KiB L1, so the second read hits it.
 const BLOCK_BYTES: usize = 16 * 1024;
 
+/// Independent accumulators of the NCHW reductions.
+const ACCUMULATORS: usize = 4;
+
+/// The most values one f32 accumulator lane adds one after the other before its sum is moved
+/// to f64: the rounding error of such a chain grows with its length.
+const MAX_CHAIN: usize = 128;
+
 /// Vectors of channels an NHWC tile keeps in registers: 4 accumulators each of 3 kinds.
 const TILE: usize = 4;
 
 /// The widest vector any [`Lanes`] has (AVX-512 `f32`: 16), for spilling lanes to the stack.
 const MAX_WIDTH: usize = 64;
 
-fn block_len<T>() -> usize {
-    BLOCK_BYTES / std::mem::size_of::<T>()
+/// Values per block: [`BLOCK_BYTES`] worth, but no more than [`MAX_CHAIN`] per accumulator
+/// lane (the scalar path has 4 lanes in all).
+fn block_len<L: Lanes>() -> usize {
+    (BLOCK_BYTES / std::mem::size_of::<L::Elem>()).min(MAX_CHAIN * ACCUMULATORS * L::WIDTH)
 }
 
 /// A reduction over vectors: one step per vector, and the merge of two partial results.
@@ -123,7 +132,7 @@ fn pivoted_sum<L: Lanes>(x: &[L::Elem], p: L::Elem) -> L::Elem {
         p: L::splat(p),
         sum: L::splat(L::Elem::ZERO),
     };
-    fold::<L, _, 4>(x, p, init).sum.sum()
+    fold::<L, _, ACCUMULATORS>(x, p, init).sum.sum()
 }
 
 /// `(Σ (x - k), Σ (x - k)²)` in lanes; padding lanes hold `k` and so add nothing.
@@ -135,7 +144,7 @@ fn shifted_sums<L: Lanes>(x: &[L::Elem], k: L::Elem) -> (L::Elem, L::Elem) {
         s1: zero,
         s2: zero,
     };
-    let r = fold::<L, _, 4>(x, k, init);
+    let r = fold::<L, _, ACCUMULATORS>(x, k, init);
     (r.s1.sum(), r.s2.sum())
 }
 
@@ -180,7 +189,7 @@ pub(crate) fn moments_runs<'a, L: Lanes>(
     len: usize,
     run: impl Fn(usize) -> &'a [L::Elem],
 ) -> Moments {
-    let block_len = block_len::<L::Elem>();
+    let block_len = block_len::<L>();
     let mut acc = Moments::EMPTY;
     if len >= block_len {
         for i in 0..count {
@@ -204,8 +213,31 @@ pub(crate) fn moments_runs<'a, L: Lanes>(
     acc
 }
 
-/// Adds the moments of rows `rows` of a row-major `[_, c]` matrix `x` to `out[ch]` for every
+/// Bytes of rows an NHWC block covers: read from memory once, then reduced tile by tile (two
+/// reads each) from cache.
+const ROW_BLOCK_BYTES: usize = 64 * 1024;
+
+/// The most rows one NHWC block reduces: each lane adds its channel's rows one after the other.
+const MAX_BLOCK_ROWS: usize = MAX_CHAIN;
+
+/// Per-channel sums `Σ (x - p)` and `Σ (x - p)²` around a pivot `p`, in `f64`.
+///
+/// Blocks add to them without a division: a block with mean `k` and shifted sums `s1`, `s2`
+/// around it adds `s1 + n d` and `s2 + 2 d s1 + n d²` with `d = k - p`. The pivot is the first
+/// block's mean, so `S2 - S1² / n` loses nothing in `f64`.
+#[derive(Clone, Copy, Default)]
+struct PivotSums {
+    p: f64,
+    s1: f64,
+    s2: f64,
+}
+
+/// Adds the moments of rows `rows` of the row-major `[_, c]` matrix `x` to `out[ch]` for every
 /// channel: NHWC data, vectorized across channels (lane `j` holds channel `c0 + j`).
+///
+/// Row-block-major: each block of about [`ROW_BLOCK_BYTES`] is streamed from memory once, and
+/// within it each tile of channels is reduced like [`block`] (a pivoted sum for the block mean
+/// `k`, then sums around `k`), with accumulators in registers.
 #[inline(always)]
 pub(crate) fn moments_rows<L: Lanes>(
     x: &[L::Elem],
@@ -213,21 +245,37 @@ pub(crate) fn moments_rows<L: Lanes>(
     rows: Range<usize>,
     out: &mut [Moments],
 ) {
-    let w = L::WIDTH;
-    let mut c0 = 0;
-    while c0 + TILE * w <= c {
-        tile::<L, TILE>(x, c, rows.clone(), c0, TILE * w, out);
-        c0 += TILE * w;
+    if rows.is_empty() || c == 0 {
+        return;
     }
-    while c0 < c {
-        let width = w.min(c - c0);
-        tile::<L, 1>(x, c, rows.clone(), c0, width, out);
-        c0 += width;
+    let w = L::WIDTH;
+    let mut acc = vec![PivotSums::default(); c];
+    let block_rows =
+        (ROW_BLOCK_BYTES / (c * std::mem::size_of::<L::Elem>())).clamp(8, MAX_BLOCK_ROWS);
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        let block = r0..(r0 + block_rows).min(rows.end);
+        let first = r0 == rows.start;
+        let mut c0 = 0;
+        while c0 + TILE * w <= c {
+            tile::<L, TILE>(x, c, block.clone(), c0, TILE * w, &mut acc, first);
+            c0 += TILE * w;
+        }
+        while c0 < c {
+            let width = w.min(c - c0);
+            tile::<L, 1>(x, c, block.clone(), c0, width, &mut acc, first);
+            c0 += width;
+        }
+        r0 = block.end;
+    }
+    let n = rows.len() as u64;
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = o.merge(Moments::from_shifted_sums(n, a.p, a.s1, a.s2));
     }
 }
 
-/// `moments_rows` for the channels `c0 .. c0 + width`, `width <= K * WIDTH` (only the last
-/// vector may be partial), a block of rows at a time.
+/// One block of rows for the channels `c0 .. c0 + width`, `width <= K * WIDTH` (only the last
+/// vector may be partial), added to `acc[c0 ..]`; `first` sets the pivots.
 #[inline(always)]
 fn tile<L: Lanes, const K: usize>(
     x: &[L::Elem],
@@ -235,58 +283,58 @@ fn tile<L: Lanes, const K: usize>(
     rows: Range<usize>,
     c0: usize,
     width: usize,
-    out: &mut [Moments],
+    acc: &mut [PivotSums],
+    first: bool,
 ) {
     let w = L::WIDTH;
-    let zero = L::Elem::ZERO;
-    let rows_per_block = (block_len::<L::Elem>() / width).max(1);
-    let mut r0 = rows.start;
-    while r0 < rows.end {
-        let r1 = (r0 + rows_per_block).min(rows.end);
-        // First read: sums around the block's first row, as in `block`.
-        let mut pivots = [L::splat(zero); K];
+    let zero = L::splat(L::Elem::ZERO);
+    let left = |j: usize| width - (j * w).min(width);
+    // First read: sums around the block's first row, as in `block`.
+    let mut pivots = [zero; K];
+    for (j, p) in pivots.iter_mut().enumerate() {
+        *p = load_upto::<L>(x, rows.start * c + c0 + j * w, left(j));
+    }
+    let mut sums = [zero; K];
+    for r in rows.clone() {
         for j in 0..K {
-            pivots[j] = load_upto::<L>(x, r0 * c + c0 + j * w, width - (j * w).min(width));
+            let v = load_upto::<L>(x, r * c + c0 + j * w, left(j));
+            sums[j] = sums[j].add(v.sub(pivots[j]));
         }
-        let mut sums = [L::splat(zero); K];
-        for r in r0..r1 {
-            for j in 0..K {
-                let v = load_upto::<L>(x, r * c + c0 + j * w, width - (j * w).min(width));
-                sums[j] = sums[j].add(v.sub(pivots[j]));
-            }
-        }
-        let inv = L::splat(L::Elem::from_f64(1.0 / (r1 - r0) as f64));
-        let mut means = [L::splat(zero); K];
+    }
+    let nb = rows.len();
+    let inv = L::splat(L::Elem::from_f64(1.0 / nb as f64));
+    let mut means = [zero; K];
+    for j in 0..K {
+        means[j] = sums[j].mul_add(inv, pivots[j]);
+    }
+    // Second read, from cache: sums around the block mean.
+    let mut s1 = [zero; K];
+    let mut s2 = [zero; K];
+    for r in rows.clone() {
         for j in 0..K {
-            means[j] = sums[j].mul_add(inv, pivots[j]);
+            let v = load_upto::<L>(x, r * c + c0 + j * w, left(j));
+            let d = v.sub(means[j]);
+            s1[j] = s1[j].add(d);
+            s2[j] = d.mul_add(d, s2[j]);
         }
-        let mut s1 = [L::splat(zero); K];
-        let mut s2 = [L::splat(zero); K];
-        for r in r0..r1 {
-            for j in 0..K {
-                let v = load_upto::<L>(x, r * c + c0 + j * w, width - (j * w).min(width));
-                let d = v.sub(means[j]);
-                s1[j] = s1[j].add(d);
-                s2[j] = d.mul_add(d, s2[j]);
+    }
+    let nb = nb as f64;
+    let e = L::Elem::ZERO;
+    for j in 0..K {
+        let (mut k, mut a, mut b) = ([e; MAX_WIDTH], [e; MAX_WIDTH], [e; MAX_WIDTH]);
+        means[j].store(&mut k);
+        s1[j].store(&mut a);
+        s2[j].store(&mut b);
+        let lanes = w.min(left(j));
+        let chans = &mut acc[c0 + j * w..][..lanes];
+        for (i, ps) in chans.iter_mut().enumerate() {
+            let (k, a, b) = (k[i].to_f64(), a[i].to_f64(), b[i].to_f64());
+            if first {
+                ps.p = k;
             }
+            let d = k - ps.p;
+            ps.s1 += a + nb * d;
+            ps.s2 += b + d * (2.0 * a + nb * d);
         }
-        for j in 0..K {
-            let first = c0 + j * w;
-            let n = w.min(c0 + width - first);
-            let (mut k, mut a, mut b) = ([zero; MAX_WIDTH], [zero; MAX_WIDTH], [zero; MAX_WIDTH]);
-            means[j].store(&mut k);
-            s1[j].store(&mut a);
-            s2[j].store(&mut b);
-            for i in 0..n {
-                let m = Moments::from_shifted_sums(
-                    (r1 - r0) as u64,
-                    k[i].to_f64(),
-                    a[i].to_f64(),
-                    b[i].to_f64(),
-                );
-                out[first + i] = out[first + i].merge(m);
-            }
-        }
-        r0 = r1;
     }
 }
