@@ -18,6 +18,15 @@ mod private {
         /// AVX-512F vector of 512 bits.
         #[cfg(target_arch = "x86_64")]
         type Avx512: Lanes<Elem = Self>;
+
+        /// Runs `f` on this thread's scratch vector of this type (a fresh one if it is
+        /// already in use further up the stack).
+        fn with_scratch<R>(f: impl FnOnce(&mut Vec<Self>) -> R) -> R;
+    }
+
+    thread_local! {
+        static SCRATCH_F32: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+        static SCRATCH_F64: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
     }
 
     impl Sealed for f32 {
@@ -26,6 +35,12 @@ mod private {
         type Avx2 = crate::kernels::x86::avx2::F32x8;
         #[cfg(target_arch = "x86_64")]
         type Avx512 = crate::kernels::x86::avx512::F32x16;
+        fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+            let mut v = SCRATCH_F32.take();
+            let r = f(&mut v);
+            SCRATCH_F32.set(v);
+            r
+        }
     }
 
     impl Sealed for f64 {
@@ -34,6 +49,12 @@ mod private {
         type Avx2 = crate::kernels::x86::avx2::F64x4;
         #[cfg(target_arch = "x86_64")]
         type Avx512 = crate::kernels::x86::avx512::F64x8;
+        fn with_scratch<R>(f: impl FnOnce(&mut Vec<f64>) -> R) -> R {
+            let mut v = SCRATCH_F64.take();
+            let r = f(&mut v);
+            SCRATCH_F64.set(v);
+            r
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 
 use crate::element::Element;
 use crate::kernels::buffers::Buffers;
-use crate::kernels::normalize::{Affine, AffineArrays, ChannelAffine};
+use crate::kernels::normalize::{fill_affine, Affine, ChannelAffine};
 use crate::kernels::{dispatch, Isa, Job, Kernels};
 use crate::moments::Moments;
 use crate::parallel::{self, Par};
@@ -117,12 +117,9 @@ where
             Plan::Runs { n, c, s } => stats_runs(k, buf.input(), n, c, s, par),
             Plan::Rows { rows, c } => stats_rows(k, buf.input(), rows, c, par),
         };
-        let params: AffineArrays<T> = moments
-            .iter()
-            .enumerate()
-            .map(|(c, m)| finish(c, m))
-            .collect();
-        apply_plan(k, buf, plan, par, &params.view());
+        let mut storage = Vec::new();
+        let params = fill_affine(&mut storage, moments.len(), |c| finish(c, &moments[c]));
+        apply_plan(k, buf, plan, par, &params);
         moments
     }
 }

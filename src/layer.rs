@@ -4,7 +4,7 @@ use crate::element::Element;
 use crate::error::{check_eps, check_len, check_xy, Error};
 use crate::exec;
 use crate::kernels::buffers::{Buffers, Split};
-use crate::kernels::normalize::{Affine, AffineArrays};
+use crate::kernels::normalize::{fill_affine, Affine};
 use crate::moments::Moments;
 use crate::shape::{Layout, Shape};
 
@@ -218,17 +218,19 @@ impl<T: Element> BatchNorm<T> {
 
     fn eval<B: Buffers<T>>(&self, buf: B, shape: Shape, layout: Layout) -> Result<(), Error> {
         self.check(shape, buf.len())?;
-        let params: AffineArrays<T> = (0..shape.c)
-            .map(|c| {
+        // The parameters go to a per-thread scratch buffer: no allocation on the inference
+        // path once a thread has run a layer this wide.
+        T::with_scratch(|storage| {
+            let params = fill_affine(storage, shape.c, |c| {
                 let invstd = 1.0 / (self.running_var[c].to_f64() + self.eps).sqrt();
                 Affine::centered(
                     self.running_mean[c].to_f64(),
                     self.weight[c].to_f64() * invstd,
                     self.bias[c].to_f64(),
                 )
-            })
-            .collect();
-        exec::apply(buf, shape, layout, &params.view());
+            });
+            exec::apply(buf, shape, layout, &params);
+        });
         Ok(())
     }
 }

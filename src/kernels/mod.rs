@@ -205,3 +205,71 @@ pub(crate) fn dispatch<T: Element, J: Job<T>>(isa: Isa, job: J) -> J::Output {
         Isa::Avx2 | Isa::Avx512 => job.run(portable),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::lanes::{Lanes, Scalar};
+    use crate::element::Element;
+
+    /// Every lane operation of `L`, partial loads and stores at every length included.
+    fn check_lanes<L: Lanes>() {
+        let w = L::WIDTH;
+        let e = |v: f64| L::Elem::from_f64(v);
+        let src: Vec<L::Elem> = (0..w).map(|i| e(i as f64 + 1.0)).collect();
+        let mut dst = vec![e(0.0); w];
+        L::load(&src).store(&mut dst);
+        assert_eq!(dst, src);
+        let v = L::load(&src);
+        let total: f64 = (1..=w).map(|i| i as f64).sum();
+        assert_eq!(v.sum(), e(total));
+        assert_eq!(v.add(v).sum(), e(2.0 * total));
+        assert_eq!(v.sub(L::splat(e(1.0))).sum(), e(total - w as f64));
+        assert_eq!(v.mul(L::splat(e(2.0))).sum(), e(2.0 * total));
+        assert_eq!(v.mul_add(L::splat(e(3.0)), L::splat(e(1.0))).sum(), e(3.0 * total + w as f64));
+        for n in 0..w {
+            let loaded = L::load_partial(&src[..n], e(-1.0));
+            let want: f64 = (1..=n).map(|i| i as f64).sum::<f64>() - (w - n) as f64;
+            assert_eq!(loaded.sum(), e(want), "load_partial of {n}");
+            let mut out = vec![e(7.0); w];
+            L::splat(e(5.0)).store_partial(&mut out[..n]);
+            for (i, o) in out.iter().enumerate() {
+                assert_eq!(*o, e(if i < n { 5.0 } else { 7.0 }), "store_partial of {n}");
+            }
+        }
+    }
+
+    fn check_all<T: Element>() {
+        check_lanes::<Scalar<T>>();
+        check_lanes::<T::Wide>();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::x86::Avx2::detect().is_some() {
+                check_lanes::<T::Avx2>();
+            }
+            if super::x86::Avx512::detect().is_some() {
+                check_lanes::<T::Avx512>();
+            }
+        }
+    }
+
+    #[test]
+    fn lanes_f32() {
+        check_all::<f32>();
+    }
+
+    #[test]
+    fn lanes_f64() {
+        check_all::<f64>();
+    }
+
+    #[test]
+    fn isa_names_round_trip() {
+        for isa in super::Isa::ALL {
+            assert_eq!(super::Isa::from_name(isa.name()), Some(isa));
+        }
+        assert!(super::Isa::available().contains(&super::Isa::best()));
+        for isa in super::Isa::available() {
+            assert_eq!(super::with_isa(isa, super::Isa::current), isa);
+        }
+    }
+}

@@ -133,36 +133,26 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<L::Elem>>(
     }
 }
 
-/// Owned per-channel parameters, built from each channel's [`Affine`].
-#[derive(Clone, Debug, Default)]
-pub(crate) struct AffineArrays<T> {
-    hi: Vec<T>,
-    lo: Vec<T>,
-    scale: Vec<T>,
-    shift: Vec<T>,
-}
-
-impl<T: Element> AffineArrays<T> {
-    /// Borrowed view for the kernels.
-    pub fn view(&self) -> ChannelAffine<'_, T> {
-        ChannelAffine {
-            hi: &self.hi,
-            lo: &self.lo,
-            scale: &self.scale,
-            shift: &self.shift,
-        }
+/// Writes every channel's [`Affine`] into `buf`, laid out `[hi | lo | scale | shift]`, and
+/// returns the kernels' view of it. `buf` is reused storage: no allocation once it has grown.
+pub(crate) fn fill_affine<T: Element>(
+    buf: &mut Vec<T>,
+    c: usize,
+    affine: impl Fn(usize) -> Affine<T>,
+) -> ChannelAffine<'_, T> {
+    buf.clear();
+    buf.resize(4 * c, T::ZERO);
+    let (hi, rest) = buf.split_at_mut(c);
+    let (lo, rest) = rest.split_at_mut(c);
+    let (scale, shift) = rest.split_at_mut(c);
+    for i in 0..c {
+        let a = affine(i);
+        (hi[i], lo[i], scale[i], shift[i]) = (a.hi, a.lo, a.scale, a.shift);
     }
-}
-
-impl<T: Element> FromIterator<Affine<T>> for AffineArrays<T> {
-    fn from_iter<I: IntoIterator<Item = Affine<T>>>(iter: I) -> Self {
-        let mut out = AffineArrays::default();
-        for a in iter {
-            out.hi.push(a.hi);
-            out.lo.push(a.lo);
-            out.scale.push(a.scale);
-            out.shift.push(a.shift);
-        }
-        out
+    ChannelAffine {
+        hi,
+        lo,
+        scale,
+        shift,
     }
 }
