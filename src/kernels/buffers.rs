@@ -40,7 +40,8 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
     #[inline(always)]
     fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
         if n == L::WIDTH {
-            f.apply(L::load(&self.x[i..])).store(&mut self.y[i..]);
+            f.apply(L::load(&self.x[i..i + n]))
+                .store(&mut self.y[i..i + n]);
         } else {
             f.apply(L::load_partial(&self.x[i..i + n], T::ZERO))
                 .store_partial(&mut self.y[i..i + n]);
@@ -63,10 +64,10 @@ impl<T: Element> Buffers<T> for &mut [T] {
     }
     #[inline(always)]
     fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
+        let s = &mut self[i..i + n];
         if n == L::WIDTH {
-            f.apply(L::load(&self[i..])).store(&mut self[i..]);
+            f.apply(L::load(s)).store(s);
         } else {
-            let s = &mut self[i..i + n];
             f.apply(L::load_partial(s, T::ZERO)).store_partial(s);
         }
     }

@@ -225,7 +225,10 @@ mod tests {
         assert_eq!(v.add(v).sum(), e(2.0 * total));
         assert_eq!(v.sub(L::splat(e(1.0))).sum(), e(total - w as f64));
         assert_eq!(v.mul(L::splat(e(2.0))).sum(), e(2.0 * total));
-        assert_eq!(v.mul_add(L::splat(e(3.0)), L::splat(e(1.0))).sum(), e(3.0 * total + w as f64));
+        assert_eq!(
+            v.mul_add(L::splat(e(3.0)), L::splat(e(1.0))).sum(),
+            e(3.0 * total + w as f64)
+        );
         for n in 0..w {
             let loaded = L::load_partial(&src[..n], e(-1.0));
             let want: f64 = (1..=n).map(|i| i as f64).sum::<f64>() - (w - n) as f64;

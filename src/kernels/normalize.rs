@@ -112,23 +112,48 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<L::Elem>>(
     let zero = L::splat(L::Elem::ZERO);
     let centered = !p.hi.is_empty();
     let rows = buf.len().checked_div(c).unwrap_or(0);
+    let full = c - c % w;
+    // Whole-vector parameters as exact chunks, so their loads need no bounds checks.
+    let (hi, lo) = if centered {
+        (&p.hi[..full], &p.lo[..full])
+    } else {
+        (&p.scale[..0], &p.scale[..0])
+    };
+    let (scale, shift) = (&p.scale[..full], &p.shift[..full]);
     for r in 0..rows {
-        let mut c0 = 0;
-        while c0 < c {
-            let n = w.min(c - c0);
+        let row = r * c;
+        let params = scale.chunks_exact(w).zip(shift.chunks_exact(w)).enumerate();
+        for (j, (sc, sh)) in params {
+            let (h, l) = if centered {
+                (
+                    L::load(&hi[j * w..j * w + w]),
+                    L::load(&lo[j * w..j * w + w]),
+                )
+            } else {
+                (zero, zero)
+            };
+            let f = AffineLanes {
+                hi: h,
+                lo: l,
+                scale: L::load(sc),
+                shift: L::load(sh),
+            };
+            buf.map(row + j * w, w, &f);
+        }
+        if full < c {
+            let n = c - full;
             let (hi, lo) = if centered {
-                (load_upto(p.hi, c0, n), load_upto(p.lo, c0, n))
+                (load_upto(p.hi, full, n), load_upto(p.lo, full, n))
             } else {
                 (zero, zero)
             };
             let f = AffineLanes {
                 hi,
                 lo,
-                scale: load_upto(p.scale, c0, n),
-                shift: load_upto(p.shift, c0, n),
+                scale: load_upto(p.scale, full, n),
+                shift: load_upto(p.shift, full, n),
             };
-            buf.map(r * c + c0, n, &f);
-            c0 += n;
+            buf.map(row + full, n, &f);
         }
     }
 }
