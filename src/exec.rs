@@ -9,12 +9,14 @@
 //! parallel pass. NHWC always takes two passes: a channel is spread over the whole tensor.
 
 use crate::element::Element;
-use crate::kernels::buffers::Buffers;
+use crate::kernels::backward::{fill_back, BackAffine, GradSums};
+use crate::kernels::buffers::{Buffers, Grad, Span};
 use crate::kernels::normalize::{fill_affine, Affine, ChannelAffine};
 use crate::kernels::{dispatch, Isa, Job, Kernels};
 use crate::moments::Moments;
 use crate::parallel::{self, Par};
 use crate::shape::{Layout, Shape};
+use std::ops::Range;
 
 /// The memory pattern of a tensor, whatever layout it was given in.
 #[derive(Clone, Copy, Debug)]
@@ -112,7 +114,7 @@ where
         } = self;
         let moments = match plan {
             Plan::Runs { n, c, s } if !par.on || c >= 2 * par.threads => {
-                return train_runs_fused(k, buf, n, c, s, par, &finish);
+                return train_runs_fused(k, buf, (n, c, s), par, &finish);
             }
             Plan::Runs { n, c, s } => stats_runs(k, buf.input(), n, c, s, par),
             Plan::Rows { rows, c } => stats_rows(k, buf.input(), rows, c, par),
@@ -138,8 +140,68 @@ impl<T: Element, B: Buffers<T>> Job<T> for ApplyJob<'_, '_, B, T> {
     }
 }
 
-/// Moments of the channels of NCHW runs; with threads, each channel is cut into pieces (runs,
-/// or parts of runs when there are few) so that there are about four tasks per thread.
+/// How the `n` runs of `s` values of each channel are cut into pieces for threads: about
+/// four tasks per thread, whole runs when there are enough of them, else parts of runs.
+#[derive(Clone, Copy, Debug)]
+struct Pieces {
+    n: usize,
+    s: usize,
+    pieces: usize,
+    cuts: usize,
+    per_channel: usize,
+}
+
+impl Pieces {
+    fn new(n: usize, c: usize, s: usize, par: Par) -> Pieces {
+        let pieces = if par.on {
+            (4 * par.threads).div_ceil(c.max(1))
+        } else {
+            1
+        };
+        let cuts = pieces.div_ceil(n.max(1));
+        let per_channel = if n >= pieces { pieces } else { n * cuts };
+        Pieces {
+            n,
+            s,
+            pieces,
+            cuts,
+            per_channel: per_channel.max(1),
+        }
+    }
+
+    /// Piece `p` of a channel: its runs and the columns of each.
+    fn get(&self, p: usize) -> (Range<usize>, Range<usize>) {
+        let (n, s) = (self.n, self.s);
+        if n >= self.pieces {
+            (n * p / self.pieces..n * (p + 1) / self.pieces, 0..s)
+        } else {
+            let (i, j) = (p / self.cuts, p % self.cuts);
+            (i..(i + 1).min(n), s * j / self.cuts..s * (j + 1) / self.cuts)
+        }
+    }
+
+    /// `f(channel, runs, columns)` for every piece of every channel, in parallel when `par.on`,
+    /// the results of each channel folded with `merge` in order.
+    fn map<R: Send + Copy + Default>(
+        &self,
+        c: usize,
+        par: Par,
+        f: impl Fn(usize, Range<usize>, Range<usize>) -> R + Sync + Send,
+        merge: impl Fn(R, R) -> R,
+    ) -> Vec<R> {
+        let per = self.per_channel;
+        let parts = parallel::map(c * per, par.on, |t| {
+            let (runs, cols) = self.get(t % per);
+            f(t / per, runs, cols)
+        });
+        parts
+            .chunks(per)
+            .map(|ps| ps.iter().fold(R::default(), |a, b| merge(a, *b)))
+            .collect()
+    }
+}
+
+/// Moments of the channels of NCHW runs, pieces of channels in parallel.
 fn stats_runs<T: Element, K: Kernels<T>>(
     k: K,
     x: &[T],
@@ -148,34 +210,16 @@ fn stats_runs<T: Element, K: Kernels<T>>(
     s: usize,
     par: Par,
 ) -> Vec<Moments> {
-    if n == 0 || s == 0 {
-        return vec![Moments::EMPTY; c];
-    }
-    let pieces = if par.on {
-        (4 * par.threads).div_ceil(c.max(1))
-    } else {
-        1
-    };
-    // Pieces are runs [n * p / pieces, ...) when there are enough runs, else each run is cut
-    // into `cuts` column ranges.
-    let cuts = pieces.div_ceil(n);
-    let per_channel = if n >= pieces { pieces } else { n * cuts };
-    let parts = parallel::map(c * per_channel, par.on, |t| {
-        let (ch, p) = (t / per_channel, t % per_channel);
-        let (runs, cols) = if n >= pieces {
-            (n * p / pieces..n * (p + 1) / pieces, 0..s)
-        } else {
-            let (i, j) = (p / cuts, p % cuts);
-            (i..i + 1, s * j / cuts..s * (j + 1) / cuts)
-        };
-        k.moments_runs(runs.len(), cols.len(), |i| {
-            &x[((runs.start + i) * c + ch) * s + cols.start..][..cols.len()]
-        })
-    });
-    parts
-        .chunks(per_channel)
-        .map(|ps| ps.iter().fold(Moments::EMPTY, |a, b| a.merge(*b)))
-        .collect()
+    Pieces::new(n, c, s, par).map(
+        c,
+        par,
+        |ch, runs, cols| {
+            k.moments_runs(runs.len(), cols.len(), |i| {
+                &x[((runs.start + i) * c + ch) * s + cols.start..][..cols.len()]
+            })
+        },
+        Moments::merge,
+    )
 }
 
 /// Moments of the channels of `rows` rows of `c`; with threads, rows are cut into spans whose
@@ -206,15 +250,36 @@ fn stats_rows<T: Element, K: Kernels<T>>(
     out
 }
 
-/// Training over NCHW runs, a channel per task: moments, then normalization while the
-/// channel is still in cache. The runs are first gathered channel by channel (one small
-/// allocation of `n * c` handles), so each task owns exactly its channel's runs.
-fn train_runs_fused<T, K, B, F>(
-    k: K,
+/// Gathers NCHW runs channel by channel and calls `f(channel, its runs)` once per channel, in
+/// parallel when `par.on`; returns the results in channel order. The gathering costs one small
+/// allocation of `n * c` handles, so that each task owns exactly its channel's runs: that is
+/// what lets a task reduce a channel and then write it while it is still in cache.
+fn for_each_channel<B: Span, R: Send + Default + Clone>(
     buf: B,
     n: usize,
     c: usize,
     s: usize,
+    par: Par,
+    f: impl Fn(usize, &mut [Option<B>]) -> R + Sync + Send,
+) -> Vec<R> {
+    let mut slots: Vec<Option<B>> = (0..n * c).map(|_| None).collect();
+    let mut rest = buf;
+    for i in 0..n * c {
+        let (run, tail) = rest.split_at(s);
+        slots[(i % c) * n + i / c] = Some(run);
+        rest = tail;
+    }
+    let mut out = vec![R::default(); c];
+    parallel::for_each_group(&mut slots, n, &mut out, par.on, |ch, runs, o| *o = f(ch, runs));
+    out
+}
+
+/// Training over NCHW runs, a channel per task: moments, then normalization while the
+/// channel is still in cache.
+fn train_runs_fused<T, K, B, F>(
+    k: K,
+    buf: B,
+    (n, c, s): (usize, usize, usize),
     par: Par,
     finish: &F,
 ) -> Vec<Moments>
@@ -224,22 +289,14 @@ where
     B: Buffers<T>,
     F: Fn(usize, &Moments) -> Affine<T> + Sync,
 {
-    let mut slots: Vec<Option<B>> = (0..n * c).map(|_| None).collect();
-    let mut rest = buf;
-    for i in 0..n * c {
-        let (run, tail) = rest.split_at(s);
-        slots[(i % c) * n + i / c] = Some(run);
-        rest = tail;
-    }
-    let mut moments = vec![Moments::EMPTY; c];
-    parallel::for_each_group(&mut slots, n, &mut moments, par.on, |ch, runs, m| {
-        *m = k.moments_runs(n, s, |i| runs[i].as_ref().map_or(&[][..], |r| r.input()));
-        let a = finish(ch, m);
+    for_each_channel(buf, n, c, s, par, |ch, runs| {
+        let m = k.moments_runs(n, s, |i| runs[i].as_ref().map_or(&[][..], |r| r.input()));
+        let a = finish(ch, &m);
         for run in runs.iter_mut().flatten() {
             k.normalize_runs(run, s, |_| a);
         }
-    });
-    moments
+        m
+    })
 }
 
 /// Normalizes every channel of `buf` with `p`, in spans of whole runs or rows.
@@ -263,5 +320,123 @@ fn apply_plan<T: Element, K: Kernels<T>, B: Buffers<T>>(
                 k.normalize_rows(&mut span, c, p)
             })
         }
+    }
+}
+
+/// The backward pass over `g`: per-channel sums of `dy` and `dy * (x - centers[c])`, then `dx`
+/// with `finish(channel, sums)`. Returns the sums.
+pub(crate) fn backward<T, F>(
+    g: Grad<'_, T>,
+    shape: Shape,
+    layout: Layout,
+    centers: &[T],
+    finish: F,
+) -> Vec<GradSums>
+where
+    T: Element,
+    F: Fn(usize, GradSums) -> BackAffine<T> + Sync,
+{
+    let (plan, par) = (Plan::of(shape, layout), Par::for_len(g.len()));
+    dispatch(Isa::current(), BackwardJob { g, plan, par, centers, finish })
+}
+
+struct BackwardJob<'a, 'c, T, F> {
+    g: Grad<'a, T>,
+    plan: Plan,
+    par: Par,
+    centers: &'c [T],
+    finish: F,
+}
+
+impl<T, F> Job<T> for BackwardJob<'_, '_, T, F>
+where
+    T: Element,
+    F: Fn(usize, GradSums) -> BackAffine<T> + Sync,
+{
+    type Output = Vec<GradSums>;
+    fn run<K: Kernels<T>>(self, k: K) -> Vec<GradSums> {
+        let BackwardJob {
+            g,
+            plan,
+            par,
+            centers,
+            finish,
+        } = self;
+        let zero = T::ZERO;
+        let sums = match plan {
+            Plan::Runs { n, c, s } if !par.on || c >= 2 * par.threads => {
+                // Fused: a channel's sums, then its dx while x and dy are in cache.
+                return for_each_channel(g, n, c, s, par, |ch, runs| {
+                    let sums = k.grad_sums_runs(
+                        n,
+                        s,
+                        |i| runs[i].as_ref().map_or((&[][..], &[][..]), |r| (r.x, r.dy)),
+                        centers[ch],
+                        zero,
+                    );
+                    let p = finish(ch, sums);
+                    for run in runs.iter_mut().flatten() {
+                        k.backward_runs(run, s, |_| p);
+                    }
+                    sums
+                });
+            }
+            Plan::Runs { n, c, s } => {
+                let (x, dy) = (g.x, g.dy);
+                Pieces::new(n, c, s, par).map(
+                    c,
+                    par,
+                    |ch, runs, cols| {
+                        let at = |i: usize| ((runs.start + i) * c + ch) * s + cols.start;
+                        let len = cols.len();
+                        k.grad_sums_runs(
+                            runs.len(),
+                            len,
+                            |i| (&x[at(i)..][..len], &dy[at(i)..][..len]),
+                            centers[ch],
+                            zero,
+                        )
+                    },
+                    GradSums::add,
+                )
+            }
+            Plan::Rows { rows, c } => {
+                let pieces = if par.on {
+                    (4 * par.threads).min(rows).max(1)
+                } else {
+                    1
+                };
+                let lo = vec![zero; c];
+                let parts = parallel::map(pieces, par.on, |p| {
+                    let mut m = vec![GradSums::default(); c];
+                    let r = rows * p / pieces..rows * (p + 1) / pieces;
+                    k.grad_sums_rows(g.x, g.dy, c, r, centers, &lo, &mut m);
+                    m
+                });
+                let mut out = vec![GradSums::default(); c];
+                for part in parts {
+                    for (o, m) in out.iter_mut().zip(part) {
+                        *o = o.add(m);
+                    }
+                }
+                out
+            }
+        };
+        let mut storage = Vec::new();
+        let p = fill_back(&mut storage, sums.len(), |ch| finish(ch, sums[ch]));
+        let len = g.len();
+        match plan {
+            Plan::Runs { c, s, .. } => {
+                parallel::for_each_span(g, s, par.grain(len, s), 0, &|first, mut span| {
+                    k.backward_runs(&mut span, s, |r| p.get((first + r) % c))
+                })
+            }
+            Plan::Rows { c, .. } => {
+                parallel::for_each_span(g, c, par.grain(len, c), 0, &|_, mut span| {
+                    k.backward_rows(&mut span, c, &p)
+                })
+            }
+        }
+        sums
     }
 }

@@ -3,7 +3,8 @@
 use crate::element::Element;
 use crate::error::{check_eps, check_len, check_xy, Error};
 use crate::exec;
-use crate::kernels::buffers::{Buffers, Split};
+use crate::kernels::backward::{BackAffine, GradSums};
+use crate::kernels::buffers::{Buffers, Grad, Split};
 use crate::kernels::normalize::{fill_affine, Affine};
 use crate::moments::Moments;
 use crate::shape::{Layout, Shape};
@@ -39,6 +40,15 @@ pub struct BatchNorm<T> {
     pub unbiased_running_var: bool,
     /// Training batches seen.
     pub num_batches_tracked: u64,
+}
+
+/// The parameter gradients of the backward pass, per channel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gradients<T> {
+    /// `dweight = Σ dy * xhat` (gamma's gradient).
+    pub weight: Vec<T>,
+    /// `dbias = Σ dy` (beta's gradient).
+    pub bias: Vec<T>,
 }
 
 /// What training's forward pass saves for the backward pass: per channel, the batch mean and
@@ -148,6 +158,76 @@ impl<T: Element> BatchNorm<T> {
         Ok((scale, shift))
     }
 
+    /// Training's backward pass: given `x` and the `saved` statistics of the
+    /// [`forward_train`](Self::forward_train) call on it, and the output gradient `dy`, writes
+    /// the input gradient `dx` and returns the parameter gradients. Per channel, with `M`
+    /// values and `xhat = (x - mean) * invstd`:
+    ///
+    /// `dbias = Σ dy`, `dweight = Σ dy * xhat`,
+    /// `dx = weight * invstd / M * (M * dy - dbias - xhat * dweight)`.
+    pub fn backward(
+        &self,
+        x: &[T],
+        dy: &[T],
+        saved: &SavedStats<T>,
+        dx: &mut [T],
+        shape: Shape,
+        layout: Layout,
+    ) -> Result<Gradients<T>, Error> {
+        self.check_backward(x, dy, dx, shape)?;
+        check_len("saved.mean", shape.c, saved.mean.len())?;
+        check_len("saved.invstd", shape.c, saved.invstd.len())?;
+        let m = shape.per_channel() as f64;
+        let invstd = |c: usize| saved.invstd[c].to_f64();
+        let sums = exec::backward(Grad { x, dy, dx }, shape, layout, &saved.mean, |c, s| {
+            let (w, is) = (self.weight[c].to_f64(), invstd(c));
+            let dweight = s.dy_xc * is;
+            BackAffine {
+                hi: saved.mean[c],
+                lo: T::ZERO,
+                a: T::from_f64(w * is),
+                b: T::from_f64(-w * is * is * dweight / m),
+                c: T::from_f64(-w * is * s.dy / m),
+            }
+        });
+        Ok(gradients(&sums, invstd))
+    }
+
+    /// The backward pass of inference mode, where the running statistics are constants (frozen
+    /// batch norm in fine-tuning): `dx = dy * weight * invstd_running`, and the same `dweight`
+    /// and `dbias` sums with `xhat` from the running statistics.
+    pub fn backward_eval(
+        &self,
+        x: &[T],
+        dy: &[T],
+        dx: &mut [T],
+        shape: Shape,
+        layout: Layout,
+    ) -> Result<Gradients<T>, Error> {
+        self.check_backward(x, dy, dx, shape)?;
+        let invstd = |c: usize| 1.0 / (self.running_var[c].to_f64() + self.eps).sqrt();
+        let sums = exec::backward(
+            Grad { x, dy, dx },
+            shape,
+            layout,
+            &self.running_mean,
+            |c, _| BackAffine {
+                hi: self.running_mean[c],
+                lo: T::ZERO,
+                a: T::from_f64(self.weight[c].to_f64() * invstd(c)),
+                b: T::ZERO,
+                c: T::ZERO,
+            },
+        );
+        Ok(gradients(&sums, invstd))
+    }
+
+    fn check_backward(&self, x: &[T], dy: &[T], dx: &[T], shape: Shape) -> Result<(), Error> {
+        self.check(shape, x.len())?;
+        check_len("dy", x.len(), dy.len())?;
+        check_len("dx", x.len(), dx.len())
+    }
+
     /// Checks the parameters against `shape` and `len` input elements.
     fn check(&self, shape: Shape, len: usize) -> Result<(), Error> {
         let total = shape.numel()?;
@@ -232,5 +312,17 @@ impl<T: Element> BatchNorm<T> {
             exec::apply(buf, shape, layout, &params);
         });
         Ok(())
+    }
+}
+
+/// `dweight = invstd * Σ dy (x - mean)` and `dbias = Σ dy` from the kernels' sums.
+fn gradients<T: Element>(sums: &[GradSums], invstd: impl Fn(usize) -> f64) -> Gradients<T> {
+    Gradients {
+        weight: sums
+            .iter()
+            .enumerate()
+            .map(|(c, s)| T::from_f64(s.dy_xc * invstd(c)))
+            .collect(),
+        bias: sums.iter().map(|s| T::from_f64(s.dy)).collect(),
     }
 }

@@ -15,7 +15,7 @@ mod shape;
 pub use element::Element;
 pub use error::Error;
 pub use kernels::{with_isa, Isa};
-pub use layer::{BatchNorm, SavedStats};
+pub use layer::{BatchNorm, Gradients, SavedStats};
 pub use moments::Moments;
 pub use ops::{apply_scale_shift, apply_scale_shift_in_place, fold_scale_shift, moments};
 #[doc(hidden)]

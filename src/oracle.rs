@@ -6,7 +6,7 @@
 //! lengths that do not match the shape.
 
 use crate::element::Element;
-use crate::layer::BatchNorm;
+use crate::layer::{BatchNorm, SavedStats};
 use crate::shape::{Layout, Shape};
 
 /// Mean and biased variance of every channel, by (corrected) two passes in `f64`.
@@ -139,4 +139,88 @@ pub fn apply_scale_shift<T: Element>(
     map(x, shape, layout, |c, v| {
         v * scale[c].to_f64() + shift[c].to_f64()
     })
+}
+
+/// What the backward pass computes, in `f64`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backward {
+    /// Input gradient.
+    pub dx: Vec<f64>,
+    /// `dweight` per channel.
+    pub weight: Vec<f64>,
+    /// `dbias` per channel.
+    pub bias: Vec<f64>,
+}
+
+/// Training's backward pass with the given batch statistics (`saved`, widened to `f64`):
+/// `dbias = Σ dy`, `dweight = Σ dy * xhat`,
+/// `dx = weight * invstd / M * (M * dy - dbias - xhat * dweight)`.
+pub fn backward<T: Element>(
+    layer: &BatchNorm<T>,
+    x: &[T],
+    dy: &[T],
+    saved: &SavedStats<T>,
+    shape: Shape,
+    layout: Layout,
+) -> Backward {
+    let mean: Vec<f64> = saved.mean.iter().map(|v| v.to_f64()).collect();
+    let invstd: Vec<f64> = saved.invstd.iter().map(|v| v.to_f64()).collect();
+    backward_with(layer, x, dy, &mean, &invstd, true, shape, layout)
+}
+
+/// Inference's backward pass: the running statistics are constants, `dx = dy * weight *
+/// invstd_running`.
+pub fn backward_eval<T: Element>(
+    layer: &BatchNorm<T>,
+    x: &[T],
+    dy: &[T],
+    shape: Shape,
+    layout: Layout,
+) -> Backward {
+    let mean: Vec<f64> = layer.running_mean.iter().map(|v| v.to_f64()).collect();
+    let invstd: Vec<f64> = layer
+        .running_var
+        .iter()
+        .map(|v| 1.0 / (v.to_f64() + layer.eps).sqrt())
+        .collect();
+    backward_with(layer, x, dy, &mean, &invstd, false, shape, layout)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_with<T: Element>(
+    layer: &BatchNorm<T>,
+    x: &[T],
+    dy: &[T],
+    mean: &[f64],
+    invstd: &[f64],
+    batch_stats: bool,
+    shape: Shape,
+    layout: Layout,
+) -> Backward {
+    let count = (shape.n * shape.spatial) as f64;
+    let xhat = |c: usize, v: f64| (v - mean[c]) * invstd[c];
+    let mut weight = vec![0.0; shape.c];
+    let mut bias = vec![0.0; shape.c];
+    for c in 0..shape.c {
+        let xs = channel(x, shape, layout, c);
+        let ds = channel(dy, shape, layout, c);
+        bias[c] = ds.iter().sum();
+        weight[c] = xs.iter().zip(&ds).map(|(v, d)| d * xhat(c, *v)).sum();
+    }
+    let mut dx = vec![0.0; x.len()];
+    for n in 0..shape.n {
+        for c in 0..shape.c {
+            let w = layer.weight[c].to_f64();
+            for s in 0..shape.spatial {
+                let i = shape.index(layout, n, c, s);
+                let (v, d) = (x[i].to_f64(), dy[i].to_f64());
+                dx[i] = if batch_stats {
+                    w * invstd[c] / count * (count * d - bias[c] - xhat(c, v) * weight[c])
+                } else {
+                    d * w * invstd[c]
+                };
+            }
+        }
+    }
+    Backward { dx, weight, bias }
 }

@@ -2,8 +2,7 @@
 //! the caller runs in (`pool.install(..)`), or the calling thread alone below a size
 //! threshold or without the `rayon` feature.
 
-use crate::element::Element;
-use crate::kernels::buffers::Buffers;
+use crate::kernels::buffers::Span;
 use std::cell::Cell;
 
 /// Tensors with fewer elements than this run on the calling thread: below it, waking other
@@ -81,7 +80,7 @@ fn join<A: FnOnce(), B: FnOnce()>(a: A, b: B) {
 
 /// Calls `f(first_unit, span)` on spans of `buf` that hold whole `unit`s and about `grain`
 /// elements, as parallel tasks (one span of everything when `grain` covers it).
-pub(crate) fn for_each_span<T: Element, B: Buffers<T>>(
+pub(crate) fn for_each_span<B: Span>(
     buf: B,
     unit: usize,
     grain: usize,

@@ -4,14 +4,18 @@
 use super::lanes::{Lanes, MapLanes};
 use crate::element::Element;
 
-/// A span of `len()` elements read as input and written as output.
-pub(crate) trait Buffers<T: Element>: Send + Sized {
+/// Buffers of equal length that are cut together, so that threads can share them out.
+pub(crate) trait Span: Send + Sized {
     /// Number of elements.
     fn len(&self) -> usize;
-    /// The input values (the output buffer itself when in place).
-    fn input(&self) -> &[T];
     /// The first `mid` elements and the rest.
     fn split_at(self, mid: usize) -> (Self, Self);
+}
+
+/// A span of `len()` elements read as input and written as output.
+pub(crate) trait Buffers<T: Element>: Span {
+    /// The input values (the output buffer itself when in place).
+    fn input(&self) -> &[T];
     /// `out[i .. i + n] = f(in[i .. i + n])` with `n = WIDTH`, or `n < WIDTH` for a tail.
     fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>);
 }
@@ -22,20 +26,23 @@ pub(crate) struct Split<'a, T> {
     pub y: &'a mut [T],
 }
 
-impl<T: Element> Buffers<T> for Split<'_, T> {
+impl<T: Element> Span for Split<'_, T> {
     #[inline(always)]
     fn len(&self) -> usize {
         self.y.len()
-    }
-    #[inline(always)]
-    fn input(&self) -> &[T] {
-        self.x
     }
     #[inline(always)]
     fn split_at(self, mid: usize) -> (Self, Self) {
         let (xa, xb) = self.x.split_at(mid);
         let (ya, yb) = self.y.split_at_mut(mid);
         (Split { x: xa, y: ya }, Split { x: xb, y: yb })
+    }
+}
+
+impl<T: Element> Buffers<T> for Split<'_, T> {
+    #[inline(always)]
+    fn input(&self) -> &[T] {
+        self.x
     }
     #[inline(always)]
     fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
@@ -49,18 +56,21 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
     }
 }
 
-impl<T: Element> Buffers<T> for &mut [T] {
+impl<T: Element> Span for &mut [T] {
     #[inline(always)]
     fn len(&self) -> usize {
         <[T]>::len(self)
     }
     #[inline(always)]
-    fn input(&self) -> &[T] {
-        self
-    }
-    #[inline(always)]
     fn split_at(self, mid: usize) -> (Self, Self) {
         self.split_at_mut(mid)
+    }
+}
+
+impl<T: Element> Buffers<T> for &mut [T] {
+    #[inline(always)]
+    fn input(&self) -> &[T] {
+        self
     }
     #[inline(always)]
     fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
@@ -70,5 +80,37 @@ impl<T: Element> Buffers<T> for &mut [T] {
         } else {
             f.apply(L::load_partial(s, T::ZERO)).store_partial(s);
         }
+    }
+}
+
+/// The backward pass's buffers: inputs `x` and `dy`, output `dx`, of equal lengths.
+pub(crate) struct Grad<'a, T> {
+    pub x: &'a [T],
+    pub dy: &'a [T],
+    pub dx: &'a mut [T],
+}
+
+impl<T: Element> Span for Grad<'_, T> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.dx.len()
+    }
+    #[inline(always)]
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (xa, xb) = self.x.split_at(mid);
+        let (da, db) = self.dy.split_at(mid);
+        let (oa, ob) = self.dx.split_at_mut(mid);
+        (
+            Grad {
+                x: xa,
+                dy: da,
+                dx: oa,
+            },
+            Grad {
+                x: xb,
+                dy: db,
+                dx: ob,
+            },
+        )
     }
 }

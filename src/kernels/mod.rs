@@ -7,6 +7,7 @@
 //! which is how it stays an addition, not a rewrite: rayon tasks run on other threads, so the
 //! feature has to be switched on at the leaves, not around the driver.
 
+pub(crate) mod backward;
 pub(crate) mod buffers;
 pub mod lanes;
 pub(crate) mod normalize;
@@ -17,7 +18,8 @@ pub(crate) mod x86;
 
 use crate::element::Element;
 use crate::moments::Moments;
-use buffers::Buffers;
+use backward::{BackAffine, ChannelBack, GradSums};
+use buffers::{Buffers, Grad};
 use lanes::{Lanes, Scalar};
 use normalize::{Affine, ChannelAffine};
 use std::cell::Cell;
@@ -137,6 +139,31 @@ pub(crate) trait Kernels<T: Element>: Copy + Send + Sync {
     );
     /// Normalizes whole rows of `c` channels.
     fn normalize_rows<B: Buffers<T>>(self, buf: &mut B, c: usize, p: &ChannelAffine<'_, T>);
+    /// Backward sums of `count` runs of `len` values, run `i` being `run(i) = (x, dy)`.
+    fn grad_sums_runs<'a>(
+        self,
+        count: usize,
+        len: usize,
+        run: impl Fn(usize) -> (&'a [T], &'a [T]),
+        hi: T,
+        lo: T,
+    ) -> GradSums;
+    /// Adds the backward sums of rows `rows` of `[_, c]` matrices to `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn grad_sums_rows(
+        self,
+        x: &[T],
+        dy: &[T],
+        c: usize,
+        rows: Range<usize>,
+        hi: &[T],
+        lo: &[T],
+        out: &mut [GradSums],
+    );
+    /// `dx` of consecutive runs of `s` values, run `r` with `params(r)`.
+    fn backward_runs(self, g: &mut Grad<'_, T>, s: usize, params: impl Fn(usize) -> BackAffine<T>);
+    /// `dx` of whole rows of `c` channels.
+    fn backward_rows(self, g: &mut Grad<'_, T>, c: usize, p: &ChannelBack<'_, T>);
 }
 
 /// The kernels instantiated for lane type `L`.
@@ -176,6 +203,39 @@ impl<L: Lanes> Kernels<L::Elem> for Lanewise<L> {
         p: &ChannelAffine<'_, L::Elem>,
     ) {
         normalize::normalize_rows::<L, B>(buf, c, p)
+    }
+    fn grad_sums_runs<'a>(
+        self,
+        count: usize,
+        len: usize,
+        run: impl Fn(usize) -> (&'a [L::Elem], &'a [L::Elem]),
+        hi: L::Elem,
+        lo: L::Elem,
+    ) -> GradSums {
+        backward::grad_sums_runs::<L>(count, len, run, hi, lo)
+    }
+    fn grad_sums_rows(
+        self,
+        x: &[L::Elem],
+        dy: &[L::Elem],
+        c: usize,
+        rows: Range<usize>,
+        hi: &[L::Elem],
+        lo: &[L::Elem],
+        out: &mut [GradSums],
+    ) {
+        backward::grad_sums_rows::<L>(x, dy, c, rows, hi, lo, out)
+    }
+    fn backward_runs(
+        self,
+        g: &mut Grad<'_, L::Elem>,
+        s: usize,
+        params: impl Fn(usize) -> BackAffine<L::Elem>,
+    ) {
+        backward::backward_runs::<L>(g, s, params)
+    }
+    fn backward_rows(self, g: &mut Grad<'_, L::Elem>, c: usize, p: &ChannelBack<'_, L::Elem>) {
+        backward::backward_rows::<L>(g, c, p)
     }
 }
 

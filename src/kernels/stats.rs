@@ -13,24 +13,24 @@ use crate::moments::Moments;
 use std::ops::Range;
 
 /// Bytes of input one block covers: half of a 32 KiB L1, so the second read hits it.
-const BLOCK_BYTES: usize = 16 * 1024;
+pub(crate) const BLOCK_BYTES: usize = 16 * 1024;
 
 /// Independent accumulators of the NCHW reductions.
-const ACCUMULATORS: usize = 4;
+pub(crate) const ACCUMULATORS: usize = 4;
 
 /// The most values one f32 accumulator lane adds one after the other before its sum is moved
 /// to f64: the rounding error of such a chain grows with its length.
-const MAX_CHAIN: usize = 128;
+pub(crate) const MAX_CHAIN: usize = 128;
 
 /// Vectors of channels an NHWC tile keeps in registers: 4 accumulators each of 3 kinds.
-const TILE: usize = 4;
+pub(crate) const TILE: usize = 4;
 
 /// The widest vector any [`Lanes`] has (AVX-512 `f32`: 16), for spilling lanes to the stack.
-const MAX_WIDTH: usize = 64;
+pub(crate) const MAX_WIDTH: usize = 64;
 
 /// Values per block: [`BLOCK_BYTES`] worth, but no more than [`MAX_CHAIN`] per accumulator
 /// lane (the scalar path has 4 lanes in all).
-fn block_len<L: Lanes>() -> usize {
+pub(crate) fn block_len<L: Lanes>() -> usize {
     (BLOCK_BYTES / std::mem::size_of::<L::Elem>()).min(MAX_CHAIN * ACCUMULATORS * L::WIDTH)
 }
 
@@ -215,7 +215,7 @@ pub(crate) fn moments_runs<'a, L: Lanes>(
 
 /// Bytes of rows an NHWC block covers: read from memory once, then reduced tile by tile (two
 /// reads each) from cache.
-const ROW_BLOCK_BYTES: usize = 64 * 1024;
+pub(crate) const ROW_BLOCK_BYTES: usize = 64 * 1024;
 
 /// The most rows one NHWC block reduces: each lane adds its channel's rows one after the other.
 const MAX_BLOCK_ROWS: usize = MAX_CHAIN;

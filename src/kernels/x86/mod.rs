@@ -6,7 +6,8 @@
 pub mod avx2;
 pub mod avx512;
 
-use super::buffers::Buffers;
+use super::backward::{self, BackAffine, ChannelBack, GradSums};
+use super::buffers::{Buffers, Grad};
 use super::normalize::{self, Affine, ChannelAffine};
 use super::{stats, Kernels};
 use crate::element::Element;
@@ -79,6 +80,82 @@ macro_rules! target_feature_kernels {
                 }
                 // SAFETY: `self` exists only if `detect` found the features.
                 unsafe { entry(buf, c, p) }
+            }
+
+            fn grad_sums_runs<'a>(
+                self,
+                count: usize,
+                len: usize,
+                run: impl Fn(usize) -> (&'a [T], &'a [T]),
+                hi: T,
+                lo: T,
+            ) -> GradSums {
+                #[target_feature(enable = $features)]
+                fn entry<'a, T: Element>(
+                    count: usize,
+                    len: usize,
+                    run: impl Fn(usize) -> (&'a [T], &'a [T]),
+                    hi: T,
+                    lo: T,
+                ) -> GradSums {
+                    backward::grad_sums_runs::<T::$lanes>(count, len, run, hi, lo)
+                }
+                // SAFETY: `self` exists only if `detect` found the features.
+                unsafe { entry(count, len, run, hi, lo) }
+            }
+
+            fn grad_sums_rows(
+                self,
+                x: &[T],
+                dy: &[T],
+                c: usize,
+                rows: Range<usize>,
+                hi: &[T],
+                lo: &[T],
+                out: &mut [GradSums],
+            ) {
+                #[target_feature(enable = $features)]
+                #[allow(clippy::too_many_arguments)]
+                fn entry<T: Element>(
+                    x: &[T],
+                    dy: &[T],
+                    c: usize,
+                    rows: Range<usize>,
+                    hi: &[T],
+                    lo: &[T],
+                    out: &mut [GradSums],
+                ) {
+                    backward::grad_sums_rows::<T::$lanes>(x, dy, c, rows, hi, lo, out)
+                }
+                // SAFETY: `self` exists only if `detect` found the features.
+                unsafe { entry(x, dy, c, rows, hi, lo, out) }
+            }
+
+            fn backward_runs(
+                self,
+                g: &mut Grad<'_, T>,
+                s: usize,
+                params: impl Fn(usize) -> BackAffine<T>,
+            ) {
+                #[target_feature(enable = $features)]
+                fn entry<T: Element>(
+                    g: &mut Grad<'_, T>,
+                    s: usize,
+                    params: impl Fn(usize) -> BackAffine<T>,
+                ) {
+                    backward::backward_runs::<T::$lanes>(g, s, params)
+                }
+                // SAFETY: `self` exists only if `detect` found the features.
+                unsafe { entry(g, s, params) }
+            }
+
+            fn backward_rows(self, g: &mut Grad<'_, T>, c: usize, p: &ChannelBack<'_, T>) {
+                #[target_feature(enable = $features)]
+                fn entry<T: Element>(g: &mut Grad<'_, T>, c: usize, p: &ChannelBack<'_, T>) {
+                    backward::backward_rows::<T::$lanes>(g, c, p)
+                }
+                // SAFETY: `self` exists only if `detect` found the features.
+                unsafe { entry(g, c, p) }
             }
         }
     };

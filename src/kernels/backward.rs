@@ -1,0 +1,304 @@
+//! The backward pass's kernels: the two per-channel sums in one read of `x` and `dy`, then
+//! `dx` element by element.
+//!
+//! With `xc = (x - hi) - lo` the centred input, the sums are `Σ dy` and `Σ dy * xc`; the layer
+//! turns them into `dbias`, `dweight` and the coefficients of
+//! `dx = a * dy + b * xc + c` ([`BackAffine`]). As in the statistics, f32 accumulator lanes add
+//! at most [`MAX_CHAIN`] values before their sums move to `f64`.
+
+use super::buffers::Grad;
+use super::lanes::{load_upto, Lanes};
+use super::stats::{block_len, MAX_CHAIN, MAX_WIDTH, ROW_BLOCK_BYTES, TILE};
+use crate::element::Element;
+use std::ops::Range;
+
+/// `Σ dy` and `Σ dy * (x - center)` of a channel, or of a piece of one.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct GradSums {
+    pub dy: f64,
+    pub dy_xc: f64,
+}
+
+impl GradSums {
+    pub fn add(self, o: GradSums) -> GradSums {
+        GradSums {
+            dy: self.dy + o.dy,
+            dy_xc: self.dy_xc + o.dy_xc,
+        }
+    }
+}
+
+/// One channel's `dx = a * dy + b * ((x - hi) - lo) + c`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct BackAffine<T> {
+    pub hi: T,
+    pub lo: T,
+    pub a: T,
+    pub b: T,
+    pub c: T,
+}
+
+/// Every channel's [`BackAffine`] as arrays.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChannelBack<'a, T> {
+    pub hi: &'a [T],
+    pub lo: &'a [T],
+    pub a: &'a [T],
+    pub b: &'a [T],
+    pub c: &'a [T],
+}
+
+impl<T: Element> ChannelBack<'_, T> {
+    pub fn get(&self, ch: usize) -> BackAffine<T> {
+        BackAffine {
+            hi: self.hi[ch],
+            lo: self.lo[ch],
+            a: self.a[ch],
+            b: self.b[ch],
+            c: self.c[ch],
+        }
+    }
+}
+
+/// Writes every channel's [`BackAffine`] into `buf` and returns the kernels' view of it.
+pub(crate) fn fill_back<T: Element>(
+    buf: &mut Vec<T>,
+    channels: usize,
+    f: impl Fn(usize) -> BackAffine<T>,
+) -> ChannelBack<'_, T> {
+    buf.clear();
+    buf.resize(5 * channels, T::ZERO);
+    let (hi, rest) = buf.split_at_mut(channels);
+    let (lo, rest) = rest.split_at_mut(channels);
+    let (a, rest) = rest.split_at_mut(channels);
+    let (b, c) = rest.split_at_mut(channels);
+    for ch in 0..channels {
+        let p = f(ch);
+        (hi[ch], lo[ch], a[ch], b[ch], c[ch]) = (p.hi, p.lo, p.a, p.b, p.c);
+    }
+    ChannelBack { hi, lo, a, b, c }
+}
+
+/// The sums of one block of at most `ACCUMULATORS * MAX_CHAIN` vectors; padding lanes have
+/// `dy = 0` and add nothing.
+#[inline(always)]
+fn block_sums<L: Lanes>(x: &[L::Elem], dy: &[L::Elem], hi: L::Elem, lo: L::Elem) -> GradSums {
+    let w = L::WIDTH;
+    let zero = L::splat(L::Elem::ZERO);
+    let (hv, lv) = (L::splat(hi), L::splat(lo));
+    let mut sd = [zero; 2];
+    let mut sx = [zero; 2];
+    let full = x.len() - x.len() % w;
+    let mut i = 0;
+    while i < full {
+        let j = (i / w) % 2;
+        let (xv, dv) = (L::load(&x[i..i + w]), L::load(&dy[i..i + w]));
+        sd[j] = sd[j].add(dv);
+        sx[j] = dv.mul_add(xv.sub(hv).sub(lv), sx[j]);
+        i += w;
+    }
+    if full < x.len() {
+        let (xv, dv) = (
+            L::load_partial(&x[full..], hi),
+            L::load_partial(&dy[full..], L::Elem::ZERO),
+        );
+        sd[0] = sd[0].add(dv);
+        sx[0] = dv.mul_add(xv.sub(hv).sub(lv), sx[0]);
+    }
+    GradSums {
+        dy: sd[0].add(sd[1]).sum().to_f64(),
+        dy_xc: sx[0].add(sx[1]).sum().to_f64(),
+    }
+}
+
+/// The sums of `count` runs of `len` values, run `i` being `run(i) = (x, dy)`, around the
+/// center `hi + lo`.
+#[inline(always)]
+pub(crate) fn grad_sums_runs<'a, L: Lanes>(
+    count: usize,
+    len: usize,
+    run: impl Fn(usize) -> (&'a [L::Elem], &'a [L::Elem]),
+    hi: L::Elem,
+    lo: L::Elem,
+) -> GradSums {
+    // Two accumulators per sum here, so blocks of 2 * MAX_CHAIN vectors.
+    let block = block_len::<L>().min(2 * MAX_CHAIN * L::WIDTH);
+    let mut acc = GradSums::default();
+    for i in 0..count {
+        let (x, dy) = run(i);
+        let len = len.min(x.len()).min(dy.len());
+        let mut start = 0;
+        while start < len {
+            let end = (start + block).min(len);
+            acc = acc.add(block_sums::<L>(&x[start..end], &dy[start..end], hi, lo));
+            start = end;
+        }
+    }
+    acc
+}
+
+/// Adds the sums of rows `rows` of the row-major `[_, c]` matrices `x` and `dy` to `out`,
+/// around the per-channel centers `hi + lo`; vectorized across channels as
+/// [`super::stats::moments_rows`].
+#[inline(always)]
+pub(crate) fn grad_sums_rows<L: Lanes>(
+    x: &[L::Elem],
+    dy: &[L::Elem],
+    c: usize,
+    rows: Range<usize>,
+    hi: &[L::Elem],
+    lo: &[L::Elem],
+    out: &mut [GradSums],
+) {
+    if c == 0 {
+        return;
+    }
+    let w = L::WIDTH;
+    let block_rows = (ROW_BLOCK_BYTES / (c * std::mem::size_of::<L::Elem>())).clamp(8, MAX_CHAIN);
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        let block = r0..(r0 + block_rows).min(rows.end);
+        let mut c0 = 0;
+        while c0 + TILE * w <= c {
+            grad_tile::<L, TILE>(x, dy, c, block.clone(), c0, TILE * w, hi, lo, out);
+            c0 += TILE * w;
+        }
+        while c0 < c {
+            let width = w.min(c - c0);
+            grad_tile::<L, 1>(x, dy, c, block.clone(), c0, width, hi, lo, out);
+            c0 += width;
+        }
+        r0 = block.end;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn grad_tile<L: Lanes, const K: usize>(
+    x: &[L::Elem],
+    dy: &[L::Elem],
+    c: usize,
+    rows: Range<usize>,
+    c0: usize,
+    width: usize,
+    hi: &[L::Elem],
+    lo: &[L::Elem],
+    out: &mut [GradSums],
+) {
+    let w = L::WIDTH;
+    let zero = L::splat(L::Elem::ZERO);
+    let left = |j: usize| width - (j * w).min(width);
+    let mut hv = [zero; K];
+    let mut lv = [zero; K];
+    for j in 0..K {
+        hv[j] = load_upto::<L>(hi, c0 + j * w, left(j));
+        lv[j] = load_upto::<L>(lo, c0 + j * w, left(j));
+    }
+    let mut sd = [zero; K];
+    let mut sx = [zero; K];
+    for r in rows {
+        for j in 0..K {
+            let i = r * c + c0 + j * w;
+            let xv = load_upto::<L>(x, i, left(j));
+            let dv = load_upto::<L>(dy, i, left(j));
+            sd[j] = sd[j].add(dv);
+            sx[j] = dv.mul_add(xv.sub(hv[j]).sub(lv[j]), sx[j]);
+        }
+    }
+    let e = L::Elem::ZERO;
+    for j in 0..K {
+        let (mut a, mut b) = ([e; MAX_WIDTH], [e; MAX_WIDTH]);
+        sd[j].store(&mut a);
+        sx[j].store(&mut b);
+        let lanes = w.min(left(j));
+        for (i, o) in out[c0 + j * w..][..lanes].iter_mut().enumerate() {
+            o.dy += a[i].to_f64();
+            o.dy_xc += b[i].to_f64();
+        }
+    }
+}
+
+/// [`BackAffine`] in lanes.
+#[derive(Clone, Copy)]
+struct BackLanes<L> {
+    hi: L,
+    lo: L,
+    a: L,
+    b: L,
+    c: L,
+}
+
+impl<L: Lanes> BackLanes<L> {
+    #[inline(always)]
+    fn splat(p: BackAffine<L::Elem>) -> Self {
+        BackLanes {
+            hi: L::splat(p.hi),
+            lo: L::splat(p.lo),
+            a: L::splat(p.a),
+            b: L::splat(p.b),
+            c: L::splat(p.c),
+        }
+    }
+
+    /// `dx[i .. i + n] = a * dy + b * ((x - hi) - lo) + c`, `n <= WIDTH`.
+    #[inline(always)]
+    fn apply(&self, g: &mut Grad<'_, L::Elem>, i: usize, n: usize) {
+        let (x, dy, dx) = (&g.x[i..i + n], &g.dy[i..i + n], &mut g.dx[i..i + n]);
+        let (xv, dv) = if n == L::WIDTH {
+            (L::load(x), L::load(dy))
+        } else {
+            (L::load_partial(x, L::Elem::ZERO), L::load_partial(dy, L::Elem::ZERO))
+        };
+        let xc = xv.sub(self.hi).sub(self.lo);
+        let out = dv.mul_add(self.a, xc.mul_add(self.b, self.c));
+        if n == L::WIDTH {
+            out.store(dx);
+        } else {
+            out.store_partial(dx);
+        }
+    }
+}
+
+/// `dx` for consecutive runs of `s` values (NCHW), run `r` with `params(r)`.
+#[inline(always)]
+pub(crate) fn backward_runs<L: Lanes>(
+    g: &mut Grad<'_, L::Elem>,
+    s: usize,
+    params: impl Fn(usize) -> BackAffine<L::Elem>,
+) {
+    let w = L::WIDTH;
+    let runs = g.dx.len().checked_div(s).unwrap_or(0);
+    for r in 0..runs {
+        let f = BackLanes::<L>::splat(params(r));
+        let (mut i, end) = (r * s, (r + 1) * s);
+        while i + w <= end {
+            f.apply(g, i, w);
+            i += w;
+        }
+        if i < end {
+            f.apply(g, i, end - i);
+        }
+    }
+}
+
+/// `dx` for whole rows of `c` channels (NHWC).
+#[inline(always)]
+pub(crate) fn backward_rows<L: Lanes>(g: &mut Grad<'_, L::Elem>, c: usize, p: &ChannelBack<'_, L::Elem>) {
+    let w = L::WIDTH;
+    let rows = g.dx.len().checked_div(c).unwrap_or(0);
+    for r in 0..rows {
+        let mut c0 = 0;
+        while c0 < c {
+            let n = w.min(c - c0);
+            let f = BackLanes {
+                hi: load_upto::<L>(p.hi, c0, n),
+                lo: load_upto::<L>(p.lo, c0, n),
+                a: load_upto::<L>(p.a, c0, n),
+                b: load_upto::<L>(p.b, c0, n),
+                c: load_upto::<L>(p.c, c0, n),
+            };
+            f.apply(g, r * c + c0, n);
+            c0 += n;
+        }
+    }
+}

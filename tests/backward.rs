@@ -1,0 +1,213 @@
+//! The backward passes against the f64 oracle on random shapes (every path), against central
+//! finite differences of a scalar loss, and on bad input.
+
+mod common;
+
+use batchnorm::{oracle, BatchNorm, Element, Error, Layout, Shape};
+use common::{on_every_path, tol, Rng};
+use proptest::prelude::*;
+
+fn layout() -> impl Strategy<Value = Layout> {
+    prop_oneof![Just(Layout::Nchw), Just(Layout::Nhwc)]
+}
+
+fn shape() -> impl Strategy<Value = Shape> {
+    prop_oneof![
+        4 => (1usize..6, 1usize..20, 1usize..40),
+        1 => (1usize..3, 1usize..4, 1usize..6000),
+        1 => (1usize..300, 1usize..40, Just(1usize)),
+    ]
+    .prop_map(|(n, c, s)| Shape::new(n, c, s))
+    .prop_filter("training needs two values per channel", |s| s.n * s.spatial >= 2)
+}
+
+/// Asserts `|got - want| <= tol * (1 + scale)` element by element.
+fn close<T: Element>(got: &[T], want: &[f64], scale: &[f64], tol: f64, what: &str) {
+    for (i, ((g, w), s)) in got.iter().zip(want).zip(scale).enumerate() {
+        let g = g.to_f64();
+        assert!((g - w).abs() <= tol * (1.0 + s), "{what}[{i}]: got {g:e}, want {w:e}, scale {s:e}");
+    }
+}
+
+/// Training and inference backward against the oracle. The tolerances are relative to the
+/// size of the terms that are summed, not to the result, since the result may cancel:
+/// `Σ |dy|` for dbias, `Σ |dy * xhat|` for dweight, and for dx the three terms
+/// `|a dy| + |b xc| + |c|` of `dx = a * dy + b * (x - mean) + c`.
+fn check<T: Element>(shape: Shape, layout: Layout, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let len = shape.numel().unwrap();
+    let (offset, spread) = rng.offset_spread();
+    let x: Vec<T> = rng.data(len, offset, spread);
+    let dy: Vec<T> = rng.data(len, 0.0, 1.0);
+    let tol = tol::<T>(offset.abs() / spread);
+    let mut bn = BatchNorm::<T>::new(shape.c);
+    bn.weight = rng.data(shape.c, 0.5, 1.0);
+    bn.running_mean = rng.data(shape.c, offset, spread);
+    let mut y = vec![T::ZERO; len];
+    let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
+    let want = oracle::backward(&bn, &x, &dy, &saved, shape, layout);
+    let want_eval = oracle::backward_eval(&bn, &x, &dy, shape, layout);
+    let m = (shape.n * shape.spatial) as f64;
+    let mut dx_scale = vec![0.0; len];
+    let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0; shape.c], vec![0.0; shape.c]);
+    for n in 0..shape.n {
+        for c in 0..shape.c {
+            for s in 0..shape.spatial {
+                let i = shape.index(layout, n, c, s);
+                let is = saved.invstd[c].to_f64();
+                let xhat = (x[i].to_f64() - saved.mean[c].to_f64()) * is;
+                let (d, w) = (dy[i].to_f64(), bn.weight[c].to_f64());
+                sum_dy[c] += d.abs();
+                sum_dy_xhat[c] += (d * xhat).abs();
+                dx_scale[i] = (w * is * d).abs()
+                    + (w * is / m * xhat * want.weight[c]).abs()
+                    + (w * is / m * want.bias[c]).abs();
+            }
+        }
+    }
+    on_every_path(|path| {
+        let mut dx = vec![T::ZERO; len];
+        let g = bn.backward(&x, &dy, &saved, &mut dx, shape, layout).unwrap();
+        close(&dx, &want.dx, &dx_scale, tol, &format!("dx, {path}"));
+        close(&g.bias, &want.bias, &sum_dy, tol, &format!("dbias, {path}"));
+        close(&g.weight, &want.weight, &sum_dy_xhat, tol, &format!("dweight, {path}"));
+        let g = bn.backward_eval(&x, &dy, &mut dx, shape, layout).unwrap();
+        let abs_want: Vec<f64> = want_eval.dx.iter().map(|v| v.abs()).collect();
+        close(&dx, &want_eval.dx, &abs_want, tol, &format!("eval dx, {path}"));
+        close(&g.bias, &want_eval.bias, &sum_dy, tol, &format!("eval dbias, {path}"));
+        // dweight with the running statistics: xhat can be large, the sum cancels.
+        let eval_scale: Vec<f64> = (0..shape.c)
+            .map(|c| {
+                let is = 1.0 / (bn.running_var[c].to_f64() + bn.eps).sqrt();
+                oracle::channel(&x, shape, layout, c)
+                    .iter()
+                    .zip(oracle::channel(&dy, shape, layout, c))
+                    .map(|(v, d)| (d * (v - bn.running_mean[c].to_f64()) * is).abs())
+                    .sum()
+            })
+            .collect();
+        close(&g.weight, &want_eval.weight, &eval_scale, tol, &format!("eval dweight, {path}"));
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn backward_f32(shape in shape(), layout in layout(), seed: u64) {
+        check::<f32>(shape, layout, seed);
+    }
+
+    #[test]
+    fn backward_f64(shape in shape(), layout in layout(), seed: u64) {
+        check::<f64>(shape, layout, seed);
+    }
+}
+
+/// The loss `L = Σ y * g` of training's forward pass, in f64.
+fn loss(bn: &BatchNorm<f64>, x: &[f64], g: &[f64], shape: Shape, layout: Layout) -> f64 {
+    let mut y = vec![0.0; x.len()];
+    bn.clone().forward_train(x, &mut y, shape, layout).unwrap();
+    y.iter().zip(g).map(|(a, b)| a * b).sum()
+}
+
+/// dx, dweight and dbias match central differences of `L = Σ y * g` (so `dy = g`).
+#[test]
+fn finite_differences() {
+    for (shape, layout) in [
+        (Shape::new(3, 2, 5), Layout::Nchw),
+        (Shape::new(2, 3, 4), Layout::Nhwc),
+        (Shape::new(7, 3, 1), Layout::Nchw),
+    ] {
+        let mut rng = Rng::new(5);
+        let len = shape.numel().unwrap();
+        let x: Vec<f64> = rng.data(len, 1.0, 2.0);
+        let g: Vec<f64> = rng.data(len, 0.0, 1.0);
+        let mut bn = BatchNorm::<f64>::new(shape.c);
+        bn.weight = rng.data(shape.c, 1.0, 0.5);
+        bn.bias = rng.data(shape.c, 0.0, 0.5);
+        let mut y = vec![0.0; len];
+        let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
+        let mut dx = vec![0.0; len];
+        let grads = bn.backward(&x, &g, &saved, &mut dx, shape, layout).unwrap();
+        let h = 1e-6;
+        let central = |f: &dyn Fn(f64) -> f64| (f(h) - f(-h)) / (2.0 * h);
+        for i in 0..len {
+            let numeric = central(&|e| {
+                let mut xe = x.clone();
+                xe[i] += e;
+                loss(&bn, &xe, &g, shape, layout)
+            });
+            assert!((dx[i] - numeric).abs() < 1e-6 * (1.0 + numeric.abs()), "dx[{i}] {} vs {numeric}", dx[i]);
+        }
+        for c in 0..shape.c {
+            let dw = central(&|e| {
+                let mut b = bn.clone();
+                b.weight[c] += e;
+                loss(&b, &x, &g, shape, layout)
+            });
+            let db = central(&|e| {
+                let mut b = bn.clone();
+                b.bias[c] += e;
+                loss(&b, &x, &g, shape, layout)
+            });
+            assert!((grads.weight[c] - dw).abs() < 1e-6 * (1.0 + dw.abs()), "dweight[{c}]");
+            assert!((grads.bias[c] - db).abs() < 1e-6 * (1.0 + db.abs()), "dbias[{c}]");
+        }
+    }
+}
+
+#[test]
+fn bad_input() {
+    let shape = Shape::new(2, 3, 4);
+    let bn = BatchNorm::<f32>::new(3);
+    let x = vec![1.0f32; 24];
+    let mut y = vec![0.0f32; 24];
+    let saved = bn.clone().forward_train(&x, &mut y, shape, Layout::Nchw).unwrap();
+    let mut dx = vec![7.0f32; 24];
+    let short = vec![0.0f32; 23];
+    assert_eq!(
+        bn.backward(&x, &short, &saved, &mut dx, shape, Layout::Nchw).unwrap_err(),
+        Error::Length { what: "dy", expected: 24, got: 23 }
+    );
+    let mut short_dx = vec![0.0f32; 25];
+    assert_eq!(
+        bn.backward_eval(&x, &x, &mut short_dx, shape, Layout::Nhwc).unwrap_err(),
+        Error::Length { what: "dx", expected: 24, got: 25 }
+    );
+    let mut bad = saved.clone();
+    bad.invstd.pop();
+    assert_eq!(
+        bn.backward(&x, &x, &bad, &mut dx, shape, Layout::Nchw).unwrap_err(),
+        Error::Length { what: "saved.invstd", expected: 3, got: 2 }
+    );
+    assert_eq!(
+        bn.backward(&x[..20], &x[..20], &saved, &mut dx[..20], shape, Layout::Nchw).unwrap_err(),
+        Error::Length { what: "x", expected: 24, got: 20 }
+    );
+    assert!(dx.iter().all(|&v| v == 7.0), "dx written on error");
+}
+
+/// A NaN in one channel's dy makes that channel's gradients NaN and no other's.
+#[test]
+fn non_finite_confined() {
+    let shape = Shape::new(3, 5, 7);
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        let mut rng = Rng::new(9);
+        let x: Vec<f32> = rng.data(shape.numel().unwrap(), 1.0, 1.0);
+        let mut dy: Vec<f32> = rng.data(shape.numel().unwrap(), 0.0, 1.0);
+        dy[shape.index(layout, 1, 2, 3)] = f32::NAN;
+        let bn = BatchNorm::<f32>::new(shape.c);
+        let mut y = vec![0.0; x.len()];
+        let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
+        on_every_path(|path| {
+            let mut dx = vec![0.0; x.len()];
+            let g = bn.backward(&x, &dy, &saved, &mut dx, shape, layout).unwrap();
+            for c in 0..shape.c {
+                let dxc = oracle::channel(&dx, shape, layout, c);
+                assert_eq!(g.bias[c].is_nan(), c == 2, "{layout:?} {path}");
+                assert_eq!(dxc.iter().any(|v| v.is_nan()), c == 2, "{layout:?} {path}");
+            }
+        });
+    }
+}
