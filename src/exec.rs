@@ -176,7 +176,10 @@ impl Pieces {
             (n * p / self.pieces..n * (p + 1) / self.pieces, 0..s)
         } else {
             let (i, j) = (p / self.cuts, p % self.cuts);
-            (i..(i + 1).min(n), s * j / self.cuts..s * (j + 1) / self.cuts)
+            (
+                i..(i + 1).min(n),
+                s * j / self.cuts..s * (j + 1) / self.cuts,
+            )
         }
     }
 
@@ -270,7 +273,9 @@ fn for_each_channel<B: Span, R: Send + Default + Clone>(
         rest = tail;
     }
     let mut out = vec![R::default(); c];
-    parallel::for_each_group(&mut slots, n, &mut out, par.on, |ch, runs, o| *o = f(ch, runs));
+    parallel::for_each_group(&mut slots, n, &mut out, par.on, |ch, runs, o| {
+        *o = f(ch, runs)
+    });
     out
 }
 
@@ -337,7 +342,16 @@ where
     F: Fn(usize, GradSums) -> BackAffine<T> + Sync,
 {
     let (plan, par) = (Plan::of(shape, layout), Par::for_len(g.len()));
-    dispatch(Isa::current(), BackwardJob { g, plan, par, centers, finish })
+    dispatch(
+        Isa::current(),
+        BackwardJob {
+            g,
+            plan,
+            par,
+            centers,
+            finish,
+        },
+    )
 }
 
 struct BackwardJob<'a, 'c, T, F> {

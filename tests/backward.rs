@@ -18,14 +18,19 @@ fn shape() -> impl Strategy<Value = Shape> {
         1 => (1usize..300, 1usize..40, Just(1usize)),
     ]
     .prop_map(|(n, c, s)| Shape::new(n, c, s))
-    .prop_filter("training needs two values per channel", |s| s.n * s.spatial >= 2)
+    .prop_filter("training needs two values per channel", |s| {
+        s.n * s.spatial >= 2
+    })
 }
 
 /// Asserts `|got - want| <= tol * (1 + scale)` element by element.
 fn close<T: Element>(got: &[T], want: &[f64], scale: &[f64], tol: f64, what: &str) {
     for (i, ((g, w), s)) in got.iter().zip(want).zip(scale).enumerate() {
         let g = g.to_f64();
-        assert!((g - w).abs() <= tol * (1.0 + s), "{what}[{i}]: got {g:e}, want {w:e}, scale {s:e}");
+        assert!(
+            (g - w).abs() <= tol * (1.0 + s),
+            "{what}[{i}]: got {g:e}, want {w:e}, scale {s:e}"
+        );
     }
 }
 
@@ -67,14 +72,34 @@ fn check<T: Element>(shape: Shape, layout: Layout, seed: u64) {
     }
     on_every_path(|path| {
         let mut dx = vec![T::ZERO; len];
-        let g = bn.backward(&x, &dy, &saved, &mut dx, shape, layout).unwrap();
+        let g = bn
+            .backward(&x, &dy, &saved, &mut dx, shape, layout)
+            .unwrap();
         close(&dx, &want.dx, &dx_scale, tol, &format!("dx, {path}"));
         close(&g.bias, &want.bias, &sum_dy, tol, &format!("dbias, {path}"));
-        close(&g.weight, &want.weight, &sum_dy_xhat, tol, &format!("dweight, {path}"));
+        close(
+            &g.weight,
+            &want.weight,
+            &sum_dy_xhat,
+            tol,
+            &format!("dweight, {path}"),
+        );
         let g = bn.backward_eval(&x, &dy, &mut dx, shape, layout).unwrap();
         let abs_want: Vec<f64> = want_eval.dx.iter().map(|v| v.abs()).collect();
-        close(&dx, &want_eval.dx, &abs_want, tol, &format!("eval dx, {path}"));
-        close(&g.bias, &want_eval.bias, &sum_dy, tol, &format!("eval dbias, {path}"));
+        close(
+            &dx,
+            &want_eval.dx,
+            &abs_want,
+            tol,
+            &format!("eval dx, {path}"),
+        );
+        close(
+            &g.bias,
+            &want_eval.bias,
+            &sum_dy,
+            tol,
+            &format!("eval dbias, {path}"),
+        );
         // dweight with the running statistics: xhat can be large, the sum cancels.
         let eval_scale: Vec<f64> = (0..shape.c)
             .map(|c| {
@@ -86,7 +111,13 @@ fn check<T: Element>(shape: Shape, layout: Layout, seed: u64) {
                     .sum()
             })
             .collect();
-        close(&g.weight, &want_eval.weight, &eval_scale, tol, &format!("eval dweight, {path}"));
+        close(
+            &g.weight,
+            &want_eval.weight,
+            &eval_scale,
+            tol,
+            &format!("eval dweight, {path}"),
+        );
     });
 }
 
@@ -138,7 +169,11 @@ fn finite_differences() {
                 xe[i] += e;
                 loss(&bn, &xe, &g, shape, layout)
             });
-            assert!((dx[i] - numeric).abs() < 1e-6 * (1.0 + numeric.abs()), "dx[{i}] {} vs {numeric}", dx[i]);
+            assert!(
+                (dx[i] - numeric).abs() < 1e-6 * (1.0 + numeric.abs()),
+                "dx[{i}] {} vs {numeric}",
+                dx[i]
+            );
         }
         for c in 0..shape.c {
             let dw = central(&|e| {
@@ -151,8 +186,14 @@ fn finite_differences() {
                 b.bias[c] += e;
                 loss(&b, &x, &g, shape, layout)
             });
-            assert!((grads.weight[c] - dw).abs() < 1e-6 * (1.0 + dw.abs()), "dweight[{c}]");
-            assert!((grads.bias[c] - db).abs() < 1e-6 * (1.0 + db.abs()), "dbias[{c}]");
+            assert!(
+                (grads.weight[c] - dw).abs() < 1e-6 * (1.0 + dw.abs()),
+                "dweight[{c}]"
+            );
+            assert!(
+                (grads.bias[c] - db).abs() < 1e-6 * (1.0 + db.abs()),
+                "dbias[{c}]"
+            );
         }
     }
 }
@@ -163,27 +204,57 @@ fn bad_input() {
     let bn = BatchNorm::<f32>::new(3);
     let x = vec![1.0f32; 24];
     let mut y = vec![0.0f32; 24];
-    let saved = bn.clone().forward_train(&x, &mut y, shape, Layout::Nchw).unwrap();
+    let saved = bn
+        .clone()
+        .forward_train(&x, &mut y, shape, Layout::Nchw)
+        .unwrap();
     let mut dx = vec![7.0f32; 24];
     let short = vec![0.0f32; 23];
     assert_eq!(
-        bn.backward(&x, &short, &saved, &mut dx, shape, Layout::Nchw).unwrap_err(),
-        Error::Length { what: "dy", expected: 24, got: 23 }
+        bn.backward(&x, &short, &saved, &mut dx, shape, Layout::Nchw)
+            .unwrap_err(),
+        Error::Length {
+            what: "dy",
+            expected: 24,
+            got: 23
+        }
     );
     let mut short_dx = vec![0.0f32; 25];
     assert_eq!(
-        bn.backward_eval(&x, &x, &mut short_dx, shape, Layout::Nhwc).unwrap_err(),
-        Error::Length { what: "dx", expected: 24, got: 25 }
+        bn.backward_eval(&x, &x, &mut short_dx, shape, Layout::Nhwc)
+            .unwrap_err(),
+        Error::Length {
+            what: "dx",
+            expected: 24,
+            got: 25
+        }
     );
     let mut bad = saved.clone();
     bad.invstd.pop();
     assert_eq!(
-        bn.backward(&x, &x, &bad, &mut dx, shape, Layout::Nchw).unwrap_err(),
-        Error::Length { what: "saved.invstd", expected: 3, got: 2 }
+        bn.backward(&x, &x, &bad, &mut dx, shape, Layout::Nchw)
+            .unwrap_err(),
+        Error::Length {
+            what: "saved.invstd",
+            expected: 3,
+            got: 2
+        }
     );
     assert_eq!(
-        bn.backward(&x[..20], &x[..20], &saved, &mut dx[..20], shape, Layout::Nchw).unwrap_err(),
-        Error::Length { what: "x", expected: 24, got: 20 }
+        bn.backward(
+            &x[..20],
+            &x[..20],
+            &saved,
+            &mut dx[..20],
+            shape,
+            Layout::Nchw
+        )
+        .unwrap_err(),
+        Error::Length {
+            what: "x",
+            expected: 24,
+            got: 20
+        }
     );
     assert!(dx.iter().all(|&v| v == 7.0), "dx written on error");
 }
@@ -202,7 +273,9 @@ fn non_finite_confined() {
         let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
         on_every_path(|path| {
             let mut dx = vec![0.0; x.len()];
-            let g = bn.backward(&x, &dy, &saved, &mut dx, shape, layout).unwrap();
+            let g = bn
+                .backward(&x, &dy, &saved, &mut dx, shape, layout)
+                .unwrap();
             for c in 0..shape.c {
                 let dxc = oracle::channel(&dx, shape, layout, c);
                 assert_eq!(g.bias[c].is_nan(), c == 2, "{layout:?} {path}");

@@ -247,7 +247,10 @@ impl<L: Lanes> BackLanes<L> {
         let (xv, dv) = if n == L::WIDTH {
             (L::load(x), L::load(dy))
         } else {
-            (L::load_partial(x, L::Elem::ZERO), L::load_partial(dy, L::Elem::ZERO))
+            (
+                L::load_partial(x, L::Elem::ZERO),
+                L::load_partial(dy, L::Elem::ZERO),
+            )
         };
         let xc = xv.sub(self.hi).sub(self.lo);
         let out = dv.mul_add(self.a, xc.mul_add(self.b, self.c));
@@ -283,7 +286,11 @@ pub(crate) fn backward_runs<L: Lanes>(
 
 /// `dx` for whole rows of `c` channels (NHWC).
 #[inline(always)]
-pub(crate) fn backward_rows<L: Lanes>(g: &mut Grad<'_, L::Elem>, c: usize, p: &ChannelBack<'_, L::Elem>) {
+pub(crate) fn backward_rows<L: Lanes>(
+    g: &mut Grad<'_, L::Elem>,
+    c: usize,
+    p: &ChannelBack<'_, L::Elem>,
+) {
     let w = L::WIDTH;
     let rows = g.dx.len().checked_div(c).unwrap_or(0);
     for r in 0..rows {

@@ -1,5 +1,6 @@
-//! criterion benchmarks of the forward passes on ResNet-like shapes, both layouts, beside a
-//! memory copy of the same bytes. Throughput counts 8 bytes per element (x read, y written),
+//! criterion benchmarks of the forward and backward passes on ResNet-like shapes, both layouts, beside a
+//! memory copy of the same bytes. Throughput counts 8 bytes per element (x read, y written;
+//! 12 for backward: x and dy read, dx written),
 //! so criterion prints GB/s. `BATCHNORM_ISA=scalar|portable` picks the instruction set;
 //! `RAYON_NUM_THREADS=1` measures one thread.
 
@@ -72,6 +73,25 @@ fn forward(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new("train", format!("{layout:?}")), |b| {
                 b.iter(|| {
                     bn.forward_train(black_box(&x), &mut y, shape, layout)
+                        .unwrap()
+                })
+            });
+        }
+        group.finish();
+        let mut group = c.benchmark_group(format!("{name}_backward"));
+        group.throughput(Throughput::Bytes(12 * len as u64));
+        group.sample_size(20);
+        let dy: Vec<f32> = (0..len).map(|i| ((i * 31) % 17) as f32 * 0.1).collect();
+        let mut dx = vec![0.0f32; len];
+        let src: Vec<f32> = x.iter().chain(&x[..len / 2]).copied().collect();
+        let mut dst = vec![0.0f32; src.len()];
+        group.bench_function("copy", |b| b.iter(|| dst.copy_from_slice(black_box(&src))));
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            let bn = BatchNorm::<f32>::new(shape.c);
+            let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
+            group.bench_function(BenchmarkId::new("backward", format!("{layout:?}")), |b| {
+                b.iter(|| {
+                    bn.backward(black_box(&x), &dy, &saved, &mut dx, shape, layout)
                         .unwrap()
                 })
             });
