@@ -4,24 +4,8 @@
 mod common;
 
 use batchnorm::{oracle, BatchNorm, Element, Error, Layout, Shape};
-use common::{on_every_path, tol, Rng};
+use common::{layout, on_every_path, shape, tol, Rng};
 use proptest::prelude::*;
-
-fn layout() -> impl Strategy<Value = Layout> {
-    prop_oneof![Just(Layout::Nchw), Just(Layout::Nhwc)]
-}
-
-fn shape() -> impl Strategy<Value = Shape> {
-    prop_oneof![
-        4 => (1usize..6, 1usize..20, 1usize..40),
-        1 => (1usize..3, 1usize..4, 1usize..6000),
-        1 => (1usize..300, 1usize..40, Just(1usize)),
-    ]
-    .prop_map(|(n, c, s)| Shape::new(n, c, s))
-    .prop_filter("training needs two values per channel", |s| {
-        s.n * s.spatial >= 2
-    })
-}
 
 /// Asserts `|got - want| <= tol * (1 + scale)` element by element.
 fn close<T: Element>(got: &[T], want: &[f64], scale: &[f64], tol: f64, what: &str) {

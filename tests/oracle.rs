@@ -5,25 +5,8 @@
 mod common;
 
 use batchnorm::{oracle, BatchNorm, Element, Layout, Shape};
-use common::{assert_close, assert_identical, on_every_path, tol, Rng};
+use common::{assert_close, assert_identical, layout, on_every_path, shape, tol, Rng};
 use proptest::prelude::*;
-
-fn layout() -> impl Strategy<Value = Layout> {
-    prop_oneof![Just(Layout::Nchw), Just(Layout::Nhwc)]
-}
-
-/// Mostly small shapes (every tail and split case), sometimes channels of thousands of values.
-fn shape() -> impl Strategy<Value = Shape> {
-    prop_oneof![
-        4 => (1usize..6, 1usize..20, 1usize..40),
-        1 => (1usize..3, 1usize..4, 1usize..6000),
-        1 => (1usize..300, 1usize..40, Just(1usize)),
-    ]
-    .prop_map(|(n, c, s)| Shape::new(n, c, s))
-    .prop_filter("training needs two values per channel", |s| {
-        s.n * s.spatial >= 2
-    })
-}
 
 /// Data with one of [`Rng::offset_spread`]'s offsets and spreads, and the tolerance for it.
 fn data<T: Element>(rng: &mut Rng, len: usize) -> (Vec<T>, f64) {

@@ -2,7 +2,8 @@
 //! repeats a check on every instruction set and threading path.
 #![allow(dead_code)]
 
-use batchnorm::{with_isa, with_parallel_threshold, Element, Isa};
+use batchnorm::{with_isa, with_parallel_threshold, Element, Isa, Layout, Shape};
+use proptest::prelude::*;
 use std::sync::OnceLock;
 
 /// A small deterministic generator (xorshift64*), so that a proptest seed reproduces its data.
@@ -104,4 +105,24 @@ pub fn assert_identical<T: Element>(a: &[T], b: &[T], what: &str) {
             "{what}[{i}]: {x:?} vs {y:?}"
         );
     }
+}
+
+/// Either layout.
+pub fn layout() -> impl Strategy<Value = Layout> {
+    prop_oneof![Just(Layout::Nchw), Just(Layout::Nhwc)]
+}
+
+/// Training shapes: mostly small ones (every tail and split case: odd channel counts, counts
+/// that are no multiple of a vector width, N = 1, spatial = 1), sometimes channels of thousands
+/// of values (several statistics blocks).
+pub fn shape() -> impl Strategy<Value = Shape> {
+    prop_oneof![
+        4 => (1usize..6, 1usize..20, 1usize..40),
+        1 => (1usize..3, 1usize..4, 1usize..6000),
+        1 => (1usize..300, 1usize..40, Just(1usize)),
+    ]
+    .prop_map(|(n, c, s)| Shape::new(n, c, s))
+    .prop_filter("training needs two values per channel", |s| {
+        s.n * s.spatial >= 2
+    })
 }
