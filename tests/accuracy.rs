@@ -186,3 +186,35 @@ fn zero_eps_constant_channel_is_nan() {
         assert_eq!(v.is_nan(), channel == 0, "y[{i}] = {v}");
     }
 }
+
+/// Values near `f32::MAX` of both signs: the squared deviations overflow f32, so the
+/// statistics kernels redo those blocks in f64, and the channel comes out right (its variance,
+/// about 1e77, only exists in f64, but `invstd` and the output fit in f32).
+#[test]
+fn variance_beyond_f32_range() {
+    let shape = Shape::new(4, 3, 5);
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        let mut rng = Rng::new(13);
+        let mut x: Vec<f32> = rng.data(shape.numel().unwrap(), 1.0, 1.0);
+        for n in 0..shape.n {
+            for s in 0..shape.spatial {
+                let sign = if (n + s).is_multiple_of(2) { 1.0 } else { -1.0 };
+                x[shape.index(layout, n, 1, s)] = sign * (3.0e38 - 1e37 * s as f32);
+            }
+        }
+        let mut bn = BatchNorm::<f32>::new(shape.c);
+        bn.bias = vec![0.25; 3];
+        let want = oracle::forward_train(&bn, &x, shape, layout);
+        let reference = oracle::mean_var(&x, shape, layout);
+        assert!(reference[1].1 > 1e76);
+        on_every_path(|path| {
+            let mut layer = bn.clone();
+            let mut y = vec![0.0f32; x.len()];
+            layer.forward_train(&x, &mut y, shape, layout).unwrap();
+            assert_close(&y, &want.y, 1e-5, &format!("{layout:?}, {path}"));
+            let m = batchnorm::moments(&x, shape, layout).unwrap();
+            let rel = (m[1].variance() - reference[1].1).abs() / reference[1].1;
+            assert!(rel < 1e-12, "{layout:?}, {path}: variance off by {rel:e}");
+        });
+    }
+}

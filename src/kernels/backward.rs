@@ -105,10 +105,29 @@ fn block_sums<L: Lanes>(x: &[L::Elem], dy: &[L::Elem], hi: L::Elem, lo: L::Elem)
         sd[0] = sd[0].add(dv);
         sx[0] = dv.mul_add(xv.sub(hv).sub(lv), sx[0]);
     }
-    GradSums {
+    let sums = GradSums {
         dy: sd[0].add(sd[1]).sum().to_f64(),
         dy_xc: sx[0].add(sx[1]).sum().to_f64(),
+    };
+    if sums.dy.is_finite() && sums.dy_xc.is_finite() {
+        sums
+    } else {
+        sums_f64(x.len(), |i| (x[i], dy[i]), hi.to_f64() + lo.to_f64())
     }
+}
+
+/// The sums of `n` pairs `pair(i) = (x, dy)` in plain `f64`: the rare path for blocks whose
+/// sums overflow the element type. Non-finite inputs stay non-finite.
+#[cold]
+#[inline(never)]
+fn sums_f64<T: Element>(n: usize, pair: impl Fn(usize) -> (T, T), center: f64) -> GradSums {
+    let mut out = GradSums::default();
+    for i in 0..n {
+        let (x, dy) = pair(i);
+        out.dy += dy.to_f64();
+        out.dy_xc += dy.to_f64() * (x.to_f64() - center);
+    }
+    out
 }
 
 /// The sums of `count` runs of `len` values, run `i` being `run(i) = (x, dy)`, around the
@@ -196,7 +215,7 @@ fn grad_tile<L: Lanes, const K: usize>(
     }
     let mut sd = [zero; K];
     let mut sx = [zero; K];
-    for r in rows {
+    for r in rows.clone() {
         for j in 0..K {
             let i = r * c + c0 + j * w;
             let xv = load_upto::<L>(x, i, left(j));
@@ -212,8 +231,17 @@ fn grad_tile<L: Lanes, const K: usize>(
         sx[j].store(&mut b);
         let lanes = w.min(left(j));
         for (i, o) in out[c0 + j * w..][..lanes].iter_mut().enumerate() {
-            o.dy += a[i].to_f64();
-            o.dy_xc += b[i].to_f64();
+            let (mut sd, mut sx) = (a[i].to_f64(), b[i].to_f64());
+            if !(sd.is_finite() && sx.is_finite()) {
+                // Sums beyond the element type's range: this channel's block again in f64.
+                let ch = c0 + j * w + i;
+                let at = |r: usize| (rows.start + r) * c + ch;
+                let center = hi[ch].to_f64() + lo[ch].to_f64();
+                let redo = sums_f64(rows.len(), |r| (x[at(r)], dy[at(r)]), center);
+                (sd, sx) = (redo.dy, redo.dy_xc);
+            }
+            o.dy += sd;
+            o.dy_xc += sx;
         }
     }
 }

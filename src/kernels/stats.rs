@@ -177,7 +177,35 @@ fn block<'a, L: Lanes>(count: usize, piece: impl Fn(usize) -> &'a [L::Elem]) -> 
         s1 += a.to_f64();
         s2 += b.to_f64();
     }
+    if !(s1.is_finite() && s2.is_finite()) {
+        return block_f64(count, piece);
+    }
     Moments::from_shifted_sums(n as u64, k.to_f64(), s1, s2)
+}
+
+/// The moments of a block in plain `f64`, two passes: the rare path for blocks whose sums
+/// overflow the element type (squared deviations beyond f32's range come from values whose
+/// spread nears 1e19). Non-finite inputs stay non-finite.
+#[cold]
+#[inline(never)]
+fn block_f64<'a, T: Element>(count: usize, piece: impl Fn(usize) -> &'a [T]) -> Moments {
+    let (mut n, mut total) = (0usize, 0.0);
+    for i in 0..count {
+        for &v in piece(i) {
+            total += v.to_f64();
+            n += 1;
+        }
+    }
+    let k = total / n as f64;
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for i in 0..count {
+        for &v in piece(i) {
+            let d = v.to_f64() - k;
+            s1 += d;
+            s2 += d * d;
+        }
+    }
+    Moments::from_shifted_sums(n as u64, k, s1, s2)
 }
 
 /// The moments of `count` runs of `len` values each, run `i` being `run(i)`: one channel of an
@@ -328,7 +356,14 @@ fn tile<L: Lanes, const K: usize>(
         let lanes = w.min(left(j));
         let chans = &mut acc[c0 + j * w..][..lanes];
         for (i, ps) in chans.iter_mut().enumerate() {
-            let (k, a, b) = (k[i].to_f64(), a[i].to_f64(), b[i].to_f64());
+            let (mut k, mut a, mut b) = (k[i].to_f64(), a[i].to_f64(), b[i].to_f64());
+            if !(a.is_finite() && b.is_finite()) {
+                // Sums beyond the element type's range: this channel's block again in f64.
+                let ch = c0 + j * w + i;
+                let column = |r: usize| &x[r * c + ch..r * c + ch + 1];
+                let m = block_f64(rows.len(), |r| column(rows.start + r));
+                (k, a, b) = (m.mean, 0.0, m.m2);
+            }
             if first {
                 ps.p = k;
             }

@@ -1,0 +1,98 @@
+//! Measures the worst relative error of the batch variance against a float64 two-pass
+//! reference, for offset/std ratios 1 to 1e6 and counts 1e3 to 1e7, for this crate beside a
+//! naive single-pass f32 `E[x²] - E[x]²` and an f32 two-pass; and the largest output error of
+//! training's forward pass, `|y - y_ref| / (1 + |y_ref|)`, in both layouts. The README's
+//! accuracy table is this program's output.
+//!
+//! `cargo run --release --example accuracy [-- --quick]`
+
+use batchnorm::{oracle, BatchNorm, Layout, Shape};
+
+/// xorshift64*: uniform in [-1, 1).
+struct Rng(u64);
+impl Rng {
+    fn signed(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+}
+
+/// `count` f32 values with mean `ratio` and standard deviation 1.
+fn data(count: usize, ratio: f64, seed: u64) -> Vec<f32> {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    (0..count)
+        .map(|_| (ratio + 3f64.sqrt() * rng.signed()) as f32)
+        .collect()
+}
+
+fn naive_f32(x: &[f32]) -> f64 {
+    let n = x.len() as f32;
+    let (s, ss) = x
+        .iter()
+        .fold((0f32, 0f32), |(s, ss), &v| (s + v, ss + v * v));
+    ((ss / n) - (s / n) * (s / n)) as f64
+}
+
+fn two_pass_f32(x: &[f32]) -> f64 {
+    let n = x.len() as f32;
+    let m = x.iter().sum::<f32>() / n;
+    (x.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() / n) as f64
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let counts: &[usize] = if quick {
+        &[1_000, 100_000]
+    } else {
+        &[1_000, 10_000, 100_000, 1_000_000, 10_000_000]
+    };
+    let ratios = [1.0, 1e2, 1e4, 1e6];
+    let seeds = 3;
+    println!("Worst relative error of the batch variance over {seeds} seeds (f32 data, std 1):\n");
+    println!("| offset/std | count | batchnorm | naive f32 E[x²]-E[x]² | f32 two-pass |");
+    println!("|---|---|---|---|---|");
+    for &ratio in &ratios {
+        for &count in counts {
+            let mut worst = [0.0f64; 3];
+            for seed in 0..seeds {
+                let x = data(count, ratio, seed + 1);
+                let shape = Shape::new(1, 1, count);
+                let reference = oracle::mean_var(&x, shape, Layout::Nchw)[0].1;
+                let ours = batchnorm::moments(&x, shape, Layout::Nchw).unwrap()[0].variance();
+                for (w, v) in worst
+                    .iter_mut()
+                    .zip([ours, naive_f32(&x), two_pass_f32(&x)])
+                {
+                    *w = w.max((v - reference).abs() / reference);
+                }
+            }
+            println!(
+                "| {ratio:.0e} | {count:.0e} | {:.1e} | {:.1e} | {:.1e} |",
+                worst[0], worst[1], worst[2]
+            );
+        }
+    }
+    println!("\nLargest output error of forward_train, |y - y_ref| / (1 + |y_ref|), 8 x 16 x 4096 values:\n");
+    println!("| offset/std | NCHW | NHWC |");
+    println!("|---|---|---|");
+    let shape = Shape::new(8, 16, 4096);
+    for &ratio in &ratios {
+        let mut row = Vec::new();
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            let x = data(shape.numel().unwrap(), ratio, 7);
+            let mut bn = BatchNorm::<f32>::new(shape.c);
+            let want = oracle::forward_train(&bn, &x, shape, layout).y;
+            let mut y = vec![0.0f32; x.len()];
+            bn.forward_train(&x, &mut y, shape, layout).unwrap();
+            let err = y
+                .iter()
+                .zip(&want)
+                .map(|(&g, &w)| (g as f64 - w).abs() / (1.0 + w.abs()))
+                .fold(0.0, f64::max);
+            row.push(format!("{err:.1e}"));
+        }
+        println!("| {ratio:.0e} | {} | {} |", row[0], row[1]);
+    }
+}
