@@ -304,6 +304,20 @@ where
     })
 }
 
+/// `get(channel of run r)` for runs `first, first + 1, ...` of an NCHW span, called in order:
+/// counts channels instead of dividing for each run.
+fn channel_cycle<A>(first: usize, c: usize, get: impl Fn(usize) -> A) -> impl FnMut(usize) -> A {
+    let mut ch = first % c.max(1);
+    move |_| {
+        let a = get(ch);
+        ch += 1;
+        if ch == c {
+            ch = 0;
+        }
+        a
+    }
+}
+
 /// Normalizes every channel of `buf` with `p`, in spans of whole runs or rows.
 fn apply_plan<T: Element, K: Kernels<T>, B: Buffers<T>>(
     k: K,
@@ -317,7 +331,7 @@ fn apply_plan<T: Element, K: Kernels<T>, B: Buffers<T>>(
         Plan::Runs { c, s, .. } => {
             parallel::for_each_span(buf, s, par.grain(len, s), 0, &|first, span| {
                 let mut span = span;
-                k.normalize_runs(&mut span, s, |r| p.get((first + r) % c))
+                k.normalize_runs(&mut span, s, channel_cycle(first, c, |ch| p.get(ch)))
             })
         }
         Plan::Rows { c, .. } => {
@@ -442,7 +456,7 @@ where
         match plan {
             Plan::Runs { c, s, .. } => {
                 parallel::for_each_span(g, s, par.grain(len, s), 0, &|first, mut span| {
-                    k.backward_runs(&mut span, s, |r| p.get((first + r) % c))
+                    k.backward_runs(&mut span, s, channel_cycle(first, c, |ch| p.get(ch)))
                 })
             }
             Plan::Rows { c, .. } => {

@@ -8,7 +8,7 @@
 
 use super::buffers::Grad;
 use super::lanes::{load_upto, Lanes};
-use super::stats::{block_len, MAX_CHAIN, MAX_WIDTH, ROW_BLOCK_BYTES, TILE};
+use super::stats::{block_len, MAX_CHAIN, MAX_WIDTH, TILE};
 use crate::element::Element;
 use std::ops::Range;
 
@@ -173,10 +173,9 @@ pub(crate) fn grad_sums_rows<L: Lanes>(
         return;
     }
     let w = L::WIDTH;
-    let block_rows = (ROW_BLOCK_BYTES / (c * std::mem::size_of::<L::Elem>())).clamp(8, MAX_CHAIN);
     let mut r0 = rows.start;
     while r0 < rows.end {
-        let block = r0..(r0 + block_rows).min(rows.end);
+        let block = r0..(r0 + MAX_CHAIN).min(rows.end);
         let mut c0 = 0;
         while c0 + TILE * w <= c {
             grad_tile::<L, TILE>(x, dy, c, block.clone(), c0, TILE * w, hi, lo, out);
@@ -295,7 +294,7 @@ impl<L: Lanes> BackLanes<L> {
 pub(crate) fn backward_runs<L: Lanes>(
     g: &mut Grad<'_, L::Elem>,
     s: usize,
-    params: impl Fn(usize) -> BackAffine<L::Elem>,
+    mut params: impl FnMut(usize) -> BackAffine<L::Elem>,
 ) {
     let w = L::WIDTH;
     let runs = g.dx.len().checked_div(s).unwrap_or(0);

@@ -18,6 +18,33 @@ pub(crate) trait Buffers<T: Element>: Span {
     fn input(&self) -> &[T];
     /// `out[i .. i + n] = f(in[i .. i + n])` with `n = WIDTH`, or `n < WIDTH` for a tail.
     fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>);
+    /// The full vector of input at `i`.
+    fn load<L: Lanes<Elem = T>>(&self, i: usize) -> L;
+    /// Writes a full vector of output at `i`.
+    fn store<L: Lanes<Elem = T>>(&mut self, i: usize, v: L);
+
+    /// Maps `[start, end)`, `end - start >= WIDTH`, in full vectors: the last one overlaps its
+    /// predecessor instead of being partial (masked stores are slow on some CPUs). It is
+    /// computed from the input as it was before the span was written, so in place too every
+    /// element is mapped once from its original value.
+    #[inline(always)]
+    fn map_overlapping<L: Lanes<Elem = T>>(
+        &mut self,
+        start: usize,
+        end: usize,
+        f: &impl MapLanes<L>,
+    ) {
+        let w = L::WIDTH;
+        let last = self.load::<L>(end - w);
+        let mut i = start;
+        while i + w <= end {
+            self.map(i, w, f);
+            i += w;
+        }
+        if i < end {
+            self.store(end - w, f.apply(last));
+        }
+    }
 }
 
 /// Input `x` and output `y` of equal lengths.
@@ -43,6 +70,14 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
     #[inline(always)]
     fn input(&self) -> &[T] {
         self.x
+    }
+    #[inline(always)]
+    fn load<L: Lanes<Elem = T>>(&self, i: usize) -> L {
+        L::load(&self.x[i..i + L::WIDTH])
+    }
+    #[inline(always)]
+    fn store<L: Lanes<Elem = T>>(&mut self, i: usize, v: L) {
+        v.store(&mut self.y[i..i + L::WIDTH])
     }
     #[inline(always)]
     fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
@@ -71,6 +106,14 @@ impl<T: Element> Buffers<T> for &mut [T] {
     #[inline(always)]
     fn input(&self) -> &[T] {
         self
+    }
+    #[inline(always)]
+    fn load<L: Lanes<Elem = T>>(&self, i: usize) -> L {
+        L::load(&self[i..i + L::WIDTH])
+    }
+    #[inline(always)]
+    fn store<L: Lanes<Elem = T>>(&mut self, i: usize, v: L) {
+        v.store(&mut self[i..i + L::WIDTH])
     }
     #[inline(always)]
     fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {

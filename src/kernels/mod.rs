@@ -135,7 +135,7 @@ pub(crate) trait Kernels<T: Element>: Copy + Send + Sync {
         self,
         buf: &mut B,
         s: usize,
-        affine: impl Fn(usize) -> Affine<T>,
+        affine: impl FnMut(usize) -> Affine<T>,
     );
     /// Normalizes whole rows of `c` channels.
     fn normalize_rows<B: Buffers<T>>(self, buf: &mut B, c: usize, p: &ChannelAffine<'_, T>);
@@ -161,7 +161,12 @@ pub(crate) trait Kernels<T: Element>: Copy + Send + Sync {
         out: &mut [GradSums],
     );
     /// `dx` of consecutive runs of `s` values, run `r` with `params(r)`.
-    fn backward_runs(self, g: &mut Grad<'_, T>, s: usize, params: impl Fn(usize) -> BackAffine<T>);
+    fn backward_runs(
+        self,
+        g: &mut Grad<'_, T>,
+        s: usize,
+        params: impl FnMut(usize) -> BackAffine<T>,
+    );
     /// `dx` of whole rows of `c` channels.
     fn backward_rows(self, g: &mut Grad<'_, T>, c: usize, p: &ChannelBack<'_, T>);
 }
@@ -192,7 +197,7 @@ impl<L: Lanes> Kernels<L::Elem> for Lanewise<L> {
         self,
         buf: &mut B,
         s: usize,
-        affine: impl Fn(usize) -> Affine<L::Elem>,
+        affine: impl FnMut(usize) -> Affine<L::Elem>,
     ) {
         normalize::normalize_runs::<L, B>(buf, s, affine)
     }
@@ -230,7 +235,7 @@ impl<L: Lanes> Kernels<L::Elem> for Lanewise<L> {
         self,
         g: &mut Grad<'_, L::Elem>,
         s: usize,
-        params: impl Fn(usize) -> BackAffine<L::Elem>,
+        params: impl FnMut(usize) -> BackAffine<L::Elem>,
     ) {
         backward::backward_runs::<L>(g, s, params)
     }

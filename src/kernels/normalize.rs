@@ -77,7 +77,7 @@ impl<L: Lanes> MapLanes<L> for AffineLanes<L> {
 pub(crate) fn normalize_runs<L: Lanes, B: Buffers<L::Elem>>(
     buf: &mut B,
     s: usize,
-    affine: impl Fn(usize) -> Affine<L::Elem>,
+    mut affine: impl FnMut(usize) -> Affine<L::Elem>,
 ) {
     let w = L::WIDTH;
     let runs = buf.len().checked_div(s).unwrap_or(0);
@@ -89,13 +89,11 @@ pub(crate) fn normalize_runs<L: Lanes, B: Buffers<L::Elem>>(
             scale: L::splat(a.scale),
             shift: L::splat(a.shift),
         };
-        let (mut i, end) = (r * s, (r + 1) * s);
-        while i + w <= end {
-            buf.map(i, w, &f);
-            i += w;
-        }
-        if i < end {
-            buf.map(i, end - i, &f);
+        let (start, end) = (r * s, (r + 1) * s);
+        if s >= w {
+            buf.map_overlapping(start, end, &f);
+        } else {
+            buf.map(start, s, &f);
         }
     }
 }

@@ -241,13 +241,6 @@ pub(crate) fn moments_runs<'a, L: Lanes>(
     acc
 }
 
-/// Bytes of rows an NHWC block covers: read from memory once, then reduced tile by tile (two
-/// reads each) from cache.
-pub(crate) const ROW_BLOCK_BYTES: usize = 64 * 1024;
-
-/// The most rows one NHWC block reduces: each lane adds its channel's rows one after the other.
-const MAX_BLOCK_ROWS: usize = MAX_CHAIN;
-
 /// Per-channel sums `Σ (x - p)` and `Σ (x - p)²` around a pivot `p`, in `f64`.
 ///
 /// Blocks add to them without a division: a block with mean `k` and shifted sums `s1`, `s2`
@@ -263,9 +256,10 @@ struct PivotSums {
 /// Adds the moments of rows `rows` of the row-major `[_, c]` matrix `x` to `out[ch]` for every
 /// channel: NHWC data, vectorized across channels (lane `j` holds channel `c0 + j`).
 ///
-/// Row-block-major: each block of about [`ROW_BLOCK_BYTES`] is streamed from memory once, and
-/// within it each tile of channels is reduced like [`block`] (a pivoted sum for the block mean
-/// `k`, then sums around `k`), with accumulators in registers.
+/// In blocks of [`MAX_CHAIN`] rows (each lane adds its channel's rows one after the other);
+/// within a block each tile of channels is reduced like [`block`] (a pivoted sum for the block
+/// mean `k`, then sums around `k`, the tile's rows still in L1), with accumulators in
+/// registers.
 #[inline(always)]
 pub(crate) fn moments_rows<L: Lanes>(
     x: &[L::Elem],
@@ -278,11 +272,9 @@ pub(crate) fn moments_rows<L: Lanes>(
     }
     let w = L::WIDTH;
     let mut acc = vec![PivotSums::default(); c];
-    let block_rows =
-        (ROW_BLOCK_BYTES / (c * std::mem::size_of::<L::Elem>())).clamp(8, MAX_BLOCK_ROWS);
     let mut r0 = rows.start;
     while r0 < rows.end {
-        let block = r0..(r0 + block_rows).min(rows.end);
+        let block = r0..(r0 + MAX_CHAIN).min(rows.end);
         let first = r0 == rows.start;
         let mut c0 = 0;
         while c0 + TILE * w <= c {

@@ -59,13 +59,13 @@ macro_rules! target_feature_kernels {
                 self,
                 buf: &mut B,
                 s: usize,
-                affine: impl Fn(usize) -> Affine<T>,
+                affine: impl FnMut(usize) -> Affine<T>,
             ) {
                 #[target_feature(enable = $features)]
                 fn entry<T: Element, B: Buffers<T>>(
                     buf: &mut B,
                     s: usize,
-                    affine: impl Fn(usize) -> Affine<T>,
+                    affine: impl FnMut(usize) -> Affine<T>,
                 ) {
                     normalize::normalize_runs::<T::$lanes, B>(buf, s, affine)
                 }
@@ -135,13 +135,13 @@ macro_rules! target_feature_kernels {
                 self,
                 g: &mut Grad<'_, T>,
                 s: usize,
-                params: impl Fn(usize) -> BackAffine<T>,
+                params: impl FnMut(usize) -> BackAffine<T>,
             ) {
                 #[target_feature(enable = $features)]
                 fn entry<T: Element>(
                     g: &mut Grad<'_, T>,
                     s: usize,
-                    params: impl Fn(usize) -> BackAffine<T>,
+                    params: impl FnMut(usize) -> BackAffine<T>,
                 ) {
                     backward::backward_runs::<T::$lanes>(g, s, params)
                 }
