@@ -270,9 +270,14 @@ pub fn check_forward_train(data: &[u8]) {
                     close(
                         bn.running_mean[c] as f64,
                         want.running_mean[c],
-                        1e-5 * (1.0 + want.running_mean[c].abs())
+                        // The batch mean's bound, plus rounding of the running value.
+                        1e-5 * (std + 1.0 + want.running_mean[c].abs())
                     ),
-                    "{path}: running mean of {c}"
+                    "{path}: running mean of {c}: {} vs {} (batch mean {}, var {:e})",
+                    bn.running_mean[c],
+                    want.running_mean[c],
+                    r.mean,
+                    r.var
                 );
                 let rv = want.running_var[c];
                 if rv > f32::MAX as f64 {
