@@ -276,6 +276,19 @@ pub(crate) fn moments_rows<L: Lanes>(
     while r0 < rows.end {
         let block = r0..(r0 + MAX_CHAIN).min(rows.end);
         let first = r0 == rows.start;
+        if c >= 4 * TILE * w {
+            // Rows much wider than a tile: stream the block in once, in memory order, so that
+            // the tiles below (which read it a column strip at a time) find it in cache rather
+            // than each pulling scattered lines from memory.
+            let span = &x[block.start * c..block.end * c];
+            let mut touch = L::splat(L::Elem::ZERO);
+            let mut i = 0;
+            while i + w <= span.len() {
+                touch = touch.add(L::load(&span[i..i + w]));
+                i += 64 / std::mem::size_of::<L::Elem>();
+            }
+            std::hint::black_box(touch);
+        }
         let mut c0 = 0;
         while c0 + TILE * w <= c {
             tile::<L, TILE>(x, c, block.clone(), c0, TILE * w, &mut acc, first);
