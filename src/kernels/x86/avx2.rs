@@ -17,78 +17,6 @@ pub struct F32x8(__m256);
 #[derive(Clone, Copy, Debug)]
 pub struct F64x4(__m256d);
 
-macro_rules! avx2_lanes {
-    ($v:ident, $t:ty, $w:expr, $r:ident, $set1:ident, $loadu:ident, $storeu:ident,
-     $maskload:ident, $maskstore:ident, $blendv:ident, $add:ident, $sub:ident, $mul:ident,
-     $fmadd:ident, $mask:expr, $hsum:ident) => {
-        impl Lanes for $v {
-            type Elem = $t;
-            const WIDTH: usize = $w;
-
-            #[inline(always)]
-            fn splat(v: $t) -> Self {
-                // SAFETY: see the module comment (AVX2 confirmed before any value exists).
-                unsafe { $v($set1(v)) }
-            }
-            #[inline(always)]
-            fn load(s: &[$t]) -> Self {
-                let s = &s[..$w];
-                // SAFETY: AVX2 as above; `s` holds the $w elements read.
-                unsafe { $v($loadu(s.as_ptr())) }
-            }
-            #[inline(always)]
-            fn load_partial(s: &[$t], fill: $t) -> Self {
-                // SAFETY: AVX2 as above; the mask enables only the first `s.len()` lanes,
-                // and masked-off lanes are neither read nor able to fault.
-                unsafe {
-                    let m = $mask(s.len());
-                    $v($blendv(
-                        $set1(fill),
-                        $maskload(s.as_ptr(), m),
-                        std::mem::transmute::<__m256i, $r>(m),
-                    ))
-                }
-            }
-            #[inline(always)]
-            fn store(self, s: &mut [$t]) {
-                let s = &mut s[..$w];
-                // SAFETY: AVX2 as above; `s` holds the $w elements written.
-                unsafe { $storeu(s.as_mut_ptr(), self.0) }
-            }
-            #[inline(always)]
-            fn store_partial(self, s: &mut [$t]) {
-                // SAFETY: AVX2 as above; only the first `s.len()` lanes are written.
-                unsafe { $maskstore(s.as_mut_ptr(), $mask(s.len()), self.0) }
-            }
-            #[inline(always)]
-            fn add(self, o: Self) -> Self {
-                // SAFETY: AVX2 as above.
-                unsafe { $v($add(self.0, o.0)) }
-            }
-            #[inline(always)]
-            fn sub(self, o: Self) -> Self {
-                // SAFETY: AVX2 as above.
-                unsafe { $v($sub(self.0, o.0)) }
-            }
-            #[inline(always)]
-            fn mul(self, o: Self) -> Self {
-                // SAFETY: AVX2 as above.
-                unsafe { $v($mul(self.0, o.0)) }
-            }
-            #[inline(always)]
-            fn mul_add(self, a: Self, b: Self) -> Self {
-                // SAFETY: FMA confirmed with AVX2, as above.
-                unsafe { $v($fmadd(self.0, a.0, b.0)) }
-            }
-            #[inline(always)]
-            fn sum(self) -> $t {
-                // SAFETY: AVX2 as above.
-                unsafe { $hsum(self.0) }
-            }
-        }
-    };
-}
-
 /// Lanes `i < n` all ones (32-bit lanes).
 #[inline(always)]
 unsafe fn mask32(n: usize) -> __m256i {
@@ -119,39 +47,45 @@ unsafe fn hsum_pd(v: __m256d) -> f64 {
     _mm_cvtsd_f64(_mm_add_sd(x, _mm_unpackhi_pd(x, x)))
 }
 
-avx2_lanes!(
-    F32x8,
-    f32,
-    8,
-    __m256,
-    _mm256_set1_ps,
-    _mm256_loadu_ps,
-    _mm256_storeu_ps,
-    _mm256_maskload_ps,
-    _mm256_maskstore_ps,
-    _mm256_blendv_ps,
-    _mm256_add_ps,
-    _mm256_sub_ps,
-    _mm256_mul_ps,
-    _mm256_fmadd_ps,
-    mask32,
-    hsum_ps
-);
-avx2_lanes!(
-    F64x4,
-    f64,
-    4,
-    __m256d,
-    _mm256_set1_pd,
-    _mm256_loadu_pd,
-    _mm256_storeu_pd,
-    _mm256_maskload_pd,
-    _mm256_maskstore_pd,
-    _mm256_blendv_pd,
-    _mm256_add_pd,
-    _mm256_sub_pd,
-    _mm256_mul_pd,
-    _mm256_fmadd_pd,
-    mask64,
-    hsum_pd
-);
+/// The first `s.len() < 8` lanes from `s`, the others `fill`.
+#[inline(always)]
+unsafe fn load_partial_ps(s: &[f32], fill: f32) -> __m256 {
+    let m = mask32(s.len());
+    _mm256_blendv_ps(
+        _mm256_set1_ps(fill),
+        _mm256_maskload_ps(s.as_ptr(), m),
+        _mm256_castsi256_ps(m),
+    )
+}
+
+/// Writes the first `s.len() < 8` lanes of `v` to `s`.
+#[inline(always)]
+unsafe fn store_partial_ps(s: &mut [f32], v: __m256) {
+    _mm256_maskstore_ps(s.as_mut_ptr(), mask32(s.len()), v)
+}
+
+/// The first `s.len() < 4` lanes from `s`, the others `fill`.
+#[inline(always)]
+unsafe fn load_partial_pd(s: &[f64], fill: f64) -> __m256d {
+    let m = mask64(s.len());
+    _mm256_blendv_pd(
+        _mm256_set1_pd(fill),
+        _mm256_maskload_pd(s.as_ptr(), m),
+        _mm256_castsi256_pd(m),
+    )
+}
+
+/// Writes the first `s.len() < 4` lanes of `v` to `s`.
+#[inline(always)]
+unsafe fn store_partial_pd(s: &mut [f64], v: __m256d) {
+    _mm256_maskstore_pd(s.as_mut_ptr(), mask64(s.len()), v)
+}
+
+x86_lanes!(F32x8, f32, 8;
+    _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_sub_ps,
+    _mm256_mul_ps, _mm256_fmadd_ps;
+    load_partial_ps, store_partial_ps, hsum_ps);
+x86_lanes!(F64x4, f64, 4;
+    _mm256_set1_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_add_pd, _mm256_sub_pd,
+    _mm256_mul_pd, _mm256_fmadd_pd;
+    load_partial_pd, store_partial_pd, hsum_pd);

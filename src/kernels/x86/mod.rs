@@ -3,6 +3,75 @@
 //! default build. The entries sit at the leaves ([`Kernels`]), not around a driver: rayon
 //! runs tasks on other threads, outside any caller's target features.
 
+/// Implements `Lanes` for `$v`, a wrapper of one x86 vector register of `$w` lanes of `$t`:
+/// the full-width operations from the named intrinsics, the partial loads and stores and the
+/// horizontal sum from helper functions of the instruction set's module. Every method is an
+/// intrinsic behind a slice bounds check; see each module's safety comment for why calling them
+/// is sound.
+macro_rules! x86_lanes {
+    ($v:ident, $t:ty, $w:expr;
+     $set1:ident, $loadu:ident, $storeu:ident, $add:ident, $sub:ident, $mul:ident, $fmadd:ident;
+     $load_partial:ident, $store_partial:ident, $sum:ident) => {
+        impl Lanes for $v {
+            type Elem = $t;
+            const WIDTH: usize = $w;
+
+            #[inline(always)]
+            fn splat(v: $t) -> Self {
+                // SAFETY: the instruction set was detected before any value exists.
+                unsafe { $v($set1(v)) }
+            }
+            #[inline(always)]
+            fn load(s: &[$t]) -> Self {
+                let s = &s[..$w];
+                // SAFETY: detected as above; `s` holds the lanes read.
+                unsafe { $v($loadu(s.as_ptr())) }
+            }
+            #[inline(always)]
+            fn load_partial(s: &[$t], fill: $t) -> Self {
+                // SAFETY: detected as above; the helper masks the access to `s.len()` lanes.
+                unsafe { $v($load_partial(s, fill)) }
+            }
+            #[inline(always)]
+            fn store(self, s: &mut [$t]) {
+                let s = &mut s[..$w];
+                // SAFETY: detected as above; `s` holds the lanes written.
+                unsafe { $storeu(s.as_mut_ptr(), self.0) }
+            }
+            #[inline(always)]
+            fn store_partial(self, s: &mut [$t]) {
+                // SAFETY: detected as above; the helper masks the access to `s.len()` lanes.
+                unsafe { $store_partial(s, self.0) }
+            }
+            #[inline(always)]
+            fn add(self, o: Self) -> Self {
+                // SAFETY: detected as above.
+                unsafe { $v($add(self.0, o.0)) }
+            }
+            #[inline(always)]
+            fn sub(self, o: Self) -> Self {
+                // SAFETY: detected as above.
+                unsafe { $v($sub(self.0, o.0)) }
+            }
+            #[inline(always)]
+            fn mul(self, o: Self) -> Self {
+                // SAFETY: detected as above.
+                unsafe { $v($mul(self.0, o.0)) }
+            }
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                // SAFETY: detected as above (FMA with AVX2; part of AVX-512F).
+                unsafe { $v($fmadd(self.0, a.0, b.0)) }
+            }
+            #[inline(always)]
+            fn sum(self) -> $t {
+                // SAFETY: detected as above.
+                unsafe { $sum(self.0) }
+            }
+        }
+    };
+}
+
 pub mod avx2;
 pub mod avx512;
 
