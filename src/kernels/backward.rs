@@ -49,6 +49,7 @@ pub(crate) struct ChannelBack<'a, T> {
 }
 
 impl<T: Element> ChannelBack<'_, T> {
+    #[inline(always)]
     pub fn get(&self, ch: usize) -> BackAffine<T> {
         BackAffine {
             hi: self.hi[ch],

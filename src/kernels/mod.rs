@@ -181,68 +181,159 @@ impl<L> Clone for Lanewise<L> {
 }
 impl<L> Copy for Lanewise<L> {}
 
-impl<L: Lanes> Kernels<L::Elem> for Lanewise<L> {
-    fn moments_runs<'a>(
-        self,
-        count: usize,
-        len: usize,
-        run: impl Fn(usize) -> &'a [L::Elem],
-    ) -> Moments {
-        stats::moments_runs::<L>(count, len, run)
-    }
-    fn moments_rows(self, x: &[L::Elem], c: usize, rows: Range<usize>, out: &mut [Moments]) {
-        stats::moments_rows::<L>(x, c, rows, out)
-    }
-    fn normalize_runs<B: Buffers<L::Elem>>(
-        self,
-        buf: &mut B,
-        s: usize,
-        affine: impl FnMut(usize) -> Affine<L::Elem>,
-    ) {
-        normalize::normalize_runs::<L, B>(buf, s, affine)
-    }
-    fn normalize_rows<B: Buffers<L::Elem>>(
-        self,
-        buf: &mut B,
-        c: usize,
-        p: &ChannelAffine<'_, L::Elem>,
-    ) {
-        normalize::normalize_rows::<L, B>(buf, c, p)
-    }
-    fn grad_sums_runs<'a>(
-        self,
-        count: usize,
-        len: usize,
-        run: impl Fn(usize) -> (&'a [L::Elem], &'a [L::Elem]),
-        hi: L::Elem,
-        lo: L::Elem,
-    ) -> GradSums {
-        backward::grad_sums_runs::<L>(count, len, run, hi, lo)
-    }
-    fn grad_sums_rows(
-        self,
-        x: &[L::Elem],
-        dy: &[L::Elem],
-        c: usize,
-        rows: Range<usize>,
-        hi: &[L::Elem],
-        lo: &[L::Elem],
-        out: &mut [GradSums],
-    ) {
-        backward::grad_sums_rows::<L>(x, dy, c, rows, hi, lo, out)
-    }
-    fn backward_runs(
-        self,
-        g: &mut Grad<'_, L::Elem>,
-        s: usize,
-        params: impl FnMut(usize) -> BackAffine<L::Elem>,
-    ) {
-        backward::backward_runs::<L>(g, s, params)
-    }
-    fn backward_rows(self, g: &mut Grad<'_, L::Elem>, c: usize, p: &ChannelBack<'_, L::Elem>) {
-        backward::backward_rows::<L>(g, c, p)
-    }
+/// Implements [`Kernels`] for a type by calling every generic kernel with one lane type, each
+/// through an entry function that carries the given attribute: `#[target_feature(..)]` for the
+/// instruction sets detected at run time (the entry is where the compiler switches them on),
+/// `#[inline(always)]` for the others. Written once so that the four implementations cannot
+/// drift apart.
+macro_rules! impl_kernels {
+    (impl[$($gen:tt)*] Kernels<$t:ty> for $ty:ty, lanes $lanes:ty, entry #[$attr:meta]) => {
+        impl<$($gen)*> $crate::kernels::Kernels<$t> for $ty {
+            fn moments_runs<'a>(
+                self,
+                count: usize,
+                len: usize,
+                run: impl Fn(usize) -> &'a [$t],
+            ) -> $crate::moments::Moments {
+                #[$attr]
+                unsafe fn entry<'a, L: $crate::kernels::lanes::Lanes>(
+                    count: usize,
+                    len: usize,
+                    run: impl Fn(usize) -> &'a [L::Elem],
+                ) -> $crate::moments::Moments {
+                    $crate::kernels::stats::moments_runs::<L>(count, len, run)
+                }
+                // SAFETY: a type whose entries enable target features exists only once they
+                // were detected (see its `detect`); other entries need nothing.
+                unsafe { entry::<$lanes>(count, len, run) }
+            }
+
+            fn moments_rows(self, x: &[$t], c: usize, rows: ::std::ops::Range<usize>, out: &mut [$crate::moments::Moments]) {
+                #[$attr]
+                unsafe fn entry<L: $crate::kernels::lanes::Lanes>(
+                    x: &[L::Elem],
+                    c: usize,
+                    rows: ::std::ops::Range<usize>,
+                    out: &mut [$crate::moments::Moments],
+                ) {
+                    $crate::kernels::stats::moments_rows::<L>(x, c, rows, out)
+                }
+                // SAFETY: as in `moments_runs`.
+                unsafe { entry::<$lanes>(x, c, rows, out) }
+            }
+
+            fn normalize_runs<B: $crate::kernels::buffers::Buffers<$t>>(
+                self,
+                buf: &mut B,
+                s: usize,
+                affine: impl FnMut(usize) -> $crate::kernels::normalize::Affine<$t>,
+            ) {
+                #[$attr]
+                unsafe fn entry<L: $crate::kernels::lanes::Lanes, B: $crate::kernels::buffers::Buffers<L::Elem>>(
+                    buf: &mut B,
+                    s: usize,
+                    affine: impl FnMut(usize) -> $crate::kernels::normalize::Affine<L::Elem>,
+                ) {
+                    $crate::kernels::normalize::normalize_runs::<L, B>(buf, s, affine)
+                }
+                // SAFETY: as in `moments_runs`.
+                unsafe { entry::<$lanes, B>(buf, s, affine) }
+            }
+
+            fn normalize_rows<B: $crate::kernels::buffers::Buffers<$t>>(self, buf: &mut B, c: usize, p: &$crate::kernels::normalize::ChannelAffine<'_, $t>) {
+                #[$attr]
+                unsafe fn entry<L: $crate::kernels::lanes::Lanes, B: $crate::kernels::buffers::Buffers<L::Elem>>(
+                    buf: &mut B,
+                    c: usize,
+                    p: &$crate::kernels::normalize::ChannelAffine<'_, L::Elem>,
+                ) {
+                    $crate::kernels::normalize::normalize_rows::<L, B>(buf, c, p)
+                }
+                // SAFETY: as in `moments_runs`.
+                unsafe { entry::<$lanes, B>(buf, c, p) }
+            }
+
+            fn grad_sums_runs<'a>(
+                self,
+                count: usize,
+                len: usize,
+                run: impl Fn(usize) -> (&'a [$t], &'a [$t]),
+                hi: $t,
+                lo: $t,
+            ) -> $crate::kernels::backward::GradSums {
+                #[$attr]
+                unsafe fn entry<'a, L: $crate::kernels::lanes::Lanes>(
+                    count: usize,
+                    len: usize,
+                    run: impl Fn(usize) -> (&'a [L::Elem], &'a [L::Elem]),
+                    hi: L::Elem,
+                    lo: L::Elem,
+                ) -> $crate::kernels::backward::GradSums {
+                    $crate::kernels::backward::grad_sums_runs::<L>(count, len, run, hi, lo)
+                }
+                // SAFETY: as in `moments_runs`.
+                unsafe { entry::<$lanes>(count, len, run, hi, lo) }
+            }
+
+            fn grad_sums_rows(
+                self,
+                x: &[$t],
+                dy: &[$t],
+                c: usize,
+                rows: ::std::ops::Range<usize>,
+                hi: &[$t],
+                lo: &[$t],
+                out: &mut [$crate::kernels::backward::GradSums],
+            ) {
+                #[$attr]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn entry<L: $crate::kernels::lanes::Lanes>(
+                    x: &[L::Elem],
+                    dy: &[L::Elem],
+                    c: usize,
+                    rows: ::std::ops::Range<usize>,
+                    hi: &[L::Elem],
+                    lo: &[L::Elem],
+                    out: &mut [$crate::kernels::backward::GradSums],
+                ) {
+                    $crate::kernels::backward::grad_sums_rows::<L>(x, dy, c, rows, hi, lo, out)
+                }
+                // SAFETY: as in `moments_runs`.
+                unsafe { entry::<$lanes>(x, dy, c, rows, hi, lo, out) }
+            }
+
+            fn backward_runs(
+                self,
+                g: &mut $crate::kernels::buffers::Grad<'_, $t>,
+                s: usize,
+                params: impl FnMut(usize) -> $crate::kernels::backward::BackAffine<$t>,
+            ) {
+                #[$attr]
+                unsafe fn entry<L: $crate::kernels::lanes::Lanes>(
+                    g: &mut $crate::kernels::buffers::Grad<'_, L::Elem>,
+                    s: usize,
+                    params: impl FnMut(usize) -> $crate::kernels::backward::BackAffine<L::Elem>,
+                ) {
+                    $crate::kernels::backward::backward_runs::<L>(g, s, params)
+                }
+                // SAFETY: as in `moments_runs`.
+                unsafe { entry::<$lanes>(g, s, params) }
+            }
+
+            fn backward_rows(self, g: &mut $crate::kernels::buffers::Grad<'_, $t>, c: usize, p: &$crate::kernels::backward::ChannelBack<'_, $t>) {
+                #[$attr]
+                unsafe fn entry<L: $crate::kernels::lanes::Lanes>(g: &mut $crate::kernels::buffers::Grad<'_, L::Elem>, c: usize, p: &$crate::kernels::backward::ChannelBack<'_, L::Elem>) {
+                    $crate::kernels::backward::backward_rows::<L>(g, c, p)
+                }
+                // SAFETY: as in `moments_runs`.
+                unsafe { entry::<$lanes>(g, c, p) }
+            }
+        }
+    };
 }
+pub(crate) use impl_kernels;
+
+impl_kernels!(impl[L: Lanes] Kernels<L::Elem> for Lanewise<L>, lanes L, entry #[inline(always)]);
 
 /// A computation generic over the kernels, run by [`dispatch`].
 pub(crate) trait Job<T: Element> {

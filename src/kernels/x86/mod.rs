@@ -75,13 +75,8 @@ macro_rules! x86_lanes {
 pub mod avx2;
 pub mod avx512;
 
-use super::backward::{self, BackAffine, ChannelBack, GradSums};
-use super::buffers::{Buffers, Grad};
-use super::normalize::{self, Affine, ChannelAffine};
-use super::{stats, Kernels};
+use super::impl_kernels;
 use crate::element::Element;
-use crate::moments::Moments;
-use std::ops::Range;
 
 macro_rules! target_feature_kernels {
     ($(#[$doc:meta])* $name:ident, $lanes:ident, $features:literal, $($detect:tt),+) => {
@@ -96,137 +91,8 @@ macro_rules! target_feature_kernels {
             }
         }
 
-        impl<T: Element> Kernels<T> for $name {
-            fn moments_runs<'a>(
-                self,
-                count: usize,
-                len: usize,
-                run: impl Fn(usize) -> &'a [T],
-            ) -> Moments {
-                #[target_feature(enable = $features)]
-                fn entry<'a, T: Element>(
-                    count: usize,
-                    len: usize,
-                    run: impl Fn(usize) -> &'a [T],
-                ) -> Moments {
-                    stats::moments_runs::<T::$lanes>(count, len, run)
-                }
-                // SAFETY: `self` exists only if `detect` found the features.
-                unsafe { entry(count, len, run) }
-            }
-
-            fn moments_rows(self, x: &[T], c: usize, rows: Range<usize>, out: &mut [Moments]) {
-                #[target_feature(enable = $features)]
-                fn entry<T: Element>(x: &[T], c: usize, rows: Range<usize>, out: &mut [Moments]) {
-                    stats::moments_rows::<T::$lanes>(x, c, rows, out)
-                }
-                // SAFETY: `self` exists only if `detect` found the features.
-                unsafe { entry(x, c, rows, out) }
-            }
-
-            fn normalize_runs<B: Buffers<T>>(
-                self,
-                buf: &mut B,
-                s: usize,
-                affine: impl FnMut(usize) -> Affine<T>,
-            ) {
-                #[target_feature(enable = $features)]
-                fn entry<T: Element, B: Buffers<T>>(
-                    buf: &mut B,
-                    s: usize,
-                    affine: impl FnMut(usize) -> Affine<T>,
-                ) {
-                    normalize::normalize_runs::<T::$lanes, B>(buf, s, affine)
-                }
-                // SAFETY: `self` exists only if `detect` found the features.
-                unsafe { entry(buf, s, affine) }
-            }
-
-            fn normalize_rows<B: Buffers<T>>(self, buf: &mut B, c: usize, p: &ChannelAffine<'_, T>) {
-                #[target_feature(enable = $features)]
-                fn entry<T: Element, B: Buffers<T>>(buf: &mut B, c: usize, p: &ChannelAffine<'_, T>) {
-                    normalize::normalize_rows::<T::$lanes, B>(buf, c, p)
-                }
-                // SAFETY: `self` exists only if `detect` found the features.
-                unsafe { entry(buf, c, p) }
-            }
-
-            fn grad_sums_runs<'a>(
-                self,
-                count: usize,
-                len: usize,
-                run: impl Fn(usize) -> (&'a [T], &'a [T]),
-                hi: T,
-                lo: T,
-            ) -> GradSums {
-                #[target_feature(enable = $features)]
-                fn entry<'a, T: Element>(
-                    count: usize,
-                    len: usize,
-                    run: impl Fn(usize) -> (&'a [T], &'a [T]),
-                    hi: T,
-                    lo: T,
-                ) -> GradSums {
-                    backward::grad_sums_runs::<T::$lanes>(count, len, run, hi, lo)
-                }
-                // SAFETY: `self` exists only if `detect` found the features.
-                unsafe { entry(count, len, run, hi, lo) }
-            }
-
-            fn grad_sums_rows(
-                self,
-                x: &[T],
-                dy: &[T],
-                c: usize,
-                rows: Range<usize>,
-                hi: &[T],
-                lo: &[T],
-                out: &mut [GradSums],
-            ) {
-                #[target_feature(enable = $features)]
-                #[allow(clippy::too_many_arguments)]
-                fn entry<T: Element>(
-                    x: &[T],
-                    dy: &[T],
-                    c: usize,
-                    rows: Range<usize>,
-                    hi: &[T],
-                    lo: &[T],
-                    out: &mut [GradSums],
-                ) {
-                    backward::grad_sums_rows::<T::$lanes>(x, dy, c, rows, hi, lo, out)
-                }
-                // SAFETY: `self` exists only if `detect` found the features.
-                unsafe { entry(x, dy, c, rows, hi, lo, out) }
-            }
-
-            fn backward_runs(
-                self,
-                g: &mut Grad<'_, T>,
-                s: usize,
-                params: impl FnMut(usize) -> BackAffine<T>,
-            ) {
-                #[target_feature(enable = $features)]
-                fn entry<T: Element>(
-                    g: &mut Grad<'_, T>,
-                    s: usize,
-                    params: impl FnMut(usize) -> BackAffine<T>,
-                ) {
-                    backward::backward_runs::<T::$lanes>(g, s, params)
-                }
-                // SAFETY: `self` exists only if `detect` found the features.
-                unsafe { entry(g, s, params) }
-            }
-
-            fn backward_rows(self, g: &mut Grad<'_, T>, c: usize, p: &ChannelBack<'_, T>) {
-                #[target_feature(enable = $features)]
-                fn entry<T: Element>(g: &mut Grad<'_, T>, c: usize, p: &ChannelBack<'_, T>) {
-                    backward::backward_rows::<T::$lanes>(g, c, p)
-                }
-                // SAFETY: `self` exists only if `detect` found the features.
-                unsafe { entry(g, c, p) }
-            }
-        }
+        impl_kernels!(impl[T: Element] Kernels<T> for $name, lanes T::$lanes,
+            entry #[target_feature(enable = $features)]);
     };
 }
 
