@@ -118,8 +118,41 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<L::Elem>>(
         (&p.scale[..0], &p.scale[..0])
     };
     let (scale, shift) = (&p.scale[..full], &p.shift[..full]);
+    // A row tail shorter than a vector, in rows at least a vector wide, is done as an
+    // overlapping last vector (masked stores are slow on some CPUs), computed from the input
+    // as it was before the row was written, so in place too.
+    let overlap = full < c && c >= w;
+    let last = if overlap {
+        let at = c - w;
+        AffineLanes {
+            hi: if centered {
+                L::load(&p.hi[at..c])
+            } else {
+                zero
+            },
+            lo: if centered {
+                L::load(&p.lo[at..c])
+            } else {
+                zero
+            },
+            scale: L::load(&p.scale[at..c]),
+            shift: L::load(&p.shift[at..c]),
+        }
+    } else {
+        AffineLanes {
+            hi: zero,
+            lo: zero,
+            scale: zero,
+            shift: zero,
+        }
+    };
     for r in 0..rows {
         let row = r * c;
+        let tail = if overlap {
+            Some(buf.load::<L>(row + c - w))
+        } else {
+            None
+        };
         let params = scale.chunks_exact(w).zip(shift.chunks_exact(w)).enumerate();
         for (j, (sc, sh)) in params {
             let (h, l) = if centered {
@@ -138,7 +171,9 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<L::Elem>>(
             };
             buf.map(row + j * w, w, &f);
         }
-        if full < c {
+        if let Some(v) = tail {
+            buf.store(row + c - w, last.apply(v));
+        } else if full < c {
             let n = c - full;
             let (hi, lo) = if centered {
                 (load_upto(p.hi, full, n), load_upto(p.lo, full, n))
