@@ -225,8 +225,7 @@ fn stats_runs<T: Element, K: Kernels<T>>(
     )
 }
 
-/// Moments of the channels of `rows` rows of `c`; with threads, rows are cut into spans whose
-/// per-channel moments are merged in order.
+/// Moments of the channels of `rows` rows of `c`.
 fn stats_rows<T: Element, K: Kernels<T>>(
     k: K,
     x: &[T],
@@ -234,20 +233,39 @@ fn stats_rows<T: Element, K: Kernels<T>>(
     c: usize,
     par: Par,
 ) -> Vec<Moments> {
+    row_pieces(
+        rows,
+        c,
+        par,
+        |r, m| k.moments_rows(x, c, r, m),
+        Moments::merge,
+    )
+}
+
+/// Per-channel results over `rows` rows of `c` channels: with threads, the rows are cut into
+/// about four spans a thread, `f(span, out)` adds each span's results to a zeroed `out`, and
+/// the spans' results are merged in order.
+fn row_pieces<R: Send + Copy + Default>(
+    rows: usize,
+    c: usize,
+    par: Par,
+    f: impl Fn(Range<usize>, &mut [R]) + Sync + Send,
+    merge: impl Fn(R, R) -> R,
+) -> Vec<R> {
     let pieces = if par.on {
         (4 * par.threads).min(rows).max(1)
     } else {
         1
     };
     let parts = parallel::map(pieces, par.on, |p| {
-        let mut m = vec![Moments::EMPTY; c];
-        k.moments_rows(x, c, rows * p / pieces..rows * (p + 1) / pieces, &mut m);
-        m
+        let mut out = vec![R::default(); c];
+        f(rows * p / pieces..rows * (p + 1) / pieces, &mut out);
+        out
     });
-    let mut out = vec![Moments::EMPTY; c];
+    let mut out = vec![R::default(); c];
     for part in parts {
         for (o, m) in out.iter_mut().zip(part) {
-            *o = o.merge(m);
+            *o = merge(*o, m);
         }
     }
     out
@@ -429,25 +447,14 @@ where
                 )
             }
             Plan::Rows { rows, c } => {
-                let pieces = if par.on {
-                    (4 * par.threads).min(rows).max(1)
-                } else {
-                    1
-                };
                 let lo = vec![zero; c];
-                let parts = parallel::map(pieces, par.on, |p| {
-                    let mut m = vec![GradSums::default(); c];
-                    let r = rows * p / pieces..rows * (p + 1) / pieces;
-                    k.grad_sums_rows(g.x, g.dy, c, r, centers, &lo, &mut m);
-                    m
-                });
-                let mut out = vec![GradSums::default(); c];
-                for part in parts {
-                    for (o, m) in out.iter_mut().zip(part) {
-                        *o = o.add(m);
-                    }
-                }
-                out
+                row_pieces(
+                    rows,
+                    c,
+                    par,
+                    |r, m| k.grad_sums_rows(g.x, g.dy, c, r, centers, &lo, m),
+                    GradSums::add,
+                )
             }
         };
         let mut storage = Vec::new();
