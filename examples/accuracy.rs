@@ -51,7 +51,7 @@ fn main() {
     let ratios = [1.0, 1e2, 1e4, 1e6];
     let seeds = 3;
     println!("Worst relative error of the batch variance over {seeds} seeds (f32 data, std 1):\n");
-    println!("| offset/std | count | batchnorm | naive f32 E[x²]-E[x]² | f32 two-pass |");
+    println!("| offset/std | count | batchnorm | naive f32 `E[x²]-E[x]²` | f32 two-pass |");
     println!("|---|---|---|---|---|");
     for &ratio in &ratios {
         for &count in counts {

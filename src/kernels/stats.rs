@@ -13,10 +13,10 @@ use crate::moments::Moments;
 use std::ops::Range;
 
 /// Bytes of input one block covers: half of a 32 KiB L1, so the second read hits it.
-pub(crate) const BLOCK_BYTES: usize = 16 * 1024;
+const BLOCK_BYTES: usize = 16 * 1024;
 
 /// Independent accumulators of the NCHW reductions.
-pub(crate) const ACCUMULATORS: usize = 4;
+const ACCUMULATORS: usize = 4;
 
 /// The most values one f32 accumulator lane adds one after the other before its sum is moved
 /// to f64: the rounding error of such a chain grows with its length.
