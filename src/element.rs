@@ -29,6 +29,18 @@ mod private {
         static SCRATCH_F64: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
     }
 
+    /// Runs `f` on the vector in `slot`, taken out for the call (so a nested call finds an
+    /// empty one rather than a borrowed one) and put back after.
+    fn borrow<T: 'static, R>(
+        slot: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
+        f: impl FnOnce(&mut Vec<T>) -> R,
+    ) -> R {
+        let mut v = slot.take();
+        let r = f(&mut v);
+        slot.set(v);
+        r
+    }
+
     impl Sealed for f32 {
         type Wide = wide::f32x8;
         #[cfg(target_arch = "x86_64")]
@@ -36,10 +48,7 @@ mod private {
         #[cfg(target_arch = "x86_64")]
         type Avx512 = crate::kernels::x86::avx512::F32x16;
         fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
-            let mut v = SCRATCH_F32.take();
-            let r = f(&mut v);
-            SCRATCH_F32.set(v);
-            r
+            borrow(&SCRATCH_F32, f)
         }
     }
 
@@ -50,10 +59,7 @@ mod private {
         #[cfg(target_arch = "x86_64")]
         type Avx512 = crate::kernels::x86::avx512::F64x8;
         fn with_scratch<R>(f: impl FnOnce(&mut Vec<f64>) -> R) -> R {
-            let mut v = SCRATCH_F64.take();
-            let r = f(&mut v);
-            SCRATCH_F64.set(v);
-            r
+            borrow(&SCRATCH_F64, f)
         }
     }
 }

@@ -205,7 +205,7 @@ impl<T: Element> BatchNorm<T> {
         layout: Layout,
     ) -> Result<Gradients<T>, Error> {
         self.check_backward(x, dy, dx, shape)?;
-        let invstd = |c: usize| 1.0 / (self.running_var[c].to_f64() + self.eps).sqrt();
+        let invstd = |c: usize| self.running_invstd(c);
         let sums = exec::backward(
             Grad { x, dy, dx },
             shape,
@@ -262,18 +262,20 @@ impl<T: Element> BatchNorm<T> {
             });
         }
         let (weight, bias, eps) = (&self.weight, &self.bias, self.eps);
+        let invstd = |m: &Moments| 1.0 / (m.variance() + eps).sqrt();
         let moments = exec::train(buf, shape, layout, |c, m| {
-            let invstd = 1.0 / (m.variance() + eps).sqrt();
-            Affine::centered(m.mean, weight[c].to_f64() * invstd, bias[c].to_f64())
+            Affine::centered(m.mean, weight[c].to_f64() * invstd(m), bias[c].to_f64())
         });
         self.update_running(&moments);
         Ok(SavedStats {
             mean: moments.iter().map(|m| T::from_f64(m.mean)).collect(),
-            invstd: moments
-                .iter()
-                .map(|m| T::from_f64(1.0 / (m.variance() + eps).sqrt()))
-                .collect(),
+            invstd: moments.iter().map(|m| T::from_f64(invstd(m))).collect(),
         })
+    }
+
+    /// `1 / sqrt(running_var[c] + eps)`: inference's normalization of channel `c`.
+    fn running_invstd(&self, c: usize) -> f64 {
+        1.0 / (self.running_var[c].to_f64() + self.eps).sqrt()
     }
 
     fn update_running(&mut self, moments: &[Moments]) {
@@ -302,10 +304,9 @@ impl<T: Element> BatchNorm<T> {
         // path once a thread has run a layer this wide.
         T::with_scratch(|storage| {
             let params = fill_affine(storage, shape.c, |c| {
-                let invstd = 1.0 / (self.running_var[c].to_f64() + self.eps).sqrt();
                 Affine::centered(
                     self.running_mean[c].to_f64(),
-                    self.weight[c].to_f64() * invstd,
+                    self.weight[c].to_f64() * self.running_invstd(c),
                     self.bias[c].to_f64(),
                 )
             });
