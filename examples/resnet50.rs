@@ -1,0 +1,182 @@
+//! The yardstick: the 53 batch-norm layers of torchvision's ResNet-50 (224x224 input), at
+//! batch 1 and 32, both layouts, inference, training forward and backward, one thread and all
+//! threads. Each distinct shape is timed alternately with a memory copy of the same bytes on
+//! the same threads (median of the calls, minimum beside it), its result checked against the
+//! f64 oracle; totals weigh each shape by how often it occurs.
+//!
+//! `cargo run --release --example resnet50 [-- --quick] [--batch 1,32] [--threads 1,2]
+//! [--isa avx2] [--layers] [--csv]`
+//!
+//! `--layers` adds a row per distinct shape; `--csv` prints
+//! `resnet50,batch,layout,op,threads,median_ms,min_ms,copy_ms` lines instead of the table
+//! (for `benches/compare/compare.sh`).
+
+mod common;
+
+use batchnorm::{oracle, with_isa, BatchNorm, Isa, Layout, Shape};
+use common::{arg, copy, grad, input, max_error, time_pair, Timing};
+use std::time::Duration;
+
+/// (channels, height = width, how many layers) of ResNet-50's batch norms.
+pub const LAYERS: [(usize, usize, usize); 12] = [
+    (64, 112, 1),
+    (64, 56, 6),
+    (256, 56, 4),
+    (128, 56, 1),
+    (128, 28, 7),
+    (512, 28, 5),
+    (256, 28, 1),
+    (256, 14, 11),
+    (1024, 14, 7),
+    (512, 14, 1),
+    (512, 7, 5),
+    (2048, 7, 4),
+];
+
+const OPS: [&str; 3] = ["eval", "train", "backward"];
+
+fn list(args: &[String], flag: &str, default: Vec<usize>) -> Vec<usize> {
+    arg::<String>(args, flag)
+        .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+        .unwrap_or(default)
+}
+
+/// Sums over the layers for one (threads, op).
+#[derive(Clone, Copy, Default)]
+struct Total {
+    op: Timing,
+    copy: Duration,
+    bytes: f64,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let has = |f: &str| args.iter().any(|a| a == f);
+    let (quick, csv, per_layer) = (has("--quick"), has("--csv"), has("--layers"));
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let batches = list(&args, "--batch", vec![1, 32]);
+    let mut threads = list(&args, "--threads", vec![1, all]);
+    threads.dedup();
+    let isa = arg::<String>(&args, "--isa")
+        .and_then(|n| Isa::from_name(&n))
+        .unwrap_or_else(Isa::current);
+    let budget = Duration::from_millis(if quick { 40 } else { 250 });
+    let min_calls = if quick { 3 } else { 7 };
+    if !csv {
+        println!(
+            "ResNet-50 batch norms (53 layers), f32, isa {}, {all} hardware threads",
+            isa.name()
+        );
+        println!("time = Σ over layers of the median call (min beside it); copy = memcpy of the same");
+        println!("bytes on the same threads, timed alternately; GB/s at 8 bytes per element (12 backward).\n");
+        println!("| batch | layout | op | threads | time | min | GB/s | copy GB/s | ratio to copy | vs 1 thread |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+    }
+    for &batch in &batches {
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            let mut totals = vec![[Total::default(); 3]; threads.len()];
+            for &(c, hw, count) in &LAYERS {
+                let shape = Shape::new(batch, c, hw * hw);
+                let len = shape.numel().expect("shape fits");
+                let x = input(len, c);
+                let dy = grad(len);
+                let (mut y, mut dx) = (vec![0.0f32; len], vec![0.0f32; len]);
+                let mut bn = BatchNorm::<f32>::new(c);
+                bn.running_mean = (0..c).map(|i| i as f32).collect();
+                bn.running_var = vec![2.0; c];
+                let want_eval = oracle::forward_eval(&bn, &x, shape, layout);
+                let want_train = oracle::forward_train(&bn, &x, shape, layout).y;
+                let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
+                let want_back = oracle::backward(&bn, &x, &dy, &saved, shape, layout).dx;
+                let mut dst = vec![0.0f32; len];
+                let back_src: Vec<f32> = x.iter().chain(&x[..len / 2]).copied().collect();
+                let mut back_dst = vec![0.0f32; back_src.len()];
+                for (ti, &t) in threads.iter().enumerate() {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(t)
+                        .build()
+                        .expect("thread pool");
+                    for (oi, op) in OPS.into_iter().enumerate() {
+                        let bytes = if op == "backward" { 12.0 } else { 8.0 } * len as f64;
+                        let mut layer = bn.clone();
+                        let (timing, copy_t) = pool.install(|| {
+                            with_isa(isa, || {
+                                time_pair(
+                                    budget,
+                                    min_calls,
+                                    || match op {
+                                        "eval" => {
+                                            bn.forward_eval(&x, &mut y, shape, layout).unwrap()
+                                        }
+                                        "train" => {
+                                            layer.forward_train(&x, &mut y, shape, layout).unwrap();
+                                        }
+                                        _ => {
+                                            bn.backward(&x, &dy, &saved, &mut dx, shape, layout)
+                                                .unwrap();
+                                        }
+                                    },
+                                    || match op {
+                                        "backward" => copy(&back_src, &mut back_dst, t),
+                                        _ => copy(&x, &mut dst, t),
+                                    },
+                                )
+                            })
+                        });
+                        let err = match op {
+                            "eval" => max_error(&y, &want_eval),
+                            "train" => max_error(&y, &want_train),
+                            _ => max_error(&dx, &want_back),
+                        };
+                        assert!(err < 1e-5, "{batch}x{c}x{hw}x{hw} {layout:?} {op}: error {err:e}");
+                        let tot = &mut totals[ti][oi];
+                        let k = count as u32;
+                        tot.op.median += timing.median * k;
+                        tot.op.min += timing.min * k;
+                        tot.copy += copy_t.median * k;
+                        tot.bytes += bytes * count as f64;
+                        if per_layer && !csv {
+                            println!(
+                                "| {batch}x{c}x{hw}x{hw} (x{count}) | {layout:?} | {op} | {t} | {:.3} ms | {:.3} ms | {:.1} | {:.1} | {:.2} | |",
+                                ms(timing.median),
+                                ms(timing.min),
+                                timing.gbs(bytes),
+                                copy_t.gbs(bytes),
+                                copy_t.median.as_secs_f64() / timing.median.as_secs_f64(),
+                            );
+                        }
+                    }
+                }
+            }
+            for (ti, &t) in threads.iter().enumerate() {
+                for (oi, op) in OPS.into_iter().enumerate() {
+                    let tot = totals[ti][oi];
+                    let one = totals[0][oi].op.median.as_secs_f64();
+                    let secs = tot.op.median.as_secs_f64();
+                    if csv {
+                        println!(
+                            "resnet50,{batch},{layout:?},{op},{t},{:.4},{:.4},{:.4}",
+                            ms(tot.op.median),
+                            ms(tot.op.min),
+                            ms(tot.copy)
+                        );
+                    } else {
+                        println!(
+                            "| {batch} | {layout:?} | {op} | {t} | {:.2} ms | {:.2} ms | {:.1} | {:.1} | {:.2} | {:.2}x |",
+                            ms(tot.op.median),
+                            ms(tot.op.min),
+                            tot.bytes / secs / 1e9,
+                            tot.bytes / tot.copy.as_secs_f64() / 1e9,
+                            tot.copy.as_secs_f64() / secs,
+                            one / secs,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
