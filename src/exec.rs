@@ -10,7 +10,7 @@
 
 use crate::element::Element;
 use crate::kernels::backward::{fill_back, BackAffine, GradSums};
-use crate::kernels::buffers::{Buffers, Grad, Span};
+use crate::kernels::buffers::{Buffers, Grad, Span, WithOut};
 use crate::kernels::normalize::{fill_affine, Affine, ChannelAffine};
 use crate::kernels::{dispatch, Isa, Job, Kernels};
 use crate::moments::Moments;
@@ -28,6 +28,16 @@ enum Plan {
 }
 
 impl Plan {
+    /// Whether this is NCHW with batch 1 and channels of at most [`SHORT_BYTES`]: whole
+    /// channels laid end to end, for [`Kernels::train_channels`] and
+    /// [`Kernels::backward_channels`]. Returns the channel length.
+    fn short_channels<T>(self) -> Option<usize> {
+        match self {
+            Plan::Runs { n: 1, s, .. } if s * std::mem::size_of::<T>() <= SHORT_BYTES => Some(s),
+            _ => None,
+        }
+    }
+
     fn of(shape: Shape, layout: Layout) -> Plan {
         let Shape { n, c, spatial: s } = shape;
         match layout {
@@ -37,6 +47,10 @@ impl Plan {
         }
     }
 }
+
+/// Channels of at most this many bytes, laid end to end, take the short-channel kernels (a
+/// statistics block: a group of them reduced and normalized while in L1).
+const SHORT_BYTES: usize = 16 * 1024;
 
 /// Per-channel moments of `x` (already validated against `shape`).
 pub(crate) fn moments<T: Element>(x: &[T], shape: Shape, layout: Layout) -> Vec<Moments> {
@@ -112,6 +126,19 @@ where
             par,
             finish,
         } = self;
+        if let Some(s) = plan.short_channels::<T>() {
+            let mut moments = vec![Moments::EMPTY; buf.len() / s];
+            let grain = par.grain(buf.len(), s);
+            let span = WithOut {
+                buf,
+                out: &mut moments,
+                unit: s,
+            };
+            parallel::for_each_span(span, s, grain, 0, &|first, mut span| {
+                k.train_channels(&mut span.buf, s, first, &finish, span.out)
+            });
+            return moments;
+        }
         let moments = match plan {
             Plan::Runs { n, c, s } if !par.on || c >= 2 * par.threads => {
                 return train_runs_fused(k, buf, (n, c, s), par, &finish);
@@ -409,6 +436,19 @@ where
             finish,
         } = self;
         let zero = T::ZERO;
+        if let Some(s) = plan.short_channels::<T>() {
+            let mut sums = vec![GradSums::default(); g.len() / s];
+            let grain = par.grain(g.len(), s);
+            let span = WithOut {
+                buf: g,
+                out: &mut sums,
+                unit: s,
+            };
+            parallel::for_each_span(span, s, grain, 0, &|first, mut span| {
+                k.backward_channels(&mut span.buf, s, first, &|ch| centers[ch], &finish, span.out)
+            });
+            return sums;
+        }
         let sums = match plan {
             Plan::Runs { n, c, s } if !par.on || c >= 2 * par.threads => {
                 // Fused: a channel's sums, then its dx while x and dy are in cache.

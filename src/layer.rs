@@ -262,15 +262,20 @@ impl<T: Element> BatchNorm<T> {
             });
         }
         let (weight, bias, eps) = (&self.weight, &self.bias, self.eps);
-        let invstd = |m: &Moments| 1.0 / (m.variance() + eps).sqrt();
+        // Every channel holds the same count: multiply by its reciprocal rather than divide
+        // (per-channel divisions cost more than the data of a 7x7 channel).
+        let count = shape.per_channel() as f64;
+        let inv_count = 1.0 / count;
+        let invstd = move |m: &Moments| 1.0 / (m.m2 * inv_count + eps).sqrt();
         let moments = exec::train(buf, shape, layout, |c, m| {
             Affine::centered(m.mean, weight[c].to_f64() * invstd(m), bias[c].to_f64())
         });
-        self.update_running(&moments);
-        Ok(SavedStats {
-            mean: moments.iter().map(|m| T::from_f64(m.mean)).collect(),
-            invstd: moments.iter().map(|m| T::from_f64(invstd(m))).collect(),
-        })
+        let running_var_of_m2 = if self.unbiased_running_var {
+            1.0 / (count - 1.0)
+        } else {
+            inv_count
+        };
+        Ok(self.update_running(&moments, running_var_of_m2, invstd))
     }
 
     /// `1 / sqrt(running_var[c] + eps)`: inference's normalization of channel `c`.
@@ -278,24 +283,34 @@ impl<T: Element> BatchNorm<T> {
         1.0 / (self.running_var[c].to_f64() + self.eps).sqrt()
     }
 
-    fn update_running(&mut self, moments: &[Moments]) {
+    /// Moves the running statistics towards the batch's `moments` (the running variance
+    /// taking `M2 * running_var_of_m2`) and returns what backward needs, in one loop.
+    fn update_running(
+        &mut self,
+        moments: &[Moments],
+        running_var_of_m2: f64,
+        invstd: impl Fn(&Moments) -> f64,
+    ) -> SavedStats<T> {
         self.num_batches_tracked = self.num_batches_tracked.saturating_add(1);
         let factor = self
             .momentum
             .unwrap_or(1.0 / self.num_batches_tracked as f64);
+        let mut saved = SavedStats {
+            mean: Vec::with_capacity(moments.len()),
+            invstd: Vec::with_capacity(moments.len()),
+        };
         let stats = self
             .running_mean
             .iter_mut()
             .zip(self.running_var.iter_mut());
         for ((rm, rv), m) in stats.zip(moments) {
-            let var = if self.unbiased_running_var {
-                m.sample_variance()
-            } else {
-                m.variance()
-            };
+            saved.mean.push(T::from_f64(m.mean));
+            saved.invstd.push(T::from_f64(invstd(m)));
+            let var = m.m2 * running_var_of_m2;
             *rm = T::from_f64((1.0 - factor) * rm.to_f64() + factor * m.mean);
             *rv = T::from_f64((1.0 - factor) * rv.to_f64() + factor * var);
         }
+        saved
     }
 
     fn eval<B: Buffers<T>>(&self, buf: B, shape: Shape, layout: Layout) -> Result<(), Error> {

@@ -29,7 +29,7 @@ impl GradSums {
 }
 
 /// One channel's `dx = a * dy + b * ((x - hi) - lo) + c`.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct BackAffine<T> {
     pub hi: T,
     pub lo: T,
@@ -297,18 +297,29 @@ pub(crate) fn backward_runs<L: Lanes>(
     s: usize,
     mut params: impl FnMut(usize) -> BackAffine<L::Elem>,
 ) {
-    let w = L::WIDTH;
     let runs = g.dx.len().checked_div(s).unwrap_or(0);
     for r in 0..runs {
-        let f = BackLanes::<L>::splat(params(r));
-        let (mut i, end) = (r * s, (r + 1) * s);
-        while i + w <= end {
-            f.apply(g, i, w);
-            i += w;
-        }
-        if i < end {
-            f.apply(g, i, end - i);
-        }
+        backward_run::<L>(g, r * s, s, &params(r));
+    }
+}
+
+/// `dx` for the `s` values of `g` from `start`, with `p`.
+#[inline(always)]
+pub(crate) fn backward_run<L: Lanes>(
+    g: &mut Grad<'_, L::Elem>,
+    start: usize,
+    s: usize,
+    p: &BackAffine<L::Elem>,
+) {
+    let w = L::WIDTH;
+    let f = BackLanes::<L>::splat(*p);
+    let (mut i, end) = (start, start + s);
+    while i + w <= end {
+        f.apply(g, i, w);
+        i += w;
+    }
+    if i < end {
+        f.apply(g, i, end - i);
     }
 }
 

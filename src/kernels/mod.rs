@@ -9,6 +9,7 @@
 
 pub(crate) mod backward;
 pub(crate) mod buffers;
+pub(crate) mod channels;
 pub mod lanes;
 pub(crate) mod normalize;
 mod portable;
@@ -169,6 +170,27 @@ pub(crate) trait Kernels<T: Element>: Copy + Send + Sync {
     );
     /// `dx` of whole rows of `c` channels.
     fn backward_rows(self, g: &mut Grad<'_, T>, c: usize, p: &ChannelBack<'_, T>);
+    /// Training's forward pass over the whole channels of `s` values that make up `buf`
+    /// (see [`channels`]), the first being channel `first`; their moments go to `out`.
+    fn train_channels<B: Buffers<T>>(
+        self,
+        buf: &mut B,
+        s: usize,
+        first: usize,
+        finish: &impl Fn(usize, &Moments) -> Affine<T>,
+        out: &mut [Moments],
+    );
+    /// The backward pass over the whole channels of `s` values that make up `g`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_channels(
+        self,
+        g: &mut Grad<'_, T>,
+        s: usize,
+        first: usize,
+        center: &impl Fn(usize) -> T,
+        finish: &impl Fn(usize, GradSums) -> BackAffine<T>,
+        out: &mut [GradSums],
+    );
 }
 
 /// The kernels instantiated for lane type `L`.
@@ -327,6 +349,53 @@ macro_rules! impl_kernels {
                 }
                 // SAFETY: as in `moments_runs`.
                 unsafe { entry::<$lanes>(g, c, p) }
+            }
+
+            fn train_channels<B: $crate::kernels::buffers::Buffers<$t>>(
+                self,
+                buf: &mut B,
+                s: usize,
+                first: usize,
+                finish: &impl Fn(usize, &$crate::moments::Moments) -> $crate::kernels::normalize::Affine<$t>,
+                out: &mut [$crate::moments::Moments],
+            ) {
+                #[$attr]
+                unsafe fn entry<L: $crate::kernels::lanes::Lanes, B: $crate::kernels::buffers::Buffers<L::Elem>>(
+                    buf: &mut B,
+                    s: usize,
+                    first: usize,
+                    finish: &impl Fn(usize, &$crate::moments::Moments) -> $crate::kernels::normalize::Affine<L::Elem>,
+                    out: &mut [$crate::moments::Moments],
+                ) {
+                    $crate::kernels::channels::train_channels::<L, B>(buf, s, first, finish, out)
+                }
+                // SAFETY: as in `moments_runs`.
+                unsafe { entry::<$lanes, B>(buf, s, first, finish, out) }
+            }
+
+            fn backward_channels(
+                self,
+                g: &mut $crate::kernels::buffers::Grad<'_, $t>,
+                s: usize,
+                first: usize,
+                center: &impl Fn(usize) -> $t,
+                finish: &impl Fn(usize, $crate::kernels::backward::GradSums) -> $crate::kernels::backward::BackAffine<$t>,
+                out: &mut [$crate::kernels::backward::GradSums],
+            ) {
+                #[$attr]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn entry<L: $crate::kernels::lanes::Lanes>(
+                    g: &mut $crate::kernels::buffers::Grad<'_, L::Elem>,
+                    s: usize,
+                    first: usize,
+                    center: &impl Fn(usize) -> L::Elem,
+                    finish: &impl Fn(usize, $crate::kernels::backward::GradSums) -> $crate::kernels::backward::BackAffine<L::Elem>,
+                    out: &mut [$crate::kernels::backward::GradSums],
+                ) {
+                    $crate::kernels::channels::backward_channels::<L>(g, s, first, center, finish, out)
+                }
+                // SAFETY: as in `moments_runs`.
+                unsafe { entry::<$lanes>(g, s, first, center, finish, out) }
             }
         }
     };

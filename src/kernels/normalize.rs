@@ -10,7 +10,7 @@ use super::lanes::{load_upto, Lanes, MapLanes};
 use crate::element::Element;
 
 /// One channel's normalization: `y = ((x - hi) - lo) * scale + shift`.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct Affine<T> {
     pub hi: T,
     pub lo: T,
@@ -79,22 +79,30 @@ pub(crate) fn normalize_runs<L: Lanes, B: Buffers<L::Elem>>(
     s: usize,
     mut affine: impl FnMut(usize) -> Affine<L::Elem>,
 ) {
-    let w = L::WIDTH;
     let runs = buf.len().checked_div(s).unwrap_or(0);
     for r in 0..runs {
-        let a = affine(r);
-        let f = AffineLanes {
-            hi: L::splat(a.hi),
-            lo: L::splat(a.lo),
-            scale: L::splat(a.scale),
-            shift: L::splat(a.shift),
-        };
-        let (start, end) = (r * s, (r + 1) * s);
-        if s >= w {
-            buf.map_overlapping(start, end, &f);
-        } else {
-            buf.map(start, s, &f);
-        }
+        normalize_run::<L, B>(buf, r * s, s, &affine(r));
+    }
+}
+
+/// Normalizes the `s` values of `buf` from `start` with `a`.
+#[inline(always)]
+pub(crate) fn normalize_run<L: Lanes, B: Buffers<L::Elem>>(
+    buf: &mut B,
+    start: usize,
+    s: usize,
+    a: &Affine<L::Elem>,
+) {
+    let f = AffineLanes {
+        hi: L::splat(a.hi),
+        lo: L::splat(a.lo),
+        scale: L::splat(a.scale),
+        shift: L::splat(a.shift),
+    };
+    if s >= L::WIDTH {
+        buf.map_overlapping(start, start + s, &f);
+    } else {
+        buf.map(start, s, &f);
     }
 }
 

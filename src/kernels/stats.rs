@@ -183,6 +183,32 @@ fn block<'a, L: Lanes>(count: usize, piece: impl Fn(usize) -> &'a [L::Elem]) -> 
     Moments::from_shifted_sums(n as u64, k.to_f64(), s1, s2)
 }
 
+/// The moments of each run of `s` values laid end to end in `x`, one per element of `out`, `s`
+/// at most [`block_len`]: as [`block`] on each run, but the pivoted sums of all runs first and
+/// then their shifted sums, so that one run's horizontal sums and division overlap the next
+/// run's loads instead of stalling between them.
+#[inline(always)]
+pub(crate) fn moments_each<L: Lanes>(x: &[L::Elem], s: usize, out: &mut [Moments]) {
+    debug_assert!(s <= block_len::<L>());
+    let inv = 1.0 / s as f64;
+    // First read: each run's rounded mean `k`, kept in `mean` until the second read.
+    for (o, run) in out.iter_mut().zip(x.chunks_exact(s)) {
+        let p = run[0];
+        let k = p.to_f64() + pivoted_sum::<L>(run, p).to_f64() * inv;
+        o.mean = L::Elem::from_f64(k).to_f64();
+    }
+    for (o, run) in out.iter_mut().zip(x.chunks_exact(s)) {
+        let k = o.mean;
+        let (a, b) = shifted_sums::<L>(run, L::Elem::from_f64(k));
+        let (a, b) = (a.to_f64(), b.to_f64());
+        *o = if a.is_finite() && b.is_finite() {
+            Moments::from_shifted_sums(s as u64, k, a, b)
+        } else {
+            block_f64(1, |_| run)
+        };
+    }
+}
+
 /// The moments of a block in plain `f64`, two passes: the rare path for blocks whose sums
 /// overflow the element type (squared deviations beyond f32's range come from values whose
 /// spread nears 1e19). Non-finite inputs stay non-finite.
