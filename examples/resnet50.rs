@@ -67,7 +67,9 @@ fn main() {
             "ResNet-50 batch norms (53 layers), f32, isa {}, {all} hardware threads",
             isa.name()
         );
-        println!("time = Σ over layers of the median call (min beside it); copy = memcpy of the same");
+        println!(
+            "time = Σ over layers of the median call (min beside it); copy = memcpy of the same"
+        );
         println!("bytes on the same threads, timed alternately; GB/s at 8 bytes per element (12 backward).\n");
         println!("| batch | layout | op | threads | time | min | GB/s | copy GB/s | ratio to copy | vs 1 thread |");
         println!("|---|---|---|---|---|---|---|---|---|---|");
@@ -128,7 +130,10 @@ fn main() {
                             "train" => max_error(&y, &want_train),
                             _ => max_error(&dx, &want_back),
                         };
-                        assert!(err < 1e-5, "{batch}x{c}x{hw}x{hw} {layout:?} {op}: error {err:e}");
+                        assert!(
+                            err < 1e-5,
+                            "{batch}x{c}x{hw}x{hw} {layout:?} {op}: error {err:e}"
+                        );
                         let tot = &mut totals[ti][oi];
                         let k = count as u32;
                         tot.op.median += timing.median * k;

@@ -435,7 +435,6 @@ where
             centers,
             finish,
         } = self;
-        let zero = T::ZERO;
         if let Some(s) = plan.short_channels::<T>() {
             let mut sums = vec![GradSums::default(); g.len() / s];
             let grain = par.grain(g.len(), s);
@@ -445,7 +444,14 @@ where
                 unit: s,
             };
             parallel::for_each_span(span, s, grain, 0, &|first, mut span| {
-                k.backward_channels(&mut span.buf, s, first, &|ch| centers[ch], &finish, span.out)
+                k.backward_channels(
+                    &mut span.buf,
+                    s,
+                    first,
+                    &|ch| centers[ch],
+                    &finish,
+                    span.out,
+                )
             });
             return sums;
         }
@@ -458,7 +464,6 @@ where
                         s,
                         |i| runs[i].as_ref().map_or((&[][..], &[][..]), |r| (r.x, r.dy)),
                         centers[ch],
-                        zero,
                     );
                     let p = finish(ch, sums);
                     for run in runs.iter_mut().flatten() {
@@ -480,22 +485,18 @@ where
                             len,
                             |i| (&x[at(i)..][..len], &dy[at(i)..][..len]),
                             centers[ch],
-                            zero,
                         )
                     },
                     GradSums::add,
                 )
             }
-            Plan::Rows { rows, c } => {
-                let lo = vec![zero; c];
-                row_pieces(
-                    rows,
-                    c,
-                    par,
-                    |r, m| k.grad_sums_rows(g.x, g.dy, c, r, centers, &lo, m),
-                    GradSums::add,
-                )
-            }
+            Plan::Rows { rows, c } => row_pieces(
+                rows,
+                c,
+                par,
+                |r, m| k.grad_sums_rows(g.x, g.dy, c, r, centers, m),
+                GradSums::add,
+            ),
         };
         let mut storage = Vec::new();
         let p = fill_back(&mut storage, sums.len(), |ch| finish(ch, sums[ch]));

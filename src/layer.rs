@@ -184,7 +184,6 @@ impl<T: Element> BatchNorm<T> {
             let dweight = s.dy_xc * is;
             BackAffine {
                 hi: saved.mean[c],
-                lo: T::ZERO,
                 a: T::from_f64(w * is),
                 b: T::from_f64(-w * is * is * dweight / m),
                 c: T::from_f64(-w * is * s.dy / m),
@@ -213,7 +212,6 @@ impl<T: Element> BatchNorm<T> {
             &self.running_mean,
             |c, _| BackAffine {
                 hi: self.running_mean[c],
-                lo: T::ZERO,
                 a: T::from_f64(self.weight[c].to_f64() * invstd(c)),
                 b: T::ZERO,
                 c: T::ZERO,

@@ -83,7 +83,6 @@ fn apply<T: Element, B: Buffers<T>>(
     check_len("shift", shape.c, shift.len())?;
     let p = ChannelAffine {
         hi: &[],
-        lo: &[],
         scale,
         shift,
     };

@@ -1,7 +1,7 @@
 //! The backward pass's kernels: the two per-channel sums in one read of `x` and `dy`, then
 //! `dx` element by element.
 //!
-//! With `xc = (x - hi) - lo` the centred input, the sums are `Σ dy` and `Σ dy * xc`; the layer
+//! With `xc = x - hi` the centred input (`hi` the saved mean, which is of the element type), the sums are `Σ dy` and `Σ dy * xc`; the layer
 //! turns them into `dbias`, `dweight` and the coefficients of
 //! `dx = a * dy + b * xc + c` ([`BackAffine`]). As in the statistics, f32 accumulator lanes add
 //! at most [`MAX_CHAIN`] values before their sums move to `f64`.
@@ -28,11 +28,10 @@ impl GradSums {
     }
 }
 
-/// One channel's `dx = a * dy + b * ((x - hi) - lo) + c`.
+/// One channel's `dx = a * dy + b * (x - hi) + c`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct BackAffine<T> {
     pub hi: T,
-    pub lo: T,
     pub a: T,
     pub b: T,
     pub c: T,
@@ -42,7 +41,6 @@ pub(crate) struct BackAffine<T> {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ChannelBack<'a, T> {
     pub hi: &'a [T],
-    pub lo: &'a [T],
     pub a: &'a [T],
     pub b: &'a [T],
     pub c: &'a [T],
@@ -53,7 +51,6 @@ impl<T: Element> ChannelBack<'_, T> {
     pub fn get(&self, ch: usize) -> BackAffine<T> {
         BackAffine {
             hi: self.hi[ch],
-            lo: self.lo[ch],
             a: self.a[ch],
             b: self.b[ch],
             c: self.c[ch],
@@ -68,25 +65,24 @@ pub(crate) fn fill_back<T: Element>(
     f: impl Fn(usize) -> BackAffine<T>,
 ) -> ChannelBack<'_, T> {
     buf.clear();
-    buf.resize(5 * channels, T::ZERO);
+    buf.resize(4 * channels, T::ZERO);
     let (hi, rest) = buf.split_at_mut(channels);
-    let (lo, rest) = rest.split_at_mut(channels);
     let (a, rest) = rest.split_at_mut(channels);
     let (b, c) = rest.split_at_mut(channels);
     for ch in 0..channels {
         let p = f(ch);
-        (hi[ch], lo[ch], a[ch], b[ch], c[ch]) = (p.hi, p.lo, p.a, p.b, p.c);
+        (hi[ch], a[ch], b[ch], c[ch]) = (p.hi, p.a, p.b, p.c);
     }
-    ChannelBack { hi, lo, a, b, c }
+    ChannelBack { hi, a, b, c }
 }
 
 /// The sums of one block of at most `ACCUMULATORS * MAX_CHAIN` vectors; padding lanes have
 /// `dy = 0` and add nothing.
 #[inline(always)]
-fn block_sums<L: Lanes>(x: &[L::Elem], dy: &[L::Elem], hi: L::Elem, lo: L::Elem) -> GradSums {
+fn block_sums<L: Lanes>(x: &[L::Elem], dy: &[L::Elem], hi: L::Elem) -> GradSums {
     let w = L::WIDTH;
     let zero = L::splat(L::Elem::ZERO);
-    let (hv, lv) = (L::splat(hi), L::splat(lo));
+    let hv = L::splat(hi);
     let mut sd = [zero; 2];
     let mut sx = [zero; 2];
     let full = x.len() - x.len() % w;
@@ -95,7 +91,7 @@ fn block_sums<L: Lanes>(x: &[L::Elem], dy: &[L::Elem], hi: L::Elem, lo: L::Elem)
         let j = (i / w) % 2;
         let (xv, dv) = (L::load(&x[i..i + w]), L::load(&dy[i..i + w]));
         sd[j] = sd[j].add(dv);
-        sx[j] = dv.mul_add(xv.sub(hv).sub(lv), sx[j]);
+        sx[j] = dv.mul_add(xv.sub(hv), sx[j]);
         i += w;
     }
     if full < x.len() {
@@ -104,7 +100,7 @@ fn block_sums<L: Lanes>(x: &[L::Elem], dy: &[L::Elem], hi: L::Elem, lo: L::Elem)
             L::load_partial(&dy[full..], L::Elem::ZERO),
         );
         sd[0] = sd[0].add(dv);
-        sx[0] = dv.mul_add(xv.sub(hv).sub(lv), sx[0]);
+        sx[0] = dv.mul_add(xv.sub(hv), sx[0]);
     }
     let sums = GradSums {
         dy: sd[0].add(sd[1]).sum().to_f64(),
@@ -113,7 +109,7 @@ fn block_sums<L: Lanes>(x: &[L::Elem], dy: &[L::Elem], hi: L::Elem, lo: L::Elem)
     if sums.dy.is_finite() && sums.dy_xc.is_finite() {
         sums
     } else {
-        sums_f64(x.len(), |i| (x[i], dy[i]), hi.to_f64() + lo.to_f64())
+        sums_f64(x.len(), |i| (x[i], dy[i]), hi.to_f64())
     }
 }
 
@@ -132,14 +128,13 @@ fn sums_f64<T: Element>(n: usize, pair: impl Fn(usize) -> (T, T), center: f64) -
 }
 
 /// The sums of `count` runs of `len` values, run `i` being `run(i) = (x, dy)`, around the
-/// center `hi + lo`.
+/// center `hi`.
 #[inline(always)]
 pub(crate) fn grad_sums_runs<'a, L: Lanes>(
     count: usize,
     len: usize,
     run: impl Fn(usize) -> (&'a [L::Elem], &'a [L::Elem]),
     hi: L::Elem,
-    lo: L::Elem,
 ) -> GradSums {
     // Two accumulators per sum here, so blocks of 2 * MAX_CHAIN vectors.
     let block = block_len::<L>().min(2 * MAX_CHAIN * L::WIDTH);
@@ -150,7 +145,7 @@ pub(crate) fn grad_sums_runs<'a, L: Lanes>(
         let mut start = 0;
         while start < len {
             let end = (start + block).min(len);
-            acc = acc.add(block_sums::<L>(&x[start..end], &dy[start..end], hi, lo));
+            acc = acc.add(block_sums::<L>(&x[start..end], &dy[start..end], hi));
             start = end;
         }
     }
@@ -158,7 +153,7 @@ pub(crate) fn grad_sums_runs<'a, L: Lanes>(
 }
 
 /// Adds the sums of rows `rows` of the row-major `[_, c]` matrices `x` and `dy` to `out`,
-/// around the per-channel centers `hi + lo`; vectorized across channels as
+/// around the per-channel centers `hi`; vectorized across channels as
 /// [`super::stats::moments_rows`].
 #[inline(always)]
 pub(crate) fn grad_sums_rows<L: Lanes>(
@@ -167,7 +162,6 @@ pub(crate) fn grad_sums_rows<L: Lanes>(
     c: usize,
     rows: Range<usize>,
     hi: &[L::Elem],
-    lo: &[L::Elem],
     out: &mut [GradSums],
 ) {
     if c == 0 {
@@ -179,12 +173,12 @@ pub(crate) fn grad_sums_rows<L: Lanes>(
         let block = r0..(r0 + MAX_CHAIN).min(rows.end);
         let mut c0 = 0;
         while c0 + TILE * w <= c {
-            grad_tile::<L, TILE>(x, dy, c, block.clone(), c0, TILE * w, hi, lo, out);
+            grad_tile::<L, TILE>(x, dy, c, block.clone(), c0, TILE * w, hi, out);
             c0 += TILE * w;
         }
         while c0 < c {
             let width = w.min(c - c0);
-            grad_tile::<L, 1>(x, dy, c, block.clone(), c0, width, hi, lo, out);
+            grad_tile::<L, 1>(x, dy, c, block.clone(), c0, width, hi, out);
             c0 += width;
         }
         r0 = block.end;
@@ -201,17 +195,14 @@ fn grad_tile<L: Lanes, const K: usize>(
     c0: usize,
     width: usize,
     hi: &[L::Elem],
-    lo: &[L::Elem],
     out: &mut [GradSums],
 ) {
     let w = L::WIDTH;
     let zero = L::splat(L::Elem::ZERO);
     let left = |j: usize| width - (j * w).min(width);
     let mut hv = [zero; K];
-    let mut lv = [zero; K];
     for j in 0..K {
         hv[j] = load_upto::<L>(hi, c0 + j * w, left(j));
-        lv[j] = load_upto::<L>(lo, c0 + j * w, left(j));
     }
     let mut sd = [zero; K];
     let mut sx = [zero; K];
@@ -221,7 +212,7 @@ fn grad_tile<L: Lanes, const K: usize>(
             let xv = load_upto::<L>(x, i, left(j));
             let dv = load_upto::<L>(dy, i, left(j));
             sd[j] = sd[j].add(dv);
-            sx[j] = dv.mul_add(xv.sub(hv[j]).sub(lv[j]), sx[j]);
+            sx[j] = dv.mul_add(xv.sub(hv[j]), sx[j]);
         }
     }
     let e = L::Elem::ZERO;
@@ -236,7 +227,7 @@ fn grad_tile<L: Lanes, const K: usize>(
                 // Sums beyond the element type's range: this channel's block again in f64.
                 let ch = c0 + j * w + i;
                 let at = |r: usize| (rows.start + r) * c + ch;
-                let center = hi[ch].to_f64() + lo[ch].to_f64();
+                let center = hi[ch].to_f64();
                 let redo = sums_f64(rows.len(), |r| (x[at(r)], dy[at(r)]), center);
                 (sd, sx) = (redo.dy, redo.dy_xc);
             }
@@ -250,7 +241,6 @@ fn grad_tile<L: Lanes, const K: usize>(
 #[derive(Clone, Copy)]
 struct BackLanes<L> {
     hi: L,
-    lo: L,
     a: L,
     b: L,
     c: L,
@@ -261,14 +251,13 @@ impl<L: Lanes> BackLanes<L> {
     fn splat(p: BackAffine<L::Elem>) -> Self {
         BackLanes {
             hi: L::splat(p.hi),
-            lo: L::splat(p.lo),
             a: L::splat(p.a),
             b: L::splat(p.b),
             c: L::splat(p.c),
         }
     }
 
-    /// `dx[i .. i + n] = a * dy + b * ((x - hi) - lo) + c`, `n <= WIDTH`.
+    /// `dx[i .. i + n] = a * dy + b * (x - hi) + c`, `n <= WIDTH`.
     #[inline(always)]
     fn apply(&self, g: &mut Grad<'_, L::Elem>, i: usize, n: usize) {
         let (x, dy, dx) = (&g.x[i..i + n], &g.dy[i..i + n], &mut g.dx[i..i + n]);
@@ -280,7 +269,7 @@ impl<L: Lanes> BackLanes<L> {
                 L::load_partial(dy, L::Elem::ZERO),
             )
         };
-        let xc = xv.sub(self.hi).sub(self.lo);
+        let xc = xv.sub(self.hi);
         let out = dv.mul_add(self.a, xc.mul_add(self.b, self.c));
         if n == L::WIDTH {
             out.store(dx);
@@ -338,7 +327,6 @@ pub(crate) fn backward_rows<L: Lanes>(
             let n = w.min(c - c0);
             let f = BackLanes {
                 hi: load_upto::<L>(p.hi, c0, n),
-                lo: load_upto::<L>(p.lo, c0, n),
                 a: load_upto::<L>(p.a, c0, n),
                 b: load_upto::<L>(p.b, c0, n),
                 c: load_upto::<L>(p.c, c0, n),

@@ -1,7 +1,7 @@
 //! What an element-wise kernel reads and writes: an input and a separate output, or one buffer
 //! normalized where it lies. Kernels are generic over this, so the in-place API shares them.
 
-use super::lanes::{Lanes, MapLanes};
+use super::lanes::{Lanes, MapAt, MapLanes};
 use crate::element::Element;
 
 /// Buffers of equal length that are cut together, so that threads can share them out.
@@ -22,6 +22,10 @@ pub(crate) trait Buffers<T: Element>: Span {
     fn load<L: Lanes<Elem = T>>(&self, i: usize) -> L;
     /// Writes a full vector of output at `i`.
     fn store<L: Lanes<Elem = T>>(&mut self, i: usize, v: L);
+    /// `out[start + j * WIDTH ..][..WIDTH] = f.apply_at(j, in[..same])` for the `len / WIDTH`
+    /// whole vectors from `start` (`len` a multiple of `WIDTH`): one bounds check for the
+    /// span, none per vector.
+    fn map_vectors<L: Lanes<Elem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>);
 
     /// Maps `[start, end)`, `end - start >= WIDTH`, in full vectors: the last one overlaps its
     /// predecessor instead of being partial (masked stores are slow on some CPUs). It is
@@ -68,6 +72,14 @@ impl<T: Element> Span for Split<'_, T> {
 
 impl<T: Element> Buffers<T> for Split<'_, T> {
     #[inline(always)]
+    fn map_vectors<L: Lanes<Elem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>) {
+        let x = self.x[start..start + len].chunks_exact(L::WIDTH);
+        let y = self.y[start..start + len].chunks_exact_mut(L::WIDTH);
+        for (j, (x, y)) in x.zip(y).enumerate() {
+            f.apply_at(j, L::load(x)).store(y);
+        }
+    }
+    #[inline(always)]
     fn input(&self) -> &[T] {
         self.x
     }
@@ -103,6 +115,15 @@ impl<T: Element> Span for &mut [T] {
 }
 
 impl<T: Element> Buffers<T> for &mut [T] {
+    #[inline(always)]
+    fn map_vectors<L: Lanes<Elem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>) {
+        for (j, v) in self[start..start + len]
+            .chunks_exact_mut(L::WIDTH)
+            .enumerate()
+        {
+            f.apply_at(j, L::load(v)).store(v);
+        }
+    }
     #[inline(always)]
     fn input(&self) -> &[T] {
         self
@@ -178,8 +199,16 @@ impl<B: Span, R: Send> Span for WithOut<'_, B, R> {
         let (oa, ob) = self.out.split_at_mut(mid / self.unit);
         let unit = self.unit;
         (
-            WithOut { buf: a, out: oa, unit },
-            WithOut { buf: b, out: ob, unit },
+            WithOut {
+                buf: a,
+                out: oa,
+                unit,
+            },
+            WithOut {
+                buf: b,
+                out: ob,
+                unit,
+            },
         )
     }
 }

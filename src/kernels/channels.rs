@@ -71,14 +71,13 @@ pub(crate) fn backward_channels<L: Lanes>(
     out: &mut [GradSums],
 ) {
     let group = group_len::<L>(s);
-    let zero = <L::Elem as crate::element::Element>::ZERO;
     let mut params = [BackAffine::default(); GROUP];
     for (gi, sums) in out.chunks_mut(group).enumerate() {
         let at = gi * group;
         for (j, o) in sums.iter_mut().enumerate() {
             let i = (at + j) * s;
             let (x, dy) = (&g.x[i..i + s], &g.dy[i..i + s]);
-            *o = grad_sums_runs::<L>(1, s, |_| (x, dy), center(first + at + j), zero);
+            *o = grad_sums_runs::<L>(1, s, |_| (x, dy), center(first + at + j));
         }
         for (j, (p, o)) in params.iter_mut().zip(sums.iter()).enumerate() {
             *p = finish(first + at + j, *o);

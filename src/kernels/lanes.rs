@@ -41,6 +41,13 @@ pub(crate) trait MapLanes<L: Lanes> {
     fn apply(&self, v: L) -> L;
 }
 
+/// An element-wise function on vectors that also depends on the vector's index in a span,
+/// for [`Buffers::map_vectors`](super::buffers::Buffers::map_vectors) (per-channel parameters
+/// across a row).
+pub(crate) trait MapAt<L: Lanes> {
+    fn apply_at(&self, j: usize, v: L) -> L;
+}
+
 /// The `min(left, WIDTH)` elements at `x[i..]` as a vector, zero-padded: a full load when
 /// `left >= WIDTH`, else a partial one.
 #[inline(always)]

@@ -147,7 +147,6 @@ pub(crate) trait Kernels<T: Element>: Copy + Send + Sync {
         len: usize,
         run: impl Fn(usize) -> (&'a [T], &'a [T]),
         hi: T,
-        lo: T,
     ) -> GradSums;
     /// Adds the backward sums of rows `rows` of `[_, c]` matrices to `out`.
     #[allow(clippy::too_many_arguments)]
@@ -158,7 +157,6 @@ pub(crate) trait Kernels<T: Element>: Copy + Send + Sync {
         c: usize,
         rows: Range<usize>,
         hi: &[T],
-        lo: &[T],
         out: &mut [GradSums],
     );
     /// `dx` of consecutive runs of `s` values, run `r` with `params(r)`.
@@ -281,7 +279,6 @@ macro_rules! impl_kernels {
                 len: usize,
                 run: impl Fn(usize) -> (&'a [$t], &'a [$t]),
                 hi: $t,
-                lo: $t,
             ) -> $crate::kernels::backward::GradSums {
                 #[$attr]
                 unsafe fn entry<'a, L: $crate::kernels::lanes::Lanes>(
@@ -289,12 +286,11 @@ macro_rules! impl_kernels {
                     len: usize,
                     run: impl Fn(usize) -> (&'a [L::Elem], &'a [L::Elem]),
                     hi: L::Elem,
-                    lo: L::Elem,
                 ) -> $crate::kernels::backward::GradSums {
-                    $crate::kernels::backward::grad_sums_runs::<L>(count, len, run, hi, lo)
+                    $crate::kernels::backward::grad_sums_runs::<L>(count, len, run, hi)
                 }
                 // SAFETY: as in `moments_runs`.
-                unsafe { entry::<$lanes>(count, len, run, hi, lo) }
+                unsafe { entry::<$lanes>(count, len, run, hi) }
             }
 
             fn grad_sums_rows(
@@ -304,7 +300,6 @@ macro_rules! impl_kernels {
                 c: usize,
                 rows: ::std::ops::Range<usize>,
                 hi: &[$t],
-                lo: &[$t],
                 out: &mut [$crate::kernels::backward::GradSums],
             ) {
                 #[$attr]
@@ -315,13 +310,12 @@ macro_rules! impl_kernels {
                     c: usize,
                     rows: ::std::ops::Range<usize>,
                     hi: &[L::Elem],
-                    lo: &[L::Elem],
                     out: &mut [$crate::kernels::backward::GradSums],
                 ) {
-                    $crate::kernels::backward::grad_sums_rows::<L>(x, dy, c, rows, hi, lo, out)
+                    $crate::kernels::backward::grad_sums_rows::<L>(x, dy, c, rows, hi, out)
                 }
                 // SAFETY: as in `moments_runs`.
-                unsafe { entry::<$lanes>(x, dy, c, rows, hi, lo, out) }
+                unsafe { entry::<$lanes>(x, dy, c, rows, hi, out) }
             }
 
             fn backward_runs(

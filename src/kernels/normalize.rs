@@ -1,43 +1,42 @@
-//! The element-wise pass: `y = ((x - hi) - lo) * scale + shift` per channel.
+//! The element-wise pass: `y = (x - hi) * scale + shift` per channel.
 //!
-//! `hi + lo` is the channel's mean split into two parts of the element type, so that a mean of
-//! 1e6 (whose `f32` rounding alone is 0.03) still centers the data exactly; `x - hi` is exact
-//! for `x` near the mean. Without a center (`hi = lo = 0`) this is the inference engines'
+//! `hi` is the channel's mean rounded to the element type and `shift` absorbs the rest of it:
+//! with `mean = hi + lo`, `shift = bias - lo * scale` (in `f64`, rounded once). `x - hi` is
+//! exact for `x` near the mean, so a mean of 1e6 (whose `f32` rounding alone is 0.03) still
+//! centres the data exactly. Without a centre (`hi = 0`) this is the inference engines'
 //! `y = x * scale + shift`.
 
 use super::buffers::Buffers;
-use super::lanes::{load_upto, Lanes, MapLanes};
+use super::lanes::{load_upto, Lanes, MapAt, MapLanes};
 use crate::element::Element;
 
-/// One channel's normalization: `y = ((x - hi) - lo) * scale + shift`.
+/// One channel's normalization: `y = (x - hi) * scale + shift`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct Affine<T> {
     pub hi: T,
-    pub lo: T,
     pub scale: T,
     pub shift: T,
 }
 
 impl<T: Element> Affine<T> {
-    /// The normalization of a channel with mean `mean` (split into `hi + lo`), multiplier
-    /// `scale` and offset `shift`.
+    /// The normalization `(x - mean) * scale + shift` of a channel with mean `mean`: `mean`
+    /// rounded to `hi`, its remainder folded into the shift.
     pub fn centered(mean: f64, scale: f64, shift: f64) -> Self {
         let hi = T::from_f64(mean);
+        let scale = T::from_f64(scale);
         Affine {
             hi,
-            lo: T::from_f64(mean - hi.to_f64()),
-            scale: T::from_f64(scale),
-            shift: T::from_f64(shift),
+            scale,
+            shift: T::from_f64(shift - (mean - hi.to_f64()) * scale.to_f64()),
         }
     }
 }
 
 /// Every channel's [`Affine`], as arrays (lanes load the parameters of neighbouring
-/// channels together). Empty `hi` and `lo` mean no centering.
+/// channels together). An empty `hi` means no centering.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ChannelAffine<'a, T> {
     pub hi: &'a [T],
-    pub lo: &'a [T],
     pub scale: &'a [T],
     pub shift: &'a [T],
 }
@@ -46,21 +45,18 @@ impl<T: Element> ChannelAffine<'_, T> {
     /// Channel `c`'s parameters.
     #[inline(always)]
     pub fn get(&self, c: usize) -> Affine<T> {
-        let center = |v: &[T]| v.get(c).copied().unwrap_or(T::ZERO);
         Affine {
-            hi: center(self.hi),
-            lo: center(self.lo),
+            hi: self.hi.get(c).copied().unwrap_or(T::ZERO),
             scale: self.scale[c],
             shift: self.shift[c],
         }
     }
 }
 
-/// [`Affine`] in lanes: `((v - hi) - lo) * scale + shift`.
+/// [`Affine`] in lanes: `(v - hi) * scale + shift`.
 #[derive(Clone, Copy)]
 struct AffineLanes<L> {
     hi: L,
-    lo: L,
     scale: L,
     shift: L,
 }
@@ -68,7 +64,53 @@ struct AffineLanes<L> {
 impl<L: Lanes> MapLanes<L> for AffineLanes<L> {
     #[inline(always)]
     fn apply(&self, v: L) -> L {
-        v.sub(self.hi).sub(self.lo).mul_add(self.scale, self.shift)
+        v.sub(self.hi).mul_add(self.scale, self.shift)
+    }
+}
+
+impl<L: Lanes> AffineLanes<L> {
+    #[inline(always)]
+    fn splat(a: &Affine<L::Elem>) -> Self {
+        AffineLanes {
+            hi: L::splat(a.hi),
+            scale: L::splat(a.scale),
+            shift: L::splat(a.shift),
+        }
+    }
+
+    /// The parameters of the `n` channels from `c0` (padded with zeros past `n < WIDTH`).
+    #[inline(always)]
+    fn load(p: &ChannelAffine<'_, L::Elem>, c0: usize, n: usize) -> Self {
+        AffineLanes {
+            hi: if p.hi.is_empty() {
+                L::splat(L::Elem::ZERO)
+            } else {
+                load_upto(p.hi, c0, n)
+            },
+            scale: load_upto(p.scale, c0, n),
+            shift: load_upto(p.shift, c0, n),
+        }
+    }
+}
+
+/// A row's parameters as whole vectors: vector `j` of a row is normalized with lanes
+/// `j * WIDTH ..` of each array (all of the same length, a multiple of `WIDTH`).
+struct RowAffine<'a, T> {
+    hi: &'a [T],
+    scale: &'a [T],
+    shift: &'a [T],
+}
+
+impl<L: Lanes> MapAt<L> for RowAffine<'_, L::Elem> {
+    #[inline(always)]
+    fn apply_at(&self, j: usize, v: L) -> L {
+        let at = j * L::WIDTH;
+        let hi = if self.hi.is_empty() {
+            v
+        } else {
+            v.sub(L::load(&self.hi[at..]))
+        };
+        hi.mul_add(L::load(&self.scale[at..]), L::load(&self.shift[at..]))
     }
 }
 
@@ -93,12 +135,7 @@ pub(crate) fn normalize_run<L: Lanes, B: Buffers<L::Elem>>(
     s: usize,
     a: &Affine<L::Elem>,
 ) {
-    let f = AffineLanes {
-        hi: L::splat(a.hi),
-        lo: L::splat(a.lo),
-        scale: L::splat(a.scale),
-        shift: L::splat(a.shift),
-    };
+    let f = AffineLanes::<L>::splat(a);
     if s >= L::WIDTH {
         buf.map_overlapping(start, start + s, &f);
     } else {
@@ -115,91 +152,39 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<L::Elem>>(
     p: &ChannelAffine<'_, L::Elem>,
 ) {
     let w = L::WIDTH;
-    let zero = L::splat(L::Elem::ZERO);
-    let centered = !p.hi.is_empty();
     let rows = buf.len().checked_div(c).unwrap_or(0);
     let full = c - c % w;
-    // Whole-vector parameters as exact chunks, so their loads need no bounds checks.
-    let (hi, lo) = if centered {
-        (&p.hi[..full], &p.lo[..full])
-    } else {
-        (&p.scale[..0], &p.scale[..0])
+    let whole = RowAffine {
+        hi: if p.hi.is_empty() { p.hi } else { &p.hi[..full] },
+        scale: &p.scale[..full],
+        shift: &p.shift[..full],
     };
-    let (scale, shift) = (&p.scale[..full], &p.shift[..full]);
     // A row tail shorter than a vector, in rows at least a vector wide, is done as an
     // overlapping last vector (masked stores are slow on some CPUs), computed from the input
     // as it was before the row was written, so in place too.
     let overlap = full < c && c >= w;
-    let last = if overlap {
-        let at = c - w;
-        AffineLanes {
-            hi: if centered {
-                L::load(&p.hi[at..c])
-            } else {
-                zero
-            },
-            lo: if centered {
-                L::load(&p.lo[at..c])
-            } else {
-                zero
-            },
-            scale: L::load(&p.scale[at..c]),
-            shift: L::load(&p.shift[at..c]),
-        }
+    let tail = if overlap {
+        AffineLanes::<L>::load(p, c - w, w)
     } else {
-        AffineLanes {
-            hi: zero,
-            lo: zero,
-            scale: zero,
-            shift: zero,
-        }
+        AffineLanes::<L>::load(p, full, c - full)
     };
     for r in 0..rows {
         let row = r * c;
-        let tail = if overlap {
+        let last = if overlap {
             Some(buf.load::<L>(row + c - w))
         } else {
             None
         };
-        let params = scale.chunks_exact(w).zip(shift.chunks_exact(w)).enumerate();
-        for (j, (sc, sh)) in params {
-            let (h, l) = if centered {
-                (
-                    L::load(&hi[j * w..j * w + w]),
-                    L::load(&lo[j * w..j * w + w]),
-                )
-            } else {
-                (zero, zero)
-            };
-            let f = AffineLanes {
-                hi: h,
-                lo: l,
-                scale: L::load(sc),
-                shift: L::load(sh),
-            };
-            buf.map(row + j * w, w, &f);
-        }
-        if let Some(v) = tail {
-            buf.store(row + c - w, last.apply(v));
+        buf.map_vectors::<L>(row, full, &whole);
+        if let Some(v) = last {
+            buf.store(row + c - w, tail.apply(v));
         } else if full < c {
-            let n = c - full;
-            let (hi, lo) = if centered {
-                (load_upto(p.hi, full, n), load_upto(p.lo, full, n))
-            } else {
-                (zero, zero)
-            };
-            let f = AffineLanes {
-                hi,
-                lo,
-                scale: load_upto(p.scale, full, n),
-                shift: load_upto(p.shift, full, n),
-            };
-            buf.map(row + full, n, &f);
+            buf.map(row + full, c - full, &tail);
         }
     }
 }
 
-/// Writes every channel's [`Affine`] into `buf`, laid out `[hi | lo | scale | shift]`, and
+/// Writes every channel's [`Affine`] into `buf`, laid out `[hi | scale | shift]`, and
 /// returns the kernels' view of it. `buf` is reused storage: no allocation once it has grown.
 pub(crate) fn fill_affine<T: Element>(
     buf: &mut Vec<T>,
@@ -207,18 +192,12 @@ pub(crate) fn fill_affine<T: Element>(
     affine: impl Fn(usize) -> Affine<T>,
 ) -> ChannelAffine<'_, T> {
     buf.clear();
-    buf.resize(4 * c, T::ZERO);
+    buf.resize(3 * c, T::ZERO);
     let (hi, rest) = buf.split_at_mut(c);
-    let (lo, rest) = rest.split_at_mut(c);
     let (scale, shift) = rest.split_at_mut(c);
     for i in 0..c {
         let a = affine(i);
-        (hi[i], lo[i], scale[i], shift[i]) = (a.hi, a.lo, a.scale, a.shift);
+        (hi[i], scale[i], shift[i]) = (a.hi, a.scale, a.shift);
     }
-    ChannelAffine {
-        hi,
-        lo,
-        scale,
-        shift,
-    }
+    ChannelAffine { hi, scale, shift }
 }
