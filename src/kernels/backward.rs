@@ -201,8 +201,8 @@ fn grad_tile<L: Lanes, const K: usize>(
     let zero = L::splat(L::Elem::ZERO);
     let left = |j: usize| width - (j * w).min(width);
     let mut hv = [zero; K];
-    for j in 0..K {
-        hv[j] = load_upto::<L>(hi, c0 + j * w, left(j));
+    for (j, h) in hv.iter_mut().enumerate() {
+        *h = load_upto::<L>(hi, c0 + j * w, left(j));
     }
     let mut sd = [zero; K];
     let mut sx = [zero; K];
