@@ -38,6 +38,16 @@ impl Plan {
         }
     }
 
+    /// Whether training and backward, which write NCHW a channel at a time, may stream their
+    /// output: only when runs are long. Streaming stores that fill a line only in part (at
+    /// the ends of short runs written out of memory order) cost more than they save.
+    fn long_runs<T>(self) -> bool {
+        match self {
+            Plan::Runs { s, .. } => s * std::mem::size_of::<T>() >= STREAM_RUN_BYTES,
+            Plan::Rows { .. } => true,
+        }
+    }
+
     fn of(shape: Shape, layout: Layout) -> Plan {
         let Shape { n, c, spatial: s } = shape;
         match layout {
@@ -51,6 +61,15 @@ impl Plan {
 /// Channels of at most this many bytes, laid end to end, take the short-channel kernels (a
 /// statistics block: a group of them reduced and normalized while in L1).
 const SHORT_BYTES: usize = 16 * 1024;
+
+/// Runs at least this long may be streamed by the per-channel paths (see [`Plan::long_runs`]).
+const STREAM_RUN_BYTES: usize = 8 * 1024;
+
+/// Whether an output of `len` elements is written with streaming stores: when it is larger
+/// than the last-level cache, so that it would not stay there for its reader anyway.
+fn streams<T>(len: usize) -> bool {
+    len.saturating_mul(std::mem::size_of::<T>()) >= parallel::stream_threshold()
+}
 
 /// Per-channel moments of `x` (already validated against `shape`).
 pub(crate) fn moments<T: Element>(x: &[T], shape: Shape, layout: Layout) -> Vec<Moments> {
@@ -67,6 +86,8 @@ where
     F: Fn(usize, &Moments) -> Affine<T> + Sync,
 {
     let (plan, par) = (Plan::of(shape, layout), Par::for_len(buf.len()));
+    let mut buf = buf;
+    buf.set_streaming(streams::<T>(buf.len()) && plan.long_runs::<T>());
     dispatch(
         Isa::current(),
         TrainJob {
@@ -86,6 +107,8 @@ pub(crate) fn apply<T: Element, B: Buffers<T>>(
     p: &ChannelAffine<'_, T>,
 ) {
     let (plan, par) = (Plan::of(shape, layout), Par::for_len(buf.len()));
+    let mut buf = buf;
+    buf.set_streaming(streams::<T>(buf.len()));
     dispatch(Isa::current(), ApplyJob { buf, plan, par, p })
 }
 
@@ -401,6 +424,8 @@ where
     F: Fn(usize, GradSums) -> BackAffine<T> + Sync,
 {
     let (plan, par) = (Plan::of(shape, layout), Par::for_len(g.len()));
+    let mut g = g;
+    g.stream = streams::<T>(g.len()) && plan.long_runs::<T>();
     dispatch(
         Isa::current(),
         BackwardJob {

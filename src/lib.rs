@@ -18,7 +18,7 @@ pub use kernels::{with_isa, Isa};
 pub use layer::{BatchNorm, Gradients, SavedStats};
 pub use moments::Moments;
 pub use ops::{apply_scale_shift, apply_scale_shift_in_place, fold_scale_shift, moments};
-#[doc(hidden)]
-pub use parallel::with_parallel_threshold;
 pub use parallel::DEFAULT_PARALLEL_THRESHOLD;
+#[doc(hidden)]
+pub use parallel::{with_parallel_threshold, with_stream_threshold};
 pub use shape::{Layout, Shape};

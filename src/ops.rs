@@ -57,7 +57,7 @@ pub fn apply_scale_shift<T: Element>(
     layout: Layout,
 ) -> Result<(), Error> {
     check_xy(shape, x.len(), y.len())?;
-    apply(Split { x, y }, scale, shift, shape, layout)
+    apply(Split::new(x, y), scale, shift, shape, layout)
 }
 
 /// [`apply_scale_shift`] writing over its input.

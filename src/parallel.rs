@@ -11,6 +11,45 @@ pub const DEFAULT_PARALLEL_THRESHOLD: usize = 1 << 16;
 
 thread_local! {
     static THRESHOLD: Cell<Option<usize>> = const { Cell::new(None) };
+    static STREAM_THRESHOLD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Outputs of at least this many bytes are written with streaming (non-temporal) stores,
+/// which skip reading the destination lines and do not keep them in cache: they would not
+/// stay there anyway. The size of the last-level cache (from sysfs on Linux), else 32 MiB.
+pub(crate) fn stream_threshold() -> usize {
+    static LLC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    STREAM_THRESHOLD
+        .with(|t| t.get())
+        .unwrap_or_else(|| *LLC.get_or_init(|| last_level_cache().unwrap_or(32 << 20)))
+}
+
+/// The largest cache of CPU 0 that sysfs lists, in bytes.
+fn last_level_cache() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|e| {
+        let size = std::fs::read_to_string(e.ok()?.path().join("size")).ok()?;
+        let size = size.trim();
+        let (digits, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
+        let mult = match unit {
+            "K" => 1 << 10,
+            "M" => 1 << 20,
+            "G" => 1 << 30,
+            _ => return None,
+        };
+        digits.parse::<usize>().ok()?.checked_mul(mult)
+    })
+    .max()
+}
+
+/// Runs `f` with outputs of at least `bytes` bytes written by streaming stores (0: all of
+/// them), for tests that must reach that path and for tuning.
+#[doc(hidden)]
+pub fn with_stream_threshold<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
+    let old = STREAM_THRESHOLD.with(|t| t.replace(Some(bytes)));
+    let r = f();
+    STREAM_THRESHOLD.with(|t| t.set(old));
+    r
 }
 
 /// Runs `f` with calls made from this thread going parallel from `min_len` elements on instead

@@ -16,6 +16,13 @@ pub(crate) trait Span: Send + Sized {
 pub(crate) trait Buffers<T: Element>: Span {
     /// The input values (the output buffer itself when in place).
     fn input(&self) -> &[T];
+    /// Whether full-vector outputs go to memory with streaming stores
+    /// ([`Lanes::store_stream`]); only a separate output takes them.
+    fn set_streaming(&mut self, _on: bool) {}
+    /// Whether [`set_streaming`](Self::set_streaming) turned streaming on.
+    fn streaming(&self) -> bool {
+        false
+    }
     /// `out[i .. i + n] = f(in[i .. i + n])` with `n = WIDTH`, or `n < WIDTH` for a tail.
     fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>);
     /// The full vector of input at `i`.
@@ -55,6 +62,18 @@ pub(crate) trait Buffers<T: Element>: Span {
 pub(crate) struct Split<'a, T> {
     pub x: &'a [T],
     pub y: &'a mut [T],
+    /// Streaming stores for the full vectors of `y`.
+    pub stream: bool,
+}
+
+impl<'a, T> Split<'a, T> {
+    pub fn new(x: &'a [T], y: &'a mut [T]) -> Self {
+        Split {
+            x,
+            y,
+            stream: false,
+        }
+    }
 }
 
 impl<T: Element> Span for Split<'_, T> {
@@ -66,17 +85,82 @@ impl<T: Element> Span for Split<'_, T> {
     fn split_at(self, mid: usize) -> (Self, Self) {
         let (xa, xb) = self.x.split_at(mid);
         let (ya, yb) = self.y.split_at_mut(mid);
-        (Split { x: xa, y: ya }, Split { x: xb, y: yb })
+        let stream = self.stream;
+        (
+            Split {
+                x: xa,
+                y: ya,
+                stream,
+            },
+            Split {
+                x: xb,
+                y: yb,
+                stream,
+            },
+        )
     }
 }
 
 impl<T: Element> Buffers<T> for Split<'_, T> {
+    /// As the default, and when streaming, aligned: a plain first vector, then streaming
+    /// stores from the first vector boundary of `y`, then a plain overlapping last vector
+    /// (streaming stores need aligned addresses; `x` is not written, so overlaps are free).
+    #[inline(always)]
+    fn map_overlapping<L: Lanes<Elem = T>>(
+        &mut self,
+        start: usize,
+        end: usize,
+        f: &impl MapLanes<L>,
+    ) {
+        let w = L::WIDTH;
+        let head = self.y[start..end]
+            .as_ptr()
+            .align_offset(std::mem::size_of::<L>());
+        if !self.stream || head >= w {
+            let last = self.load::<L>(end - w);
+            let mut i = start;
+            while i + w <= end {
+                self.map(i, w, f);
+                i += w;
+            }
+            if i < end {
+                self.store(end - w, f.apply(last));
+            }
+            return;
+        }
+        if head > 0 {
+            let v = f.apply(self.load::<L>(start));
+            self.store(start, v);
+        }
+        let x = self.x[start + head..end].chunks_exact(w);
+        let y = self.y[start + head..end].chunks_exact_mut(w);
+        let partial = x.remainder().len() > 0;
+        for (x, y) in x.zip(y) {
+            f.apply(L::load(x)).store_stream(y);
+        }
+        if partial {
+            let v = f.apply(self.load::<L>(end - w));
+            self.store(end - w, v);
+        }
+    }
+    fn set_streaming(&mut self, on: bool) {
+        self.stream = on;
+    }
+    fn streaming(&self) -> bool {
+        self.stream
+    }
     #[inline(always)]
     fn map_vectors<L: Lanes<Elem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>) {
         let x = self.x[start..start + len].chunks_exact(L::WIDTH);
         let y = self.y[start..start + len].chunks_exact_mut(L::WIDTH);
-        for (j, (x, y)) in x.zip(y).enumerate() {
-            f.apply_at(j, L::load(x)).store(y);
+        if self.stream {
+            for (j, (x, y)) in x.zip(y).enumerate() {
+                f.apply_at(j, L::load(x)).store_stream(y);
+            }
+        } else {
+            for (j, (x, y)) in x.zip(y).enumerate() {
+                f.apply_at(j, L::load(x)).store(y);
+            }
         }
     }
     #[inline(always)]
@@ -94,8 +178,12 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
     #[inline(always)]
     fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
         if n == L::WIDTH {
-            f.apply(L::load(&self.x[i..i + n]))
-                .store(&mut self.y[i..i + n]);
+            let v = f.apply(L::load(&self.x[i..i + n]));
+            if self.stream {
+                v.store_stream(&mut self.y[i..i + n]);
+            } else {
+                v.store(&mut self.y[i..i + n]);
+            }
         } else {
             f.apply(L::load_partial(&self.x[i..i + n], T::ZERO))
                 .store_partial(&mut self.y[i..i + n]);
@@ -152,6 +240,19 @@ pub(crate) struct Grad<'a, T> {
     pub x: &'a [T],
     pub dy: &'a [T],
     pub dx: &'a mut [T],
+    /// Streaming stores for the full vectors of `dx`.
+    pub stream: bool,
+}
+
+impl<'a, T> Grad<'a, T> {
+    pub fn new(x: &'a [T], dy: &'a [T], dx: &'a mut [T]) -> Self {
+        Grad {
+            x,
+            dy,
+            dx,
+            stream: false,
+        }
+    }
 }
 
 impl<T: Element> Span for Grad<'_, T> {
@@ -164,16 +265,19 @@ impl<T: Element> Span for Grad<'_, T> {
         let (xa, xb) = self.x.split_at(mid);
         let (da, db) = self.dy.split_at(mid);
         let (oa, ob) = self.dx.split_at_mut(mid);
+        let stream = self.stream;
         (
             Grad {
                 x: xa,
                 dy: da,
                 dx: oa,
+                stream,
             },
             Grad {
                 x: xb,
                 dy: db,
                 dx: ob,
+                stream,
             },
         )
     }

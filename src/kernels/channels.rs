@@ -56,6 +56,9 @@ pub(crate) fn train_channels<L: Lanes, B: Buffers<L::Elem>>(
             normalize_run::<L, B>(buf, (at + j) * s, s, p);
         }
     }
+    if buf.streaming() {
+        super::store_fence();
+    }
 }
 
 /// The backward pass over the whole channels of `s` values that make up `g`, the first being
@@ -85,5 +88,8 @@ pub(crate) fn backward_channels<L: Lanes>(
         for (j, p) in params[..sums.len()].iter().enumerate() {
             super::backward::backward_run::<L>(g, (at + j) * s, s, p);
         }
+    }
+    if g.stream {
+        super::store_fence();
     }
 }

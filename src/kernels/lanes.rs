@@ -23,6 +23,13 @@ pub trait Lanes: Copy + Send + Sync + 'static {
     fn store(self, s: &mut [Self::Elem]);
     /// Writes the first `s.len() < WIDTH` lanes to `s`.
     fn store_partial(self, s: &mut [Self::Elem]);
+    /// [`store`](Self::store) with a non-temporal (streaming) store where the instruction set
+    /// has one and `s` is aligned to the vector's size: the line goes to memory without being
+    /// read first or kept in cache. For outputs larger than the last-level cache.
+    #[inline(always)]
+    fn store_stream(self, s: &mut [Self::Elem]) {
+        self.store(s)
+    }
     /// Lane-wise `self + o`.
     fn add(self, o: Self) -> Self;
     /// Lane-wise `self - o`.

@@ -125,6 +125,18 @@ pub fn with_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// Orders this thread's streaming stores ([`Lanes::store_stream`]) before whatever follows:
+/// they are weakly ordered, so every kernel that may have streamed ends with this, before
+/// rayon hands its results to another thread.
+#[inline(always)]
+pub(crate) fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of the x86-64 baseline; a fence has no other requirement.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
 /// The leaf operations of every driver.
 pub(crate) trait Kernels<T: Element>: Copy + Send + Sync {
     /// Moments of `count` runs of `len` values, run `i` being `run(i)`.

@@ -125,6 +125,9 @@ pub(crate) fn normalize_runs<L: Lanes, B: Buffers<L::Elem>>(
     for r in 0..runs {
         normalize_run::<L, B>(buf, r * s, s, &affine(r));
     }
+    if buf.streaming() {
+        super::store_fence();
+    }
 }
 
 /// Normalizes the `s` values of `buf` from `start` with `a`.
@@ -181,6 +184,9 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<L::Elem>>(
         } else if full < c {
             buf.map(row + full, c - full, &tail);
         }
+    }
+    if buf.streaming() {
+        super::store_fence();
     }
 }
 

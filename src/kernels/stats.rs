@@ -251,6 +251,7 @@ pub(crate) fn moments_runs<'a, L: Lanes>(
             let mut start = 0;
             while start < len {
                 let end = (start + block_len).min(len);
+                prefetch(&x[end..(end + block_len).min(len)]);
                 acc = acc.merge(block::<L>(1, |_| &x[start..end]));
                 start = end;
             }
@@ -265,6 +266,27 @@ pub(crate) fn moments_runs<'a, L: Lanes>(
         i += k;
     }
     acc
+}
+
+/// Asks for the cache lines of `x` ahead of their use (the next block, while this one is
+/// read a second time from L1 and no demand miss keeps the hardware prefetchers going).
+#[inline(always)]
+pub(crate) fn prefetch<T>(x: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let step = 64 / std::mem::size_of::<T>().max(1);
+        for i in (0..x.len()).step_by(step.max(1)) {
+            // SAFETY: SSE is part of the x86-64 baseline, and a prefetch is a hint that cannot
+            // fault, whatever the address (here an element of `x`).
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    x[i..].as_ptr().cast(),
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
 }
 
 /// Per-channel sums `Σ (x - p)` and `Σ (x - p)²` around a pivot `p`, in `f64`.

@@ -2,7 +2,9 @@
 //! repeats a check on every instruction set and threading path.
 #![allow(dead_code)]
 
-use batchnorm::{with_isa, with_parallel_threshold, Element, Isa, Layout, Shape};
+use batchnorm::{
+    with_isa, with_parallel_threshold, with_stream_threshold, Element, Isa, Layout, Shape,
+};
 use proptest::prelude::*;
 use std::sync::OnceLock;
 
@@ -55,7 +57,10 @@ pub fn on_every_path(mut f: impl FnMut(&str) + Send) {
         with_isa(isa, || f(&format!("{isa:?}, calling thread")));
         pool.install(|| {
             with_isa(isa, || {
-                with_parallel_threshold(0, || f(&format!("{isa:?}, 3 threads")))
+                with_parallel_threshold(0, || {
+                    // Streaming stores everywhere, so that their path is checked as well.
+                    with_stream_threshold(0, || f(&format!("{isa:?}, 3 threads, streaming")))
+                })
             })
         });
     }

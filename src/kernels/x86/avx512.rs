@@ -48,10 +48,10 @@ unsafe fn store_partial_pd(s: &mut [f64], v: __m512d) {
 }
 
 x86_lanes!(F32x16, f32, 16;
-    _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_sub_ps,
+    _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_stream_ps, _mm512_add_ps, _mm512_sub_ps,
     _mm512_mul_ps, _mm512_fmadd_ps;
     load_partial_ps, store_partial_ps, _mm512_reduce_add_ps);
 x86_lanes!(F64x8, f64, 8;
-    _mm512_set1_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_add_pd, _mm512_sub_pd,
+    _mm512_set1_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_stream_pd, _mm512_add_pd, _mm512_sub_pd,
     _mm512_mul_pd, _mm512_fmadd_pd;
     load_partial_pd, store_partial_pd, _mm512_reduce_add_pd);

@@ -10,7 +10,7 @@
 /// is sound.
 macro_rules! x86_lanes {
     ($v:ident, $t:ty, $w:expr;
-     $set1:ident, $loadu:ident, $storeu:ident, $add:ident, $sub:ident, $mul:ident, $fmadd:ident;
+     $set1:ident, $loadu:ident, $storeu:ident, $stream:ident, $add:ident, $sub:ident, $mul:ident, $fmadd:ident;
      $load_partial:ident, $store_partial:ident, $sum:ident) => {
         impl Lanes for $v {
             type Elem = $t;
@@ -37,6 +37,17 @@ macro_rules! x86_lanes {
                 let s = &mut s[..$w];
                 // SAFETY: detected as above; `s` holds the lanes written.
                 unsafe { $storeu(s.as_mut_ptr(), self.0) }
+            }
+            #[inline(always)]
+            fn store_stream(self, s: &mut [$t]) {
+                let s = &mut s[..$w];
+                if s.as_ptr().align_offset(std::mem::size_of::<Self>()) == 0 {
+                    // SAFETY: detected as above; `s` holds the lanes written and is aligned to
+                    // the vector's size, as the streaming store requires.
+                    unsafe { $stream(s.as_mut_ptr(), self.0) }
+                } else {
+                    self.store(s)
+                }
             }
             #[inline(always)]
             fn store_partial(self, s: &mut [$t]) {
