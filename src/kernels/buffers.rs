@@ -134,7 +134,7 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
         }
         let x = self.x[start + head..end].chunks_exact(w);
         let y = self.y[start + head..end].chunks_exact_mut(w);
-        let partial = x.remainder().len() > 0;
+        let partial = !x.remainder().is_empty();
         for (x, y) in x.zip(y) {
             f.apply(L::load(x)).store_stream(y);
         }
