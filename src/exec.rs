@@ -12,6 +12,7 @@ use crate::element::Element;
 use crate::kernels::backward::{fill_back, BackAffine, GradSums};
 use crate::kernels::buffers::{Buffers, Grad, Span, WithOut};
 use crate::kernels::normalize::{fill_affine, Affine, ChannelAffine};
+use crate::kernels::stats::PivotSums;
 use crate::kernels::{dispatch, Isa, Job, Kernels};
 use crate::moments::Moments;
 use crate::parallel::{self, Par};
@@ -73,7 +74,10 @@ fn streams<T>(len: usize) -> bool {
 
 /// Per-channel moments of `x` (already validated against `shape`).
 pub(crate) fn moments<T: Element>(x: &[T], shape: Shape, layout: Layout) -> Vec<Moments> {
-    let (plan, par) = (Plan::of(shape, layout), Par::for_len(x.len()));
+    let (plan, par) = (
+        Plan::of(shape, layout),
+        Par::for_work(x.len(), shape.c, parallel::REDUCE),
+    );
     dispatch(Isa::current(), StatsJob { x, plan, par })
 }
 
@@ -85,7 +89,10 @@ where
     B: Buffers<T>,
     F: Fn(usize, &Moments) -> Affine<T> + Sync,
 {
-    let (plan, par) = (Plan::of(shape, layout), Par::for_len(buf.len()));
+    let (plan, par) = (
+        Plan::of(shape, layout),
+        Par::for_work(buf.len(), shape.c, parallel::REDUCE_MAP),
+    );
     let mut buf = buf;
     buf.set_streaming(streams::<T>(buf.len()) && plan.long_runs::<T>());
     dispatch(
@@ -106,7 +113,10 @@ pub(crate) fn apply<T: Element, B: Buffers<T>>(
     layout: Layout,
     p: &ChannelAffine<'_, T>,
 ) {
-    let (plan, par) = (Plan::of(shape, layout), Par::for_len(buf.len()));
+    let (plan, par) = (
+        Plan::of(shape, layout),
+        Par::for_work(buf.len(), shape.c, parallel::MAP),
+    );
     let mut buf = buf;
     buf.set_streaming(streams::<T>(buf.len()));
     dispatch(Isa::current(), ApplyJob { buf, plan, par, p })
@@ -287,37 +297,63 @@ fn stats_rows<T: Element, K: Kernels<T>>(
         rows,
         c,
         par,
-        |r, m| k.moments_rows(x, c, r, m),
+        |r, cols, acc: &mut [PivotSums]| k.moments_rows(x, c, r, cols, acc),
+        |acc, rows| acc.moments(rows),
         Moments::merge,
     )
 }
 
-/// Per-channel results over `rows` rows of `c` channels: with threads, the rows are cut into
-/// about four spans a thread, `f(span, out)` adds each span's results to a zeroed `out`, and
-/// the spans' results are merged in order.
-fn row_pieces<R: Send + Copy + Default>(
+/// Columns a column-split task takes at least, and a multiple of which it takes: a few cache
+/// lines of every row, so that tasks share no line and each reads whole lines.
+const COLUMN_GRAIN: usize = 64;
+
+/// Per-channel results over `rows` rows of `c` channels, from `f(rows, cols, acc)`, which
+/// accumulates a rectangle into `acc` (one zeroed accumulator per column), and `done(acc,
+/// rows)`, which turns an accumulator of that many rows into a result; results of different
+/// rows merge with `merge`.
+///
+/// One thread: one rectangle. With threads, when the columns give every thread at least
+/// [`COLUMN_GRAIN`] of them (or the rows are too few to share): a block of columns over all
+/// rows per task, and no merge at all. Otherwise a span of rows per thread, their accumulators
+/// in one buffer, merged per column in parallel: no task allocates, and no thread makes a
+/// serial pass over `threads x c` values.
+fn row_pieces<A, R>(
     rows: usize,
     c: usize,
     par: Par,
-    f: impl Fn(Range<usize>, &mut [R]) + Sync + Send,
-    merge: impl Fn(R, R) -> R,
-) -> Vec<R> {
-    let pieces = if par.on {
-        (4 * par.threads).min(rows).max(1)
-    } else {
-        1
-    };
-    let parts = parallel::map(pieces, par.on, |p| {
-        let mut out = vec![R::default(); c];
-        f(rows * p / pieces..rows * (p + 1) / pieces, &mut out);
-        out
-    });
-    let mut out = vec![R::default(); c];
-    for part in parts {
-        for (o, m) in out.iter_mut().zip(part) {
-            *o = merge(*o, m);
-        }
+    f: impl Fn(Range<usize>, Range<usize>, &mut [A]) + Sync + Send,
+    done: impl Fn(&A, usize) -> R + Sync + Send,
+    merge: impl Fn(R, R) -> R + Sync + Send,
+) -> Vec<R>
+where
+    A: Default + Clone + Send + Sync,
+    R: Send + Default + Clone,
+{
+    let threads = if par.on { par.threads } else { 1 };
+    let columns = c / COLUMN_GRAIN >= threads || rows < 4 * threads;
+    if threads == 1 || columns {
+        let tasks = (c / COLUMN_GRAIN).clamp(1, 4 * threads);
+        let per = c.div_ceil(tasks).next_multiple_of(16);
+        let mut acc = vec![A::default(); c];
+        parallel::for_each_chunk(&mut acc, per, threads > 1, |i, acc| {
+            f(0..rows, i * per..i * per + acc.len(), acc)
+        });
+        return acc.iter().map(|a| done(a, rows)).collect();
     }
+    let pieces = threads;
+    let span = |p: usize| rows * p / pieces..rows * (p + 1) / pieces;
+    let mut parts = vec![A::default(); pieces * c];
+    parallel::for_each_chunk(&mut parts, c, true, |p, acc| f(span(p), 0..c, acc));
+    let per = c.div_ceil(4 * threads).next_multiple_of(16);
+    let mut out = vec![R::default(); c];
+    parallel::for_each_chunk(&mut out, per, true, |i, out| {
+        for (j, o) in out.iter_mut().enumerate() {
+            let ch = i * per + j;
+            *o = (1..pieces).fold(done(&parts[ch], span(0).len()), |m, p| {
+                merge(m, done(&parts[p * c + ch], span(p).len()))
+            });
+        }
+    });
     out
 }
 
@@ -423,7 +459,10 @@ where
     T: Element,
     F: Fn(usize, GradSums) -> BackAffine<T> + Sync,
 {
-    let (plan, par) = (Plan::of(shape, layout), Par::for_len(g.len()));
+    let (plan, par) = (
+        Plan::of(shape, layout),
+        Par::for_work(g.len(), shape.c, parallel::REDUCE_MAP),
+    );
     let mut g = g;
     g.stream = streams::<T>(g.len()) && plan.long_runs::<T>();
     dispatch(
@@ -519,7 +558,10 @@ where
                 rows,
                 c,
                 par,
-                |r, m| k.grad_sums_rows(g.x, g.dy, c, r, centers, m),
+                |r, cols, acc: &mut [GradSums]| {
+                    k.grad_sums_rows(g.x, g.dy, c, r, cols, centers, acc)
+                },
+                |acc, _| *acc,
                 GradSums::add,
             ),
         };

@@ -5,9 +5,39 @@
 use crate::kernels::buffers::Span;
 use std::cell::Cell;
 
-/// Tensors with fewer elements than this run on the calling thread: below it, waking other
-/// threads costs more than they save (a 1x512x7x7 activation is 25 088 elements).
+/// Calls with less work than this run on the calling thread: below it, waking other threads
+/// costs more than they save. Work counts elements weighted by what a call does to each
+/// (1 for inference's one read, multiply-add and write; 4 for training and backward, which
+/// reduce before they map) plus a fixed cost per channel (its parameters, its reductions):
+/// inference of a 1x128x28x28 activation (100 352 elements) is worth two threads, training of a
+/// 1x512x7x7 one (25 088 elements, 512 short channels) too, its inference not.
 pub const DEFAULT_PARALLEL_THRESHOLD: usize = 1 << 16;
+
+/// The work of an operation per element and per channel, in units of inference's
+/// per-element work, for [`DEFAULT_PARALLEL_THRESHOLD`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Cost {
+    pub per_element: usize,
+    pub per_channel: usize,
+}
+
+/// Inference and `apply_scale_shift`: one read, one multiply-add, one write per element.
+pub(crate) const MAP: Cost = Cost {
+    per_element: 1,
+    per_channel: 16,
+};
+
+/// Statistics alone: two reads from cache per element, no write.
+pub(crate) const REDUCE: Cost = Cost {
+    per_element: 3,
+    per_channel: 48,
+};
+
+/// Training's forward pass and backward: a reduction, then a map.
+pub(crate) const REDUCE_MAP: Cost = Cost {
+    per_element: 4,
+    per_channel: 64,
+};
 
 thread_local! {
     static THRESHOLD: Cell<Option<usize>> = const { Cell::new(None) };
@@ -73,15 +103,18 @@ pub(crate) struct Par {
 }
 
 impl Par {
-    /// The decision for a call over `len` elements.
-    pub fn for_len(len: usize) -> Par {
+    /// The decision for a call of `cost` over `len` elements in `c` channels.
+    pub fn for_work(len: usize, c: usize, cost: Cost) -> Par {
         let threads = threads();
         let min = THRESHOLD
             .with(|t| t.get())
             .unwrap_or(DEFAULT_PARALLEL_THRESHOLD);
+        let work = len
+            .saturating_mul(cost.per_element)
+            .saturating_add(c.saturating_mul(cost.per_channel));
         Par {
             threads,
-            on: threads > 1 && len >= min.max(2),
+            on: threads > 1 && len >= 2 && work >= min,
         }
     }
 
@@ -148,6 +181,32 @@ pub(crate) fn map<R: Send>(n: usize, on: bool, f: impl Fn(usize) -> R + Sync + S
     }
     let _ = on;
     (0..n).map(f).collect()
+}
+
+/// Calls `f(i, chunk)` for the chunks of `size` items of `items` (the last one may be
+/// shorter), in parallel when `on`.
+pub(crate) fn for_each_chunk<X: Send>(
+    items: &mut [X],
+    size: usize,
+    on: bool,
+    f: impl Fn(usize, &mut [X]) + Sync + Send,
+) {
+    if size == 0 {
+        return;
+    }
+    #[cfg(feature = "rayon")]
+    if on {
+        use rayon::prelude::*;
+        items
+            .par_chunks_mut(size)
+            .enumerate()
+            .for_each(|(i, chunk)| f(i, chunk));
+        return;
+    }
+    let _ = on;
+    for (i, chunk) in items.chunks_mut(size).enumerate() {
+        f(i, chunk);
+    }
 }
 
 /// Calls `f(i, &mut groups[i * size ..][..size], &mut out[i])` for every group, in parallel

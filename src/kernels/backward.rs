@@ -152,7 +152,8 @@ pub(crate) fn grad_sums_runs<'a, L: Lanes>(
     acc
 }
 
-/// Adds the sums of rows `rows` of the row-major `[_, c]` matrices `x` and `dy` to `out`,
+/// Adds the sums of rows `rows` of the columns `cols` of the row-major `[_, c]` matrices `x`
+/// and `dy` to `out` (one per column),
 /// around the per-channel centers `hi`; vectorized across channels as
 /// [`super::stats::moments_rows`].
 #[inline(always)]
@@ -161,23 +162,23 @@ pub(crate) fn grad_sums_rows<L: Lanes>(
     dy: &[L::Elem],
     c: usize,
     rows: Range<usize>,
+    cols: Range<usize>,
     hi: &[L::Elem],
     out: &mut [GradSums],
 ) {
-    if c == 0 {
-        return;
-    }
     let w = L::WIDTH;
     let mut r0 = rows.start;
     while r0 < rows.end {
         let block = r0..(r0 + MAX_CHAIN).min(rows.end);
-        let mut c0 = 0;
-        while c0 + TILE * w <= c {
+        let mut c0 = cols.start;
+        while c0 + TILE * w <= cols.end {
+            let out = &mut out[c0 - cols.start..];
             grad_tile::<L, TILE>(x, dy, c, block.clone(), c0, TILE * w, hi, out);
             c0 += TILE * w;
         }
-        while c0 < c {
-            let width = w.min(c - c0);
+        while c0 < cols.end {
+            let width = w.min(cols.end - c0);
+            let out = &mut out[c0 - cols.start..];
             grad_tile::<L, 1>(x, dy, c, block.clone(), c0, width, hi, out);
             c0 += width;
         }
@@ -221,7 +222,7 @@ fn grad_tile<L: Lanes, const K: usize>(
         sd[j].store(&mut a);
         sx[j].store(&mut b);
         let lanes = w.min(left(j));
-        for (i, o) in out[c0 + j * w..][..lanes].iter_mut().enumerate() {
+        for (i, o) in out[j * w..][..lanes].iter_mut().enumerate() {
             let (mut sd, mut sx) = (a[i].to_f64(), b[i].to_f64());
             if !(sd.is_finite() && sx.is_finite()) {
                 // Sums beyond the element type's range: this channel's block again in f64.

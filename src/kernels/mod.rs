@@ -23,6 +23,7 @@ use backward::{BackAffine, ChannelBack, GradSums};
 use buffers::{Buffers, Grad};
 use lanes::{Lanes, Scalar};
 use normalize::{Affine, ChannelAffine};
+use stats::PivotSums;
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -141,8 +142,15 @@ pub(crate) fn store_fence() {
 pub(crate) trait Kernels<T: Element>: Copy + Send + Sync {
     /// Moments of `count` runs of `len` values, run `i` being `run(i)`.
     fn moments_runs<'a>(self, count: usize, len: usize, run: impl Fn(usize) -> &'a [T]) -> Moments;
-    /// Adds the moments of rows `rows` of the row-major `[_, c]` matrix `x` to `out`.
-    fn moments_rows(self, x: &[T], c: usize, rows: Range<usize>, out: &mut [Moments]);
+    /// Sums rows `rows` of columns `cols` of the row-major `[_, c]` matrix `x` into `acc`.
+    fn moments_rows(
+        self,
+        x: &[T],
+        c: usize,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        acc: &mut [PivotSums],
+    );
     /// Normalizes consecutive runs of `s` values, run `r` of `buf` with `affine(r)`.
     fn normalize_runs<B: Buffers<T>>(
         self,
@@ -160,7 +168,7 @@ pub(crate) trait Kernels<T: Element>: Copy + Send + Sync {
         run: impl Fn(usize) -> (&'a [T], &'a [T]),
         hi: T,
     ) -> GradSums;
-    /// Adds the backward sums of rows `rows` of `[_, c]` matrices to `out`.
+    /// Adds the backward sums of rows `rows` of columns `cols` of `[_, c]` matrices to `out`.
     #[allow(clippy::too_many_arguments)]
     fn grad_sums_rows(
         self,
@@ -168,6 +176,7 @@ pub(crate) trait Kernels<T: Element>: Copy + Send + Sync {
         dy: &[T],
         c: usize,
         rows: Range<usize>,
+        cols: Range<usize>,
         hi: &[T],
         out: &mut [GradSums],
     );
@@ -240,18 +249,26 @@ macro_rules! impl_kernels {
                 unsafe { entry::<$lanes>(count, len, run) }
             }
 
-            fn moments_rows(self, x: &[$t], c: usize, rows: ::std::ops::Range<usize>, out: &mut [$crate::moments::Moments]) {
+            fn moments_rows(
+                self,
+                x: &[$t],
+                c: usize,
+                rows: ::std::ops::Range<usize>,
+                cols: ::std::ops::Range<usize>,
+                acc: &mut [$crate::kernels::stats::PivotSums],
+            ) {
                 #[$attr]
                 unsafe fn entry<L: $crate::kernels::lanes::Lanes>(
                     x: &[L::Elem],
                     c: usize,
                     rows: ::std::ops::Range<usize>,
-                    out: &mut [$crate::moments::Moments],
+                    cols: ::std::ops::Range<usize>,
+                    acc: &mut [$crate::kernels::stats::PivotSums],
                 ) {
-                    $crate::kernels::stats::moments_rows::<L>(x, c, rows, out)
+                    $crate::kernels::stats::moments_rows::<L>(x, c, rows, cols, acc)
                 }
                 // SAFETY: as in `moments_runs`.
-                unsafe { entry::<$lanes>(x, c, rows, out) }
+                unsafe { entry::<$lanes>(x, c, rows, cols, acc) }
             }
 
             fn normalize_runs<B: $crate::kernels::buffers::Buffers<$t>>(
@@ -311,6 +328,7 @@ macro_rules! impl_kernels {
                 dy: &[$t],
                 c: usize,
                 rows: ::std::ops::Range<usize>,
+                cols: ::std::ops::Range<usize>,
                 hi: &[$t],
                 out: &mut [$crate::kernels::backward::GradSums],
             ) {
@@ -321,13 +339,14 @@ macro_rules! impl_kernels {
                     dy: &[L::Elem],
                     c: usize,
                     rows: ::std::ops::Range<usize>,
+                    cols: ::std::ops::Range<usize>,
                     hi: &[L::Elem],
                     out: &mut [$crate::kernels::backward::GradSums],
                 ) {
-                    $crate::kernels::backward::grad_sums_rows::<L>(x, dy, c, rows, hi, out)
+                    $crate::kernels::backward::grad_sums_rows::<L>(x, dy, c, rows, cols, hi, out)
                 }
                 // SAFETY: as in `moments_runs`.
-                unsafe { entry::<$lanes>(x, dy, c, rows, hi, out) }
+                unsafe { entry::<$lanes>(x, dy, c, rows, cols, hi, out) }
             }
 
             fn backward_runs(

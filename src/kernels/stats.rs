@@ -294,15 +294,23 @@ pub(crate) fn prefetch<T>(x: &[T]) {
 /// Blocks add to them without a division: a block with mean `k` and shifted sums `s1`, `s2`
 /// around it adds `s1 + n d` and `s2 + 2 d s1 + n d²` with `d = k - p`. The pivot is the first
 /// block's mean, so `S2 - S1² / n` loses nothing in `f64`.
-#[derive(Clone, Copy, Default)]
-struct PivotSums {
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PivotSums {
     p: f64,
     s1: f64,
     s2: f64,
 }
 
-/// Adds the moments of rows `rows` of the row-major `[_, c]` matrix `x` to `out[ch]` for every
-/// channel: NHWC data, vectorized across channels (lane `j` holds channel `c0 + j`).
+impl PivotSums {
+    /// The moments of the `n` values summed.
+    pub fn moments(&self, n: usize) -> Moments {
+        Moments::from_shifted_sums(n as u64, self.p, self.s1, self.s2)
+    }
+}
+
+/// Sums the rows `rows` of the columns `cols` of the row-major `[_, c]` matrix `x` into `acc`
+/// (zeroed, one per column; [`PivotSums::moments`] turns them into moments): NHWC data,
+/// vectorized across channels (lane `j` holds channel `c0 + j`).
 ///
 /// In blocks of [`MAX_CHAIN`] rows (each lane adds its channel's rows one after the other);
 /// within a block each tile of channels is reduced like [`block`] (a pivoted sum for the block
@@ -313,50 +321,51 @@ pub(crate) fn moments_rows<L: Lanes>(
     x: &[L::Elem],
     c: usize,
     rows: Range<usize>,
-    out: &mut [Moments],
+    cols: Range<usize>,
+    acc: &mut [PivotSums],
 ) {
-    if rows.is_empty() || c == 0 {
+    if rows.is_empty() || cols.is_empty() {
         return;
     }
     let w = L::WIDTH;
-    let mut acc = vec![PivotSums::default(); c];
+    let acc = &mut acc[..cols.len()];
     let mut r0 = rows.start;
     while r0 < rows.end {
         let block = r0..(r0 + MAX_CHAIN).min(rows.end);
         let first = r0 == rows.start;
-        if c >= 4 * TILE * w {
+        if cols.len() >= 4 * TILE * w {
             // Rows much wider than a tile: stream the block in once, in memory order, so that
             // the tiles below (which read it a column strip at a time) find it in cache rather
             // than each pulling scattered lines from memory.
-            let span = &x[block.start * c..block.end * c];
             let mut touch = L::splat(L::Elem::ZERO);
-            let mut i = 0;
-            while i + w <= span.len() {
-                touch = touch.add(L::load(&span[i..i + w]));
-                i += 64 / std::mem::size_of::<L::Elem>();
+            for r in block.clone() {
+                let span = &x[r * c + cols.start..r * c + cols.end];
+                let mut i = 0;
+                while i + w <= span.len() {
+                    touch = touch.add(L::load(&span[i..i + w]));
+                    i += 64 / std::mem::size_of::<L::Elem>();
+                }
             }
             std::hint::black_box(touch);
         }
-        let mut c0 = 0;
-        while c0 + TILE * w <= c {
-            tile::<L, TILE>(x, c, block.clone(), c0, TILE * w, &mut acc, first);
+        let mut c0 = cols.start;
+        while c0 + TILE * w <= cols.end {
+            let acc = &mut acc[c0 - cols.start..];
+            tile::<L, TILE>(x, c, block.clone(), c0, TILE * w, acc, first);
             c0 += TILE * w;
         }
-        while c0 < c {
-            let width = w.min(c - c0);
-            tile::<L, 1>(x, c, block.clone(), c0, width, &mut acc, first);
+        while c0 < cols.end {
+            let width = w.min(cols.end - c0);
+            let acc = &mut acc[c0 - cols.start..];
+            tile::<L, 1>(x, c, block.clone(), c0, width, acc, first);
             c0 += width;
         }
         r0 = block.end;
     }
-    let n = rows.len() as u64;
-    for (o, a) in out.iter_mut().zip(&acc) {
-        *o = o.merge(Moments::from_shifted_sums(n, a.p, a.s1, a.s2));
-    }
 }
 
 /// One block of rows for the channels `c0 .. c0 + width`, `width <= K * WIDTH` (only the last
-/// vector may be partial), added to `acc[c0 ..]`; `first` sets the pivots.
+/// vector may be partial), added to `acc[.. width]`; `first` sets the pivots.
 #[inline(always)]
 fn tile<L: Lanes, const K: usize>(
     x: &[L::Elem],
@@ -407,7 +416,7 @@ fn tile<L: Lanes, const K: usize>(
         s1[j].store(&mut a);
         s2[j].store(&mut b);
         let lanes = w.min(left(j));
-        let chans = &mut acc[c0 + j * w..][..lanes];
+        let chans = &mut acc[j * w..][..lanes];
         for (i, ps) in chans.iter_mut().enumerate() {
             let (mut k, mut a, mut b) = (k[i].to_f64(), a[i].to_f64(), b[i].to_f64());
             if !(a.is_finite() && b.is_finite()) {

@@ -119,12 +119,14 @@ pub fn layout() -> impl Strategy<Value = Layout> {
 
 /// Training shapes: mostly small ones (every tail and split case: odd channel counts, counts
 /// that are no multiple of a vector width, N = 1, spatial = 1), sometimes channels of thousands
-/// of values (several statistics blocks).
+/// of values (several statistics blocks), sometimes rows of hundreds of channels.
 pub fn shape() -> impl Strategy<Value = Shape> {
     prop_oneof![
         4 => (1usize..6, 1usize..20, 1usize..40),
         1 => (1usize..3, 1usize..4, 1usize..6000),
         1 => (1usize..300, 1usize..40, Just(1usize)),
+        // Wide rows (NHWC, BatchNorm1d): split by blocks of columns among threads.
+        1 => (1usize..5, 60usize..300, 1usize..4),
     ]
     .prop_map(|(n, c, s)| Shape::new(n, c, s))
     .prop_filter("training needs two values per channel", |s| {
