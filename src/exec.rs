@@ -10,10 +10,10 @@
 
 use crate::element::Element;
 use crate::kernels::backward::{fill_back, BackAffine, GradSums};
-use crate::kernels::buffers::{Buffers, Grad, Span, WithOut};
+use crate::kernels::buffers::{Buffers, Grad, Span};
 use crate::kernels::normalize::{fill_affine, Affine, ChannelAffine};
 use crate::kernels::stats::PivotSums;
-use crate::kernels::{dispatch, Isa, Job, Kernels};
+use crate::kernels::{channels, dispatch, Isa, Job, Kernels};
 use crate::moments::Moments;
 use crate::parallel::{self, Par};
 use crate::shape::{Layout, Shape};
@@ -29,23 +29,40 @@ enum Plan {
 }
 
 impl Plan {
-    /// Whether this is NCHW with batch 1 and channels of at most [`SHORT_BYTES`]: whole
-    /// channels laid end to end, for [`Kernels::train_channels`] and
-    /// [`Kernels::backward_channels`]. Returns the channel length.
-    fn short_channels<T>(self) -> Option<usize> {
+    /// Channels per task of the fused NCHW paths of training and backward
+    /// ([`Kernels::train_channels`]): as many as keep a group's data within half of L2 (so
+    /// that the map after the reduction reads it from there) and leave four groups a thread,
+    /// at most [`channels::GROUP`].
+    fn group<T>(self, par: Par) -> usize {
+        let Plan::Runs { n, c, s } = self else {
+            return 1;
+        };
+        let bytes = n * s * std::mem::size_of::<T>();
+        let by_threads = if par.on { c / (4 * par.threads) } else { c };
+        (parallel::caches().l2 / 2 / bytes.max(1))
+            .min(by_threads)
+            .clamp(1, channels::GROUP)
+    }
+
+    /// Whether training and backward, which write NCHW a channel group at a time, may stream
+    /// their output: only when each image's span of a group is long. Streaming stores that
+    /// fill a line only in part (at the ends of short spans written out of memory order)
+    /// cost more than they save.
+    fn long_runs<T>(self, par: Par) -> bool {
         match self {
-            Plan::Runs { n: 1, s, .. } if s * std::mem::size_of::<T>() <= SHORT_BYTES => Some(s),
-            _ => None,
+            Plan::Runs { s, .. } => {
+                self.group::<T>(par) * s * std::mem::size_of::<T>() >= STREAM_RUN_BYTES
+            }
+            Plan::Rows { .. } => true,
         }
     }
 
-    /// Whether training and backward, which write NCHW a channel at a time, may stream their
-    /// output: only when runs are long. Streaming stores that fill a line only in part (at
-    /// the ends of short runs written out of memory order) cost more than they save.
-    fn long_runs<T>(self) -> bool {
+    /// Whether training and backward take the fused NCHW path: the channels keep every
+    /// thread busy.
+    fn fused(self, par: Par) -> Option<(usize, usize, usize)> {
         match self {
-            Plan::Runs { s, .. } => s * std::mem::size_of::<T>() >= STREAM_RUN_BYTES,
-            Plan::Rows { .. } => true,
+            Plan::Runs { n, c, s } if !par.on || c >= 2 * par.threads => Some((n, c, s)),
+            _ => None,
         }
     }
 
@@ -58,10 +75,6 @@ impl Plan {
         }
     }
 }
-
-/// Channels of at most this many bytes, laid end to end, take the short-channel kernels (a
-/// statistics block: a group of them reduced and normalized while in L1).
-const SHORT_BYTES: usize = 16 * 1024;
 
 /// Runs at least this long may be streamed by the per-channel paths (see [`Plan::long_runs`]).
 const STREAM_RUN_BYTES: usize = 8 * 1024;
@@ -94,7 +107,7 @@ where
         Par::for_work(buf.len(), shape.c, parallel::REDUCE_MAP),
     );
     let mut buf = buf;
-    buf.set_streaming(streams::<T>(buf.len()) && plan.long_runs::<T>());
+    buf.set_streaming(streams::<T>(buf.len()) && plan.long_runs::<T>(par));
     dispatch(
         Isa::current(),
         TrainJob {
@@ -159,23 +172,13 @@ where
             par,
             finish,
         } = self;
-        if let Some(s) = plan.short_channels::<T>() {
-            let mut moments = vec![Moments::EMPTY; buf.len() / s];
-            let grain = par.grain(buf.len(), s);
-            let span = WithOut {
-                buf,
-                out: &mut moments,
-                unit: s,
-            };
-            parallel::for_each_span(span, s, grain, 0, &|first, mut span| {
-                k.train_channels(&mut span.buf, s, first, &finish, span.out)
+        if let Some((n, c, s)) = plan.fused(par) {
+            let group = plan.group::<T>(par);
+            return for_each_channel_group(buf, (n, c, s), group, par, |first, spans, out| {
+                k.train_channels(spans, s, first, &finish, out)
             });
-            return moments;
         }
         let moments = match plan {
-            Plan::Runs { n, c, s } if !par.on || c >= 2 * par.threads => {
-                return train_runs_fused(k, buf, (n, c, s), par, &finish);
-            }
             Plan::Runs { n, c, s } => stats_runs(k, buf.input(), n, c, s, par),
             Plan::Rows { rows, c } => stats_rows(k, buf.input(), rows, c, par),
         };
@@ -357,55 +360,36 @@ where
     out
 }
 
-/// Gathers NCHW runs channel by channel and calls `f(channel, its runs)` once per channel, in
-/// parallel when `par.on`; returns the results in channel order. The gathering costs one small
-/// allocation of `n * c` handles, so that each task owns exactly its channel's runs: that is
-/// what lets a task reduce a channel and then write it while it is still in cache.
-fn for_each_channel<B: Span, R: Send + Default + Clone>(
-    buf: B,
-    n: usize,
-    c: usize,
-    s: usize,
-    par: Par,
-    f: impl Fn(usize, &mut [Option<B>]) -> R + Sync + Send,
-) -> Vec<R> {
-    let mut slots: Vec<Option<B>> = (0..n * c).map(|_| None).collect();
-    let mut rest = buf;
-    for i in 0..n * c {
-        let (run, tail) = rest.split_at(s);
-        slots[(i % c) * n + i / c] = Some(run);
-        rest = tail;
-    }
-    let mut out = vec![R::default(); c];
-    parallel::for_each_group(&mut slots, n, &mut out, par.on, |ch, runs, o| {
-        *o = f(ch, runs)
-    });
-    out
-}
-
-/// Training over NCHW runs, a channel per task: moments, then normalization while the
-/// channel is still in cache.
-fn train_runs_fused<T, K, B, F>(
-    k: K,
+/// Gathers NCHW runs by groups of `group` consecutive channels and calls `f(first channel,
+/// spans, results)` once per group, in parallel when `par.on`: `spans` holds the group's runs
+/// of each image (one span of `group * s` values per image), `results` the group's slice of
+/// the per-channel results, which are returned in channel order. The gathering costs one
+/// small allocation of `n * c / group` handles, so that each task owns exactly its group's
+/// data: that is what lets a task reduce its channels and then write them while they are
+/// still in cache.
+fn for_each_channel_group<B: Span, R: Send + Default + Clone>(
     buf: B,
     (n, c, s): (usize, usize, usize),
+    group: usize,
     par: Par,
-    finish: &F,
-) -> Vec<Moments>
-where
-    T: Element,
-    K: Kernels<T>,
-    B: Buffers<T>,
-    F: Fn(usize, &Moments) -> Affine<T> + Sync,
-{
-    for_each_channel(buf, n, c, s, par, |ch, runs| {
-        let m = k.moments_runs(n, s, |i| runs[i].as_ref().map_or(&[][..], |r| r.input()));
-        let a = finish(ch, &m);
-        for run in runs.iter_mut().flatten() {
-            k.normalize_runs(run, s, |_| a);
+    f: impl Fn(usize, &mut [Option<B>], &mut [R]) + Sync + Send,
+) -> Vec<R> {
+    let groups = c.div_ceil(group);
+    let mut slots: Vec<Option<B>> = (0..n * groups).map(|_| None).collect();
+    let mut rest = buf;
+    for i in 0..n {
+        for g in 0..groups {
+            let channels = group.min(c - g * group);
+            let (span, tail) = rest.split_at(channels * s);
+            slots[g * n + i] = Some(span);
+            rest = tail;
         }
-        m
-    })
+    }
+    let mut out = vec![R::default(); c];
+    parallel::for_each_group(&mut slots, n, &mut out, group, par.on, |g, spans, o| {
+        f(g * group, spans, o)
+    });
+    out
 }
 
 /// `get(channel of run r)` for runs `first, first + 1, ...` of an NCHW span, called in order:
@@ -464,7 +448,7 @@ where
         Par::for_work(g.len(), shape.c, parallel::REDUCE_MAP),
     );
     let mut g = g;
-    g.stream = streams::<T>(g.len()) && plan.long_runs::<T>();
+    g.stream = streams::<T>(g.len()) && plan.long_runs::<T>(par);
     dispatch(
         Isa::current(),
         BackwardJob {
@@ -499,43 +483,14 @@ where
             centers,
             finish,
         } = self;
-        if let Some(s) = plan.short_channels::<T>() {
-            let mut sums = vec![GradSums::default(); g.len() / s];
-            let grain = par.grain(g.len(), s);
-            let span = WithOut {
-                buf: g,
-                out: &mut sums,
-                unit: s,
-            };
-            parallel::for_each_span(span, s, grain, 0, &|first, mut span| {
-                k.backward_channels(
-                    &mut span.buf,
-                    s,
-                    first,
-                    &|ch| centers[ch],
-                    &finish,
-                    span.out,
-                )
+        if let Some((n, c, s)) = plan.fused(par) {
+            let group = plan.group::<T>(par);
+            let center = |ch: usize| centers[ch];
+            return for_each_channel_group(g, (n, c, s), group, par, |first, spans, out| {
+                k.backward_channels(spans, s, first, &center, &finish, out)
             });
-            return sums;
         }
         let sums = match plan {
-            Plan::Runs { n, c, s } if !par.on || c >= 2 * par.threads => {
-                // Fused: a channel's sums, then its dx while x and dy are in cache.
-                return for_each_channel(g, n, c, s, par, |ch, runs| {
-                    let sums = k.grad_sums_runs(
-                        n,
-                        s,
-                        |i| runs[i].as_ref().map_or((&[][..], &[][..]), |r| (r.x, r.dy)),
-                        centers[ch],
-                    );
-                    let p = finish(ch, sums);
-                    for run in runs.iter_mut().flatten() {
-                        k.backward_runs(run, s, |_| p);
-                    }
-                    sums
-                });
-            }
             Plan::Runs { n, c, s } => {
                 let (x, dy) = (g.x, g.dy);
                 Pieces::new(n, c, s, par).map(

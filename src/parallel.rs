@@ -46,19 +46,54 @@ thread_local! {
 
 /// Outputs of at least this many bytes are written with streaming (non-temporal) stores,
 /// which skip reading the destination lines and do not keep them in cache: they would not
-/// stay there anyway. The size of the last-level cache (from sysfs on Linux), else 32 MiB.
+/// stay there anyway. The size of the last-level cache, else 32 MiB.
 pub(crate) fn stream_threshold() -> usize {
-    static LLC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     STREAM_THRESHOLD
         .with(|t| t.get())
-        .unwrap_or_else(|| *LLC.get_or_init(|| last_level_cache().unwrap_or(32 << 20)))
+        .unwrap_or_else(|| caches().last)
 }
 
-/// The largest cache of CPU 0 that sysfs lists, in bytes.
-fn last_level_cache() -> Option<usize> {
-    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+/// The data caches of this machine, as far as they matter here.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Caches {
+    /// Bytes of the level-2 cache of a core (256 KiB when unknown).
+    pub l2: usize,
+    /// Bytes of the largest cache (32 MiB when unknown).
+    pub last: usize,
+}
+
+/// The caches of CPU 0 as Linux's sysfs lists them, read once; defaults elsewhere.
+pub(crate) fn caches() -> Caches {
+    static CACHES: std::sync::OnceLock<Caches> = std::sync::OnceLock::new();
+    *CACHES.get_or_init(|| {
+        let sizes = cache_sizes();
+        Caches {
+            l2: sizes
+                .iter()
+                .find(|(level, _)| *level == 2)
+                .map_or(256 << 10, |(_, size)| *size),
+            last: sizes
+                .iter()
+                .map(|(_, size)| *size)
+                .max()
+                .unwrap_or(32 << 20),
+        }
+    })
+}
+
+/// `(level, bytes)` of every data or unified cache sysfs lists for CPU 0.
+fn cache_sizes() -> Vec<(u32, usize)> {
+    let Ok(dir) = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache") else {
+        return Vec::new();
+    };
+    let read = |path: std::path::PathBuf| std::fs::read_to_string(path).ok();
     dir.filter_map(|e| {
-        let size = std::fs::read_to_string(e.ok()?.path().join("size")).ok()?;
+        let path = e.ok()?.path();
+        if read(path.join("type"))?.trim() == "Instruction" {
+            return None;
+        }
+        let level = read(path.join("level"))?.trim().parse().ok()?;
+        let size = read(path.join("size"))?;
         let size = size.trim();
         let (digits, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
         let mult = match unit {
@@ -67,9 +102,9 @@ fn last_level_cache() -> Option<usize> {
             "G" => 1 << 30,
             _ => return None,
         };
-        digits.parse::<usize>().ok()?.checked_mul(mult)
+        Some((level, digits.parse::<usize>().ok()?.checked_mul(mult)?))
     })
-    .max()
+    .collect()
 }
 
 /// Runs `f` with outputs of at least `bytes` bytes written by streaming stores (0: all of
@@ -209,16 +244,17 @@ pub(crate) fn for_each_chunk<X: Send>(
     }
 }
 
-/// Calls `f(i, &mut groups[i * size ..][..size], &mut out[i])` for every group, in parallel
-/// when `on`.
+/// Calls `f(i, &mut groups[i * size ..][..size], &mut out[i * out_size ..][..out_size])`
+/// for every group (the last `out` chunk may be shorter), in parallel when `on`.
 pub(crate) fn for_each_group<X: Send, Y: Send>(
     groups: &mut [X],
     size: usize,
     out: &mut [Y],
+    out_size: usize,
     on: bool,
-    f: impl Fn(usize, &mut [X], &mut Y) + Sync + Send,
+    f: impl Fn(usize, &mut [X], &mut [Y]) + Sync + Send,
 ) {
-    if size == 0 {
+    if size == 0 || out_size == 0 {
         return;
     }
     #[cfg(feature = "rayon")]
@@ -226,13 +262,14 @@ pub(crate) fn for_each_group<X: Send, Y: Send>(
         use rayon::prelude::*;
         groups
             .par_chunks_mut(size)
-            .zip(out.par_iter_mut())
+            .zip(out.par_chunks_mut(out_size))
             .enumerate()
             .for_each(|(i, (g, o))| f(i, g, o));
         return;
     }
     let _ = on;
-    for (i, (g, o)) in groups.chunks_mut(size).zip(out.iter_mut()).enumerate() {
+    let chunks = groups.chunks_mut(size).zip(out.chunks_mut(out_size));
+    for (i, (g, o)) in chunks.enumerate() {
         f(i, g, o);
     }
 }

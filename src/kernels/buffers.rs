@@ -282,37 +282,3 @@ impl<T: Element> Span for Grad<'_, T> {
         )
     }
 }
-
-/// A buffer of whole units together with one result slot per unit, cut together: each task
-/// of a split writes the results of its own units.
-pub(crate) struct WithOut<'a, B, R> {
-    pub buf: B,
-    pub out: &'a mut [R],
-    /// Elements per unit.
-    pub unit: usize,
-}
-
-impl<B: Span, R: Send> Span for WithOut<'_, B, R> {
-    #[inline(always)]
-    fn len(&self) -> usize {
-        self.buf.len()
-    }
-    #[inline(always)]
-    fn split_at(self, mid: usize) -> (Self, Self) {
-        let (a, b) = self.buf.split_at(mid);
-        let (oa, ob) = self.out.split_at_mut(mid / self.unit);
-        let unit = self.unit;
-        (
-            WithOut {
-                buf: a,
-                out: oa,
-                unit,
-            },
-            WithOut {
-                buf: b,
-                out: ob,
-                unit,
-            },
-        )
-    }
-}

@@ -1,14 +1,16 @@
-//! Whole channels that fit in L1, laid end to end (NCHW with batch 1, the shape inference and
-//! small-batch training see most): reduce, finish and map in one call, a group of channels at
-//! a time.
+//! Training and backward over NCHW a group of channels at a time, fused: a task owns some
+//! consecutive channels, reduces them, computes their parameters, and maps them while their
+//! data is still in cache (the group is sized for that by the caller).
 //!
-//! The general fused path pays per channel for a kernel entry, its gathering of the channel's
-//! runs, and a chain of dependent `f64` divisions and square roots between the reduction and
-//! the map; for a 7x7 channel (49 values) that costs more than the arithmetic on the data. Here
-//! one entry covers every channel of a span, and each group of channels (at most
-//! [`GROUP`], together at most one statistics block) runs in three loops: the reductions of all
-//! its channels, then their parameters (independent iterations, so the divisions of one
-//! channel overlap those of the next), then the maps, the group's data still in L1.
+//! A group's data is `n` spans, one per image, each holding the group's runs of `s` values
+//! side by side. Reading and writing them span by span keeps memory access in long
+//! sequential stretches, where a channel-by-channel order would jump between runs of a few
+//! KiB each (7x7 to 28x28 activations) and defeat the prefetchers.
+//!
+//! The per-channel work is arranged to overlap: one kernel entry for the whole group, the
+//! reductions of all its channels first, then their parameters (independent iterations, so
+//! the divisions and square roots of one channel overlap those of the next), then the maps.
+//! With one image, channels that fit in L1 go in sub-groups of one statistics block.
 
 use super::backward::{grad_sums_runs, BackAffine, GradSums};
 use super::buffers::{Buffers, Grad};
@@ -17,79 +19,156 @@ use super::normalize::{normalize_run, Affine};
 use super::stats::{block_len, moments_each, moments_runs};
 use crate::moments::Moments;
 
-/// Channels per group: the parameters of a group live on the stack.
-const GROUP: usize = 64;
+/// The most channels in a group: their parameters live on the stack.
+pub(crate) const GROUP: usize = 64;
 
-/// Channels per group for channels of `s` values: as many as fit in one statistics block.
+/// Runs at least this long, in groups of several channels, are reduced span by span (one
+/// statistics block per run, merged); shorter ones, or a channel alone, channel by channel,
+/// several runs of a channel to a block.
+const SPAN_ORDER_BYTES: usize = 2048;
+
+/// The span of image `i` (every slot is filled by the caller).
 #[inline(always)]
-fn group_len<L: Lanes>(s: usize) -> usize {
+fn span<B>(spans: &mut [Option<B>], i: usize) -> &mut B {
+    spans[i]
+        .as_mut()
+        .expect("every image's span of a channel group")
+}
+
+/// Channels per L1 sub-group for channels of `s` values.
+#[inline(always)]
+fn sub_group<L: Lanes>(s: usize) -> usize {
     (block_len::<L>() / s.max(1)).clamp(1, GROUP)
 }
 
-/// Training's forward pass over the whole channels of `s` values that make up `buf`, the
-/// first being channel `first`: `out[j]` gets channel `first + j`'s moments, and the channel
-/// is normalized with `finish(first + j, &out[j])`.
+/// Training's forward pass over a group of `out.len() <= GROUP` channels of `s` values per
+/// image, the first being channel `first`, in `spans` (one per image): `out[j]` gets channel
+/// `first + j`'s moments, and the channel is normalized with `finish(first + j, &out[j])`.
 #[inline(always)]
 pub(crate) fn train_channels<L: Lanes, B: Buffers<L::Elem>>(
-    buf: &mut B,
+    spans: &mut [Option<B>],
     s: usize,
     first: usize,
     finish: &impl Fn(usize, &Moments) -> Affine<L::Elem>,
     out: &mut [Moments],
 ) {
-    let group = group_len::<L>(s);
     let mut params = [Affine::default(); GROUP];
-    for (g, moments) in out.chunks_mut(group).enumerate() {
-        let at = g * group;
-        let x = &buf.input()[at * s..][..moments.len() * s];
-        if s <= block_len::<L>() {
-            moments_each::<L>(x, s, moments);
-        } else {
-            for (m, run) in moments.iter_mut().zip(x.chunks_exact(s)) {
-                *m = moments_runs::<L>(1, s, |_| run);
+    if spans.len() == 1 {
+        // One image: sub-groups that fit in L1, each reduced, finished and mapped in turn.
+        let buf = span(spans, 0);
+        let sub = sub_group::<L>(s);
+        for (g, moments) in out.chunks_mut(sub).enumerate() {
+            let at = g * sub;
+            let x = &buf.input()[at * s..][..moments.len() * s];
+            if s <= block_len::<L>() {
+                moments_each::<L>(x, s, moments);
+            } else {
+                for (m, run) in moments.iter_mut().zip(x.chunks_exact(s)) {
+                    *m = moments_runs::<L>(1, s, |_| run);
+                }
+            }
+            for (j, (p, m)) in params.iter_mut().zip(moments.iter()).enumerate() {
+                *p = finish(first + at + j, m);
+            }
+            for (j, p) in params[..moments.len()].iter().enumerate() {
+                normalize_run::<L, B>(buf, (at + j) * s, s, p);
             }
         }
-        for (j, (p, m)) in params.iter_mut().zip(moments.iter()).enumerate() {
-            *p = finish(first + at + j, m);
+    } else {
+        let size = std::mem::size_of::<L::Elem>();
+        if out.len() > 1 && s * size >= SPAN_ORDER_BYTES {
+            let mut part = [Moments::EMPTY; GROUP];
+            out.fill(Moments::EMPTY);
+            for i in 0..spans.len() {
+                let x = span(spans, i).input();
+                let part = &mut part[..out.len()];
+                if s <= block_len::<L>() {
+                    moments_each::<L>(x, s, part);
+                } else {
+                    for (m, run) in part.iter_mut().zip(x.chunks_exact(s)) {
+                        *m = moments_runs::<L>(1, s, |_| run);
+                    }
+                }
+                for (o, m) in out.iter_mut().zip(part.iter()) {
+                    *o = o.merge(*m);
+                }
+            }
+        } else {
+            let n = spans.len();
+            for (j, o) in out.iter_mut().enumerate() {
+                let run = |i: usize| {
+                    let x = spans[i].as_ref().expect("every image's span").input();
+                    &x[j * s..][..s]
+                };
+                *o = moments_runs::<L>(n, s, run);
+            }
         }
-        for (j, p) in params[..moments.len()].iter().enumerate() {
-            normalize_run::<L, B>(buf, (at + j) * s, s, p);
+        for (j, (p, m)) in params.iter_mut().zip(out.iter()).enumerate() {
+            *p = finish(first + j, m);
+        }
+        for i in 0..spans.len() {
+            let buf = span(spans, i);
+            for (j, p) in params[..out.len()].iter().enumerate() {
+                normalize_run::<L, B>(buf, j * s, s, p);
+            }
         }
     }
-    if buf.streaming() {
+    if spans
+        .iter()
+        .any(|b| b.as_ref().is_some_and(|b| b.streaming()))
+    {
         super::store_fence();
     }
 }
 
-/// The backward pass over the whole channels of `s` values that make up `g`, the first being
-/// channel `first`: `out[j]` gets channel `first + j`'s sums around `center(first + j)`, and
-/// its `dx` is written with `finish(first + j, out[j])`.
+/// The backward pass over a group of `out.len() <= GROUP` channels of `s` values per image,
+/// the first being channel `first`, in `spans` (one per image): `out[j]` gets channel
+/// `first + j`'s sums around `center(first + j)`, and its `dx` is written with
+/// `finish(first + j, out[j])`.
 #[inline(always)]
 pub(crate) fn backward_channels<L: Lanes>(
-    g: &mut Grad<'_, L::Elem>,
+    spans: &mut [Option<Grad<'_, L::Elem>>],
     s: usize,
     first: usize,
     center: &impl Fn(usize) -> L::Elem,
     finish: &impl Fn(usize, GradSums) -> BackAffine<L::Elem>,
     out: &mut [GradSums],
 ) {
-    let group = group_len::<L>(s);
     let mut params = [BackAffine::default(); GROUP];
-    for (gi, sums) in out.chunks_mut(group).enumerate() {
-        let at = gi * group;
-        for (j, o) in sums.iter_mut().enumerate() {
-            let i = (at + j) * s;
-            let (x, dy) = (&g.x[i..i + s], &g.dy[i..i + s]);
-            *o = grad_sums_runs::<L>(1, s, |_| (x, dy), center(first + at + j));
+    let mut centers = [L::Elem::default(); GROUP];
+    for (j, c) in centers[..out.len()].iter_mut().enumerate() {
+        *c = center(first + j);
+    }
+    // One image: sub-groups that fit in L1; more: the whole group, span by span.
+    let sub = if spans.len() == 1 {
+        sub_group::<L>(s)
+    } else {
+        GROUP
+    };
+    let mut stream = false;
+    for (g, sums) in out.chunks_mut(sub).enumerate() {
+        let at = g * sub;
+        sums.fill(GradSums::default());
+        for i in 0..spans.len() {
+            let grad = span(spans, i);
+            for (j, o) in sums.iter_mut().enumerate() {
+                let k = (at + j) * s;
+                let (x, dy) = (&grad.x[k..k + s], &grad.dy[k..k + s]);
+                *o = o.add(grad_sums_runs::<L>(1, s, |_| (x, dy), centers[at + j]));
+            }
         }
         for (j, (p, o)) in params.iter_mut().zip(sums.iter()).enumerate() {
             *p = finish(first + at + j, *o);
         }
-        for (j, p) in params[..sums.len()].iter().enumerate() {
-            super::backward::backward_run::<L>(g, (at + j) * s, s, p);
+        for i in 0..spans.len() {
+            let grad = span(spans, i);
+            stream |= grad.stream;
+            for (j, p) in params[..sums.len()].iter().enumerate() {
+                super::backward::backward_run::<L>(grad, (at + j) * s, s, p);
+            }
         }
     }
-    if g.stream {
+    if stream {
         super::store_fence();
     }
 }

@@ -189,21 +189,21 @@ pub(crate) trait Kernels<T: Element>: Copy + Send + Sync {
     );
     /// `dx` of whole rows of `c` channels.
     fn backward_rows(self, g: &mut Grad<'_, T>, c: usize, p: &ChannelBack<'_, T>);
-    /// Training's forward pass over the whole channels of `s` values that make up `buf`
-    /// (see [`channels`]), the first being channel `first`; their moments go to `out`.
+    /// Training's forward pass over a group of channels (see [`channels`]), the first being
+    /// channel `first`, one span of `buf` per image; their moments go to `out`.
     fn train_channels<B: Buffers<T>>(
         self,
-        buf: &mut B,
+        buf: &mut [Option<B>],
         s: usize,
         first: usize,
         finish: &impl Fn(usize, &Moments) -> Affine<T>,
         out: &mut [Moments],
     );
-    /// The backward pass over the whole channels of `s` values that make up `g`.
+    /// The backward pass over a group of channels, one span of `g` per image.
     #[allow(clippy::too_many_arguments)]
     fn backward_channels(
         self,
-        g: &mut Grad<'_, T>,
+        g: &mut [Option<Grad<'_, T>>],
         s: usize,
         first: usize,
         center: &impl Fn(usize) -> T,
@@ -378,7 +378,7 @@ macro_rules! impl_kernels {
 
             fn train_channels<B: $crate::kernels::buffers::Buffers<$t>>(
                 self,
-                buf: &mut B,
+                buf: &mut [Option<B>],
                 s: usize,
                 first: usize,
                 finish: &impl Fn(usize, &$crate::moments::Moments) -> $crate::kernels::normalize::Affine<$t>,
@@ -386,7 +386,7 @@ macro_rules! impl_kernels {
             ) {
                 #[$attr]
                 unsafe fn entry<L: $crate::kernels::lanes::Lanes, B: $crate::kernels::buffers::Buffers<L::Elem>>(
-                    buf: &mut B,
+                    buf: &mut [Option<B>],
                     s: usize,
                     first: usize,
                     finish: &impl Fn(usize, &$crate::moments::Moments) -> $crate::kernels::normalize::Affine<L::Elem>,
@@ -400,7 +400,7 @@ macro_rules! impl_kernels {
 
             fn backward_channels(
                 self,
-                g: &mut $crate::kernels::buffers::Grad<'_, $t>,
+                g: &mut [Option<$crate::kernels::buffers::Grad<'_, $t>>],
                 s: usize,
                 first: usize,
                 center: &impl Fn(usize) -> $t,
@@ -410,7 +410,7 @@ macro_rules! impl_kernels {
                 #[$attr]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn entry<L: $crate::kernels::lanes::Lanes>(
-                    g: &mut $crate::kernels::buffers::Grad<'_, L::Elem>,
+                    g: &mut [Option<$crate::kernels::buffers::Grad<'_, L::Elem>>],
                     s: usize,
                     first: usize,
                     center: &impl Fn(usize) -> L::Elem,
