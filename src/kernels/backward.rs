@@ -273,11 +273,7 @@ impl<L: Lanes> BackLanes<L> {
         let xc = xv.sub(self.hi);
         let out = dv.mul_add(self.a, xc.mul_add(self.b, self.c));
         if n == L::WIDTH {
-            if g.stream {
-                out.store_stream(dx);
-            } else {
-                out.store(dx);
-            }
+            out.store(dx);
         } else {
             out.store_partial(dx);
         }
@@ -295,9 +291,6 @@ pub(crate) fn backward_runs<L: Lanes>(
     for r in 0..runs {
         backward_run::<L>(g, r * s, s, &params(r));
     }
-    if g.stream {
-        super::store_fence();
-    }
 }
 
 /// `dx` for the `s` values of `g` from `start`, with `p`.
@@ -311,28 +304,6 @@ pub(crate) fn backward_run<L: Lanes>(
     let w = L::WIDTH;
     let f = BackLanes::<L>::splat(*p);
     let (mut i, end) = (start, start + s);
-    if g.stream && s >= w {
-        // Streaming stores need aligned addresses: a plain first vector up to the first
-        // vector boundary of `dx`, aligned streaming ones, a plain overlapping last one (`x`
-        // and `dy` are not written, so the overlaps recompute the same values).
-        let head = g.dx[start..end]
-            .as_ptr()
-            .align_offset(std::mem::size_of::<L>());
-        if head < w {
-            if head > 0 {
-                f.apply(g, start, w);
-            }
-            i += head;
-            while i + w <= end {
-                f.apply(g, i, w);
-                i += w;
-            }
-            if i < end {
-                f.apply(g, end - w, w);
-            }
-            return;
-        }
-    }
     while i + w <= end {
         f.apply(g, i, w);
         i += w;
@@ -364,8 +335,5 @@ pub(crate) fn backward_rows<L: Lanes>(
             f.apply(g, r * c + c0, n);
             c0 += n;
         }
-    }
-    if g.stream {
-        super::store_fence();
     }
 }

@@ -16,8 +16,8 @@ pub(crate) trait Span: Send + Sized {
 pub(crate) trait Buffers<T: Element>: Span {
     /// The input values (the output buffer itself when in place).
     fn input(&self) -> &[T];
-    /// Whether full-vector outputs go to memory with streaming stores
-    /// ([`Lanes::store_stream`]); only a separate output takes them.
+    /// Whether [`map_overlapping`](Self::map_overlapping) writes its output with streaming
+    /// stores ([`Lanes::store_stream`]); only a separate output takes them.
     fn set_streaming(&mut self, _on: bool) {}
     /// Whether [`set_streaming`](Self::set_streaming) turned streaming on.
     fn streaming(&self) -> bool {
@@ -62,7 +62,7 @@ pub(crate) trait Buffers<T: Element>: Span {
 pub(crate) struct Split<'a, T> {
     pub x: &'a [T],
     pub y: &'a mut [T],
-    /// Streaming stores for the full vectors of `y`.
+    /// Streaming stores in [`Buffers::map_overlapping`].
     pub stream: bool,
 }
 
@@ -153,14 +153,8 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
     fn map_vectors<L: Lanes<Elem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>) {
         let x = self.x[start..start + len].chunks_exact(L::WIDTH);
         let y = self.y[start..start + len].chunks_exact_mut(L::WIDTH);
-        if self.stream {
-            for (j, (x, y)) in x.zip(y).enumerate() {
-                f.apply_at(j, L::load(x)).store_stream(y);
-            }
-        } else {
-            for (j, (x, y)) in x.zip(y).enumerate() {
-                f.apply_at(j, L::load(x)).store(y);
-            }
+        for (j, (x, y)) in x.zip(y).enumerate() {
+            f.apply_at(j, L::load(x)).store(y);
         }
     }
     #[inline(always)]
@@ -178,12 +172,8 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
     #[inline(always)]
     fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
         if n == L::WIDTH {
-            let v = f.apply(L::load(&self.x[i..i + n]));
-            if self.stream {
-                v.store_stream(&mut self.y[i..i + n]);
-            } else {
-                v.store(&mut self.y[i..i + n]);
-            }
+            f.apply(L::load(&self.x[i..i + n]))
+                .store(&mut self.y[i..i + n]);
         } else {
             f.apply(L::load_partial(&self.x[i..i + n], T::ZERO))
                 .store_partial(&mut self.y[i..i + n]);
@@ -240,18 +230,11 @@ pub(crate) struct Grad<'a, T> {
     pub x: &'a [T],
     pub dy: &'a [T],
     pub dx: &'a mut [T],
-    /// Streaming stores for the full vectors of `dx`.
-    pub stream: bool,
 }
 
 impl<'a, T> Grad<'a, T> {
     pub fn new(x: &'a [T], dy: &'a [T], dx: &'a mut [T]) -> Self {
-        Grad {
-            x,
-            dy,
-            dx,
-            stream: false,
-        }
+        Grad { x, dy, dx }
     }
 }
 
@@ -265,19 +248,16 @@ impl<T: Element> Span for Grad<'_, T> {
         let (xa, xb) = self.x.split_at(mid);
         let (da, db) = self.dy.split_at(mid);
         let (oa, ob) = self.dx.split_at_mut(mid);
-        let stream = self.stream;
         (
             Grad {
                 x: xa,
                 dy: da,
                 dx: oa,
-                stream,
             },
             Grad {
                 x: xb,
                 dy: db,
                 dx: ob,
-                stream,
             },
         )
     }

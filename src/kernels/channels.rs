@@ -145,7 +145,6 @@ pub(crate) fn backward_channels<L: Lanes>(
     } else {
         GROUP
     };
-    let mut stream = false;
     for (g, sums) in out.chunks_mut(sub).enumerate() {
         let at = g * sub;
         sums.fill(GradSums::default());
@@ -162,13 +161,9 @@ pub(crate) fn backward_channels<L: Lanes>(
         }
         for i in 0..spans.len() {
             let grad = span(spans, i);
-            stream |= grad.stream;
             for (j, p) in params[..sums.len()].iter().enumerate() {
                 super::backward::backward_run::<L>(grad, (at + j) * s, s, p);
             }
         }
-    }
-    if stream {
-        super::store_fence();
     }
 }

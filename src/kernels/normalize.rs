@@ -185,9 +185,6 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<L::Elem>>(
             buf.map(row + full, c - full, &tail);
         }
     }
-    if buf.streaming() {
-        super::store_fence();
-    }
 }
 
 /// Writes every channel's [`Affine`] into `buf`, laid out `[hi | scale | shift]`, and
