@@ -57,15 +57,20 @@ fn main() {
     let batches = list(&args, "--batch", vec![1, 32]);
     let mut threads = list(&args, "--threads", vec![1, all]);
     threads.dedup();
-    let isa = arg::<String>(&args, "--isa")
-        .and_then(|n| Isa::from_name(&n))
-        .unwrap_or_else(Isa::current);
+    // Without --isa, each call picks its instruction set as any caller's would.
+    let isa = arg::<String>(&args, "--isa").and_then(|n| Isa::from_name(&n));
+    let on_isa = |f: &mut dyn FnMut() -> (Timing, Timing)| match isa {
+        Some(isa) => with_isa(isa, f),
+        None => f(),
+    };
     let budget = Duration::from_millis(if quick { 40 } else { 250 });
     let min_calls = if quick { 3 } else { 7 };
     if !csv {
         println!(
             "ResNet-50 batch norms (53 layers), f32, isa {}, {all} hardware threads",
-            isa.name()
+            isa.map_or(format!("default ({})", Isa::current().name()), |i| i
+                .name()
+                .to_string())
         );
         println!(
             "time = Σ over layers of the median call (min beside it); copy = memcpy of the same"
@@ -102,7 +107,7 @@ fn main() {
                         let bytes = if op == "backward" { 12.0 } else { 8.0 } * len as f64;
                         let mut layer = bn.clone();
                         let (timing, copy_t) = pool.install(|| {
-                            with_isa(isa, || {
+                            on_isa(&mut || {
                                 time_pair(
                                     budget,
                                     min_calls,

@@ -66,6 +66,15 @@ impl Plan {
         }
     }
 
+    /// The instruction set of a normalization over `buf` with this plan (see
+    /// [`Isa::for_rows`]).
+    fn isa<T: Element, B: Buffers<T>>(self, buf: &B) -> Isa {
+        match self {
+            Plan::Runs { .. } => Isa::current(),
+            Plan::Rows { .. } => Isa::for_rows(&[buf.input(), buf.output()]),
+        }
+    }
+
     fn of(shape: Shape, layout: Layout) -> Plan {
         let Shape { n, c, spatial: s } = shape;
         match layout {
@@ -103,7 +112,7 @@ where
     let mut buf = buf;
     buf.set_streaming(plan.streams::<T>(2 * buf.len()));
     dispatch(
-        Isa::current(),
+        plan.isa(&buf),
         TrainJob {
             buf,
             plan,
@@ -126,7 +135,7 @@ pub(crate) fn apply<T: Element, B: Buffers<T>>(
     );
     let mut buf = buf;
     buf.set_streaming(plan.streams::<T>(2 * buf.len()));
-    dispatch(Isa::current(), ApplyJob { buf, plan, par, p })
+    dispatch(plan.isa(&buf), ApplyJob { buf, plan, par, p })
 }
 
 struct StatsJob<'a, T> {

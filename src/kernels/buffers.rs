@@ -16,6 +16,8 @@ pub(crate) trait Span: Send + Sized {
 pub(crate) trait Buffers<T: Element>: Span {
     /// The input values (the output buffer itself when in place).
     fn input(&self) -> &[T];
+    /// The output values (the input itself when in place).
+    fn output(&self) -> &[T];
     /// Whether [`map_overlapping`](Self::map_overlapping) writes its output with streaming
     /// stores ([`Lanes::store_stream`]); only a separate output takes them.
     fn set_streaming(&mut self, _on: bool) {}
@@ -102,6 +104,10 @@ impl<T: Element> Span for Split<'_, T> {
 }
 
 impl<T: Element> Buffers<T> for Split<'_, T> {
+    #[inline(always)]
+    fn output(&self) -> &[T] {
+        self.y
+    }
     /// As the default, and when streaming, aligned: a plain first vector, then streaming
     /// stores from the first vector boundary of `y`, then a plain overlapping last vector
     /// (streaming stores need aligned addresses; `x` is not written, so overlaps are free).
@@ -193,6 +199,10 @@ impl<T: Element> Span for &mut [T] {
 }
 
 impl<T: Element> Buffers<T> for &mut [T] {
+    #[inline(always)]
+    fn output(&self) -> &[T] {
+        self
+    }
     #[inline(always)]
     fn map_vectors<L: Lanes<Elem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>) {
         for (j, v) in self[start..start + len]
