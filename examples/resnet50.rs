@@ -8,30 +8,14 @@
 //! [--isa avx2] [--layers] [--csv]`
 //!
 //! `--layers` adds a row per distinct shape; `--csv` prints
-//! `resnet50,batch,layout,op,threads,median_ms,min_ms,copy_ms` lines instead of the table
-//! (for `benches/compare/compare.sh`).
+//! `resnet50 bN,layout,op,threads,median_ms,min_ms,copy_ms,bytes` lines of the totals instead
+//! of the table (for `benches/compare/compare.sh`).
 
 mod common;
 
 use batchnorm::{oracle, with_isa, BatchNorm, Isa, Layout, Shape};
-use common::{arg, copy, grad, input, max_error, time_pair, Timing};
+use common::{arg, copy, grad, input, max_error, time_pair, Timing, RESNET50};
 use std::time::Duration;
-
-/// (channels, height = width, how many layers) of ResNet-50's batch norms.
-pub const LAYERS: [(usize, usize, usize); 12] = [
-    (64, 112, 1),
-    (64, 56, 6),
-    (256, 56, 4),
-    (128, 56, 1),
-    (128, 28, 7),
-    (512, 28, 5),
-    (256, 28, 1),
-    (256, 14, 11),
-    (1024, 14, 7),
-    (512, 14, 1),
-    (512, 7, 5),
-    (2048, 7, 4),
-];
 
 const OPS: [&str; 3] = ["eval", "train", "backward"];
 
@@ -82,7 +66,7 @@ fn main() {
     for &batch in &batches {
         for layout in [Layout::Nchw, Layout::Nhwc] {
             let mut totals = vec![[Total::default(); 3]; threads.len()];
-            for &(c, hw, count) in &LAYERS {
+            for &(c, hw, count) in &RESNET50 {
                 let shape = Shape::new(batch, c, hw * hw);
                 let len = shape.numel().expect("shape fits");
                 let x = input(len, c);
@@ -165,10 +149,11 @@ fn main() {
                     let secs = tot.op.median.as_secs_f64();
                     if csv {
                         println!(
-                            "resnet50,{batch},{layout:?},{op},{t},{:.4},{:.4},{:.4}",
+                            "resnet50 b{batch},{layout:?},{op},{t},{:.4},{:.4},{:.4},{}",
                             ms(tot.op.median),
                             ms(tot.op.min),
-                            ms(tot.copy)
+                            ms(tot.copy),
+                            tot.bytes
                         );
                     } else {
                         println!(

@@ -302,6 +302,7 @@ fn stats_rows<T: Element, K: Kernels<T>>(
     row_pieces(
         rows,
         c,
+        std::mem::size_of_val(x),
         par,
         |r, cols, acc: &mut [PivotSums]| k.moments_rows(x, c, r, cols, acc),
         |acc, rows| acc.moments(rows),
@@ -313,19 +314,22 @@ fn stats_rows<T: Element, K: Kernels<T>>(
 /// lines of every row, so that tasks share no line and each reads whole lines.
 const COLUMN_GRAIN: usize = 64;
 
-/// Per-channel results over `rows` rows of `c` channels, from `f(rows, cols, acc)`, which
+/// Per-channel results over `rows` rows of `c` channels (`bytes` of input), from
+/// `f(rows, cols, acc)`, which
 /// accumulates a rectangle into `acc` (one zeroed accumulator per column), and `done(acc,
 /// rows)`, which turns an accumulator of that many rows into a result; results of different
 /// rows merge with `merge`.
 ///
 /// One thread: one rectangle. With threads, when the columns give every thread at least
-/// [`COLUMN_GRAIN`] of them (or the rows are too few to share): a block of columns over all
-/// rows per task, and no merge at all. Otherwise a span of rows per thread, their accumulators
-/// in one buffer, merged per column in parallel: no task allocates, and no thread makes a
-/// serial pass over `threads x c` values.
+/// [`COLUMN_GRAIN`] of them and the data fits in the threads' L2 caches (BatchNorm1d, small
+/// NHWC), or the rows are too few to share: a block of columns over all rows per task, and no
+/// merge at all. Otherwise a span of rows per thread, their accumulators in one buffer, merged
+/// per column in parallel: no task allocates, and no thread makes a serial pass over
+/// `threads x c` values.
 fn row_pieces<A, R>(
     rows: usize,
     c: usize,
+    bytes: usize,
     par: Par,
     f: impl Fn(Range<usize>, Range<usize>, &mut [A]) + Sync + Send,
     done: impl Fn(&A, usize) -> R + Sync + Send,
@@ -336,9 +340,16 @@ where
     R: Send + Default + Clone,
 {
     let threads = if par.on { par.threads } else { 1 };
-    let columns = c / COLUMN_GRAIN >= threads || rows < 4 * threads;
+    // Columns when the rows are few, or the tensor fits in the threads' L2 caches: a block of
+    // columns of a larger tensor makes every task stream through all of its memory.
+    let columns = rows < 4 * threads
+        || (c / COLUMN_GRAIN >= threads && bytes <= parallel::caches().l2 * threads);
     if threads == 1 || columns {
-        let tasks = (c / COLUMN_GRAIN).clamp(1, 4 * threads);
+        let tasks = if threads == 1 {
+            1
+        } else {
+            (c / COLUMN_GRAIN).clamp(1, 4 * threads)
+        };
         let per = c.div_ceil(tasks).next_multiple_of(16);
         let mut acc = vec![A::default(); c];
         parallel::for_each_chunk(&mut acc, per, threads > 1, |i, acc| {
@@ -513,6 +524,7 @@ where
             Plan::Rows { rows, c } => row_pieces(
                 rows,
                 c,
+                2 * std::mem::size_of_val(g.x),
                 par,
                 |r, cols, acc: &mut [GradSums]| {
                     k.grad_sums_rows(g.x, g.dy, c, r, cols, centers, acc)

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Runs the report's shapes through this crate, oneDNN and PyTorch on this machine, single
-# threaded by default (THREADS=N for more), and prints GB/s side by side. Not run by CI.
-# Needs: g++ and Debian's libdnnl-dev for oneDNN; `pip install torch` for PyTorch (each is
-# skipped when missing).
+# Runs the report's shapes and ResNet-50's 53 batch-norm layers (batch 1 and 32) through this
+# crate, oneDNN and PyTorch on this machine, every tool timed the same way (each operation
+# alternately with a copy of the same bytes on the same threads, the same buffers every call,
+# median and minimum), and prints them side by side: GB/s of the median call and the ratio to
+# that tool's own copy. THREADS=N (default 1). Not run by CI.
+# Needs: g++ and Debian's libdnnl-dev (oneDNN 2.x) for oneDNN; `pip install torch` for
+# PyTorch (each is skipped when missing).
 set -uo pipefail
 cd "$(dirname "$0")"
 threads=${THREADS:-1}
 out=$(mktemp -d)
 
 cargo run --release --quiet --example report -- --csv --threads "$threads" > "$out/ours.csv"
-if g++ -O2 -std=c++17 onednn.cpp -ldnnl -o "$out/onednn" 2>/dev/null; then
+cargo run --release --quiet --example resnet50 -- --csv --threads "$threads" >> "$out/ours.csv"
+if g++ -O2 -fopenmp -std=c++17 onednn.cpp -ldnnl -o "$out/onednn" 2>"$out/onednn.err"; then
     OMP_NUM_THREADS=$threads "$out/onednn" > "$out/onednn.csv"
 else
-    echo "oneDNN: not built (apt-get install libdnnl-dev)" >&2
+    echo "oneDNN: not built (apt-get install libdnnl-dev); $(head -3 "$out/onednn.err")" >&2
 fi
 if python3 -c 'import torch' 2>/dev/null; then
     THREADS=$threads python3 torch_bn.py > "$out/torch.csv"
@@ -23,16 +27,25 @@ fi
 python3 - "$out" <<'PY'
 import csv, os, sys
 out = sys.argv[1]
-tables = {}
-for tool in ["ours", "onednn", "torch"]:
+tools = ["ours", "onednn", "torch"]
+rows = {}
+for tool in tools:
     path = os.path.join(out, tool + ".csv")
     if os.path.exists(path):
-        for row in csv.reader(open(path)):
-            if len(row) == 4:
-                tables.setdefault(tuple(row[:3]), {})[tool] = row[3]
-print("| shape | layout | op | batchnorm GB/s | oneDNN GB/s | PyTorch GB/s |")
-print("|---|---|---|---|---|---|")
-for key in sorted(tables):
-    t = tables[key]
-    print("| " + " | ".join(key) + " | " + " | ".join(t.get(k, "-") for k in ["ours", "onednn", "torch"]) + " |")
+        for r in csv.reader(open(path)):
+            if len(r) == 8:
+                name, layout, op, threads, med, low, cp, nbytes = r
+                rows.setdefault((name, layout, op, threads), {})[tool] = (float(med), float(low), float(cp), float(nbytes))
+def cell(v):
+    if v is None:
+        return "-"
+    med, low, cp, nbytes = v
+    return f"{med:.3f} ms ({low:.3f}) {nbytes / med / 1e6:.1f} GB/s, {cp / med:.2f}"
+print("median time (min), GB/s, ratio to the tool's own copy of the same bytes")
+print()
+print("| shape | layout | op | threads | batchnorm | oneDNN | PyTorch |")
+print("|---|---|---|---|---|---|---|")
+for key in sorted(rows):
+    t = rows[key]
+    print("| " + " | ".join(key) + " | " + " | ".join(cell(t.get(k)) for k in tools) + " |")
 PY

@@ -337,9 +337,15 @@ pub(crate) fn moments_rows<L: Lanes>(
             // Rows much wider than a tile: stream the block in once, in memory order, so that
             // the tiles below (which read it a column strip at a time) find it in cache rather
             // than each pulling scattered lines from memory.
+            // Whole rows are one stretch of memory; a block of columns, a stretch per row.
+            let (stretch, rows) = if cols.len() == c {
+                (block.len() * c, block.start..block.start + 1)
+            } else {
+                (cols.len(), block.clone())
+            };
             let mut touch = L::splat(L::Elem::ZERO);
-            for r in block.clone() {
-                let span = &x[r * c + cols.start..r * c + cols.end];
+            for r in rows {
+                let span = &x[r * c + cols.start..][..stretch];
                 let mut i = 0;
                 while i + w <= span.len() {
                     touch = touch.add(L::load(&span[i..i + w]));
