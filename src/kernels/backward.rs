@@ -76,35 +76,49 @@ pub(crate) fn fill_back<T: Element>(
     ChannelBack { hi, a, b, c }
 }
 
-/// The sums of one block of at most `ACCUMULATORS * MAX_CHAIN` vectors; padding lanes have
-/// `dy = 0` and add nothing.
+/// Vectors a block's loop takes at once: as many independent accumulators per sum.
+const UNROLL: usize = 4;
+
+/// The sums of one block of at most `UNROLL * MAX_CHAIN` vectors, [`UNROLL`] vectors at a time
+/// into independent accumulators (so that consecutive additions do not wait on each other);
+/// padding lanes have `dy = 0` and add nothing.
 #[inline(always)]
 fn block_sums<L: Lanes>(x: &[L::Elem], dy: &[L::Elem], hi: L::Elem) -> GradSums {
     let w = L::WIDTH;
     let zero = L::splat(L::Elem::ZERO);
     let hv = L::splat(hi);
-    let mut sd = [zero; 2];
-    let mut sx = [zero; 2];
-    let full = x.len() - x.len() % w;
-    let mut i = 0;
-    while i < full {
-        let j = (i / w) % 2;
-        let (xv, dv) = (L::load(&x[i..i + w]), L::load(&dy[i..i + w]));
-        sd[j] = sd[j].add(dv);
-        sx[j] = dv.mul_add(xv.sub(hv), sx[j]);
-        i += w;
+    let (mut sd, mut sx) = ([zero; UNROLL], [zero; UNROLL]);
+    let dy = &dy[..x.len()];
+    let mut chunks = x.chunks_exact(UNROLL * w).zip(dy.chunks_exact(UNROLL * w));
+    for (xs, ds) in &mut chunks {
+        for k in 0..UNROLL {
+            let (xv, dv) = (L::load(&xs[k * w..]), L::load(&ds[k * w..]));
+            sd[k] = sd[k].add(dv);
+            sx[k] = dv.mul_add(xv.sub(hv), sx[k]);
+        }
     }
-    if full < x.len() {
-        let (xv, dv) = (
-            L::load_partial(&x[full..], hi),
-            L::load_partial(&dy[full..], L::Elem::ZERO),
-        );
+    let done = x.len() - x.len() % (UNROLL * w);
+    let (xr, dr) = (&x[done..], &dy[done..]);
+    let mut vectors = xr.chunks_exact(w).zip(dr.chunks_exact(w));
+    for (xv, dv) in &mut vectors {
+        let (xv, dv) = (L::load(xv), L::load(dv));
         sd[0] = sd[0].add(dv);
         sx[0] = dv.mul_add(xv.sub(hv), sx[0]);
     }
+    let tail = xr.len() - xr.len() % w;
+    if tail < xr.len() {
+        let (xv, dv) = (
+            L::load_partial(&xr[tail..], hi),
+            L::load_partial(&dr[tail..], L::Elem::ZERO),
+        );
+        sd[1] = sd[1].add(dv);
+        sx[1] = dv.mul_add(xv.sub(hv), sx[1]);
+    }
+    let (d, c) = (sd[0].add(sd[1]), sx[0].add(sx[1]));
+    let (d2, c2) = (sd[2].add(sd[3]), sx[2].add(sx[3]));
     let sums = GradSums {
-        dy: sd[0].add(sd[1]).sum().to_f64(),
-        dy_xc: sx[0].add(sx[1]).sum().to_f64(),
+        dy: d.add(d2).sum().to_f64(),
+        dy_xc: c.add(c2).sum().to_f64(),
     };
     if sums.dy.is_finite() && sums.dy_xc.is_finite() {
         sums
@@ -136,8 +150,8 @@ pub(crate) fn grad_sums_runs<'a, L: Lanes>(
     run: impl Fn(usize) -> (&'a [L::Elem], &'a [L::Elem]),
     hi: L::Elem,
 ) -> GradSums {
-    // Two accumulators per sum here, so blocks of 2 * MAX_CHAIN vectors.
-    let block = block_len::<L>().min(2 * MAX_CHAIN * L::WIDTH);
+    // UNROLL accumulators per sum, each adding at most MAX_CHAIN values.
+    let block = block_len::<L>().min(UNROLL * MAX_CHAIN * L::WIDTH);
     let mut acc = GradSums::default();
     for i in 0..count {
         let (x, dy) = run(i);
@@ -258,24 +272,24 @@ impl<L: Lanes> BackLanes<L> {
         }
     }
 
+    /// `a * dy + b * (x - hi) + c`.
+    #[inline(always)]
+    fn dx(&self, xv: L, dv: L) -> L {
+        dv.mul_add(self.a, xv.sub(self.hi).mul_add(self.b, self.c))
+    }
+
     /// `dx[i .. i + n] = a * dy + b * (x - hi) + c`, `n <= WIDTH`.
     #[inline(always)]
     fn apply(&self, g: &mut Grad<'_, L::Elem>, i: usize, n: usize) {
         let (x, dy, dx) = (&g.x[i..i + n], &g.dy[i..i + n], &mut g.dx[i..i + n]);
-        let (xv, dv) = if n == L::WIDTH {
-            (L::load(x), L::load(dy))
+        if n == L::WIDTH {
+            self.dx(L::load(x), L::load(dy)).store(dx);
         } else {
-            (
+            let v = self.dx(
                 L::load_partial(x, L::Elem::ZERO),
                 L::load_partial(dy, L::Elem::ZERO),
-            )
-        };
-        let xc = xv.sub(self.hi);
-        let out = dv.mul_add(self.a, xc.mul_add(self.b, self.c));
-        if n == L::WIDTH {
-            out.store(dx);
-        } else {
-            out.store_partial(dx);
+            );
+            v.store_partial(dx);
         }
     }
 }
@@ -293,7 +307,8 @@ pub(crate) fn backward_runs<L: Lanes>(
     }
 }
 
-/// `dx` for the `s` values of `g` from `start`, with `p`.
+/// `dx` for the `s` values of `g` from `start`, with `p`: whole vectors without per-vector
+/// bounds checks, then the partial tail.
 #[inline(always)]
 pub(crate) fn backward_run<L: Lanes>(
     g: &mut Grad<'_, L::Elem>,
@@ -303,13 +318,22 @@ pub(crate) fn backward_run<L: Lanes>(
 ) {
     let w = L::WIDTH;
     let f = BackLanes::<L>::splat(*p);
-    let (mut i, end) = (start, start + s);
-    while i + w <= end {
-        f.apply(g, i, w);
-        i += w;
+    let (x, dy, dx) = (
+        &g.x[start..start + s],
+        &g.dy[start..start + s],
+        &mut g.dx[start..start + s],
+    );
+    let full = s - s % w;
+    let inputs = x.chunks_exact(w).zip(dy.chunks_exact(w));
+    for ((xv, dv), out) in inputs.zip(dx.chunks_exact_mut(w)) {
+        f.dx(L::load(xv), L::load(dv)).store(out);
     }
-    if i < end {
-        f.apply(g, i, end - i);
+    if full < s {
+        let v = f.dx(
+            L::load_partial(&x[full..], L::Elem::ZERO),
+            L::load_partial(&dy[full..], L::Elem::ZERO),
+        );
+        v.store_partial(&mut dx[full..]);
     }
 }
 

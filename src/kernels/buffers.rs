@@ -49,14 +49,21 @@ pub(crate) trait Buffers<T: Element>: Span {
     ) {
         let w = L::WIDTH;
         let last = self.load::<L>(end - w);
-        let mut i = start;
-        while i + w <= end {
-            self.map(i, w, f);
-            i += w;
-        }
-        if i < end {
+        let full = (end - start) - (end - start) % w;
+        self.map_vectors(start, full, &Each(f));
+        if full < end - start {
             self.store(end - w, f.apply(last));
         }
+    }
+}
+
+/// A [`MapLanes`] as a [`MapAt`] that ignores the index.
+struct Each<'a, F>(&'a F);
+
+impl<L: Lanes, F: MapLanes<L>> MapAt<L> for Each<'_, F> {
+    #[inline(always)]
+    fn apply_at(&self, _: usize, v: L) -> L {
+        self.0.apply(v)
     }
 }
 
@@ -124,12 +131,9 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
             .align_offset(std::mem::size_of::<L>());
         if !self.stream || head >= w {
             let last = self.load::<L>(end - w);
-            let mut i = start;
-            while i + w <= end {
-                self.map(i, w, f);
-                i += w;
-            }
-            if i < end {
+            let full = (end - start) - (end - start) % w;
+            self.map_vectors(start, full, &Each(f));
+            if full < end - start {
                 self.store(end - w, f.apply(last));
             }
             return;
