@@ -6,7 +6,7 @@
 //! `dx = a * dy + b * xc + c` ([`BackAffine`]). As in the statistics, f32 accumulator lanes add
 //! at most [`MAX_CHAIN`] values before their sums move to `f64`.
 
-use super::buffers::Grad;
+use super::buffers::{aligned_arrays, Grad};
 use super::lanes::{load_upto, Lanes};
 use super::stats::{block_len, MAX_CHAIN, MAX_WIDTH, TILE};
 use crate::element::Element;
@@ -58,17 +58,14 @@ impl<T: Element> ChannelBack<'_, T> {
     }
 }
 
-/// Writes every channel's [`BackAffine`] into `buf` and returns the kernels' view of it.
+/// Writes every channel's [`BackAffine`] into `buf`, as four arrays aligned to 64 bytes
+/// ([`aligned_arrays`]), and returns the kernels' view of it.
 pub(crate) fn fill_back<T: Element>(
     buf: &mut Vec<T>,
     channels: usize,
     f: impl Fn(usize) -> BackAffine<T>,
 ) -> ChannelBack<'_, T> {
-    buf.clear();
-    buf.resize(4 * channels, T::ZERO);
-    let (hi, rest) = buf.split_at_mut(channels);
-    let (a, rest) = rest.split_at_mut(channels);
-    let (b, c) = rest.split_at_mut(channels);
+    let [hi, a, b, c] = aligned_arrays::<T, 4>(buf, channels);
     for ch in 0..channels {
         let p = f(ch);
         (hi[ch], a[ch], b[ch], c[ch]) = (p.hi, p.a, p.b, p.c);
@@ -277,21 +274,6 @@ impl<L: Lanes> BackLanes<L> {
     fn dx(&self, xv: L, dv: L) -> L {
         dv.mul_add(self.a, xv.sub(self.hi).mul_add(self.b, self.c))
     }
-
-    /// `dx[i .. i + n] = a * dy + b * (x - hi) + c`, `n <= WIDTH`.
-    #[inline(always)]
-    fn apply(&self, g: &mut Grad<'_, L::Elem>, i: usize, n: usize) {
-        let (x, dy, dx) = (&g.x[i..i + n], &g.dy[i..i + n], &mut g.dx[i..i + n]);
-        if n == L::WIDTH {
-            self.dx(L::load(x), L::load(dy)).store(dx);
-        } else {
-            let v = self.dx(
-                L::load_partial(x, L::Elem::ZERO),
-                L::load_partial(dy, L::Elem::ZERO),
-            );
-            v.store_partial(dx);
-        }
-    }
 }
 
 /// `dx` for consecutive runs of `s` values (NCHW), run `r` with `params(r)`.
@@ -346,18 +328,46 @@ pub(crate) fn backward_rows<L: Lanes>(
 ) {
     let w = L::WIDTH;
     let rows = g.dx.len().checked_div(c).unwrap_or(0);
+    let full = c - c % w;
+    let at = |v: &[L::Elem], c0: usize, n: usize| load_upto::<L>(v, c0, n);
+    let params = |c0: usize, n: usize| BackLanes {
+        hi: at(p.hi, c0, n),
+        a: at(p.a, c0, n),
+        b: at(p.b, c0, n),
+        c: at(p.c, c0, n),
+    };
+    // A row tail shorter than a vector is done as an overlapping last vector where the row is
+    // at least a vector wide (`dx` is written, never read, so the overlap recomputes the same
+    // values), else as a partial one.
+    let tail = (full < c).then(|| if c >= w { (c - w, w) } else { (0, c) });
+    let last = tail.map(|(c0, n)| params(c0, n));
+    let whole = (&p.hi[..full], &p.a[..full], &p.b[..full], &p.c[..full]);
     for r in 0..rows {
-        let mut c0 = 0;
-        while c0 < c {
-            let n = w.min(c - c0);
+        let row = r * c..(r + 1) * c;
+        let (x, dy, dx) = (&g.x[row.clone()], &g.dy[row.clone()], &mut g.dx[row]);
+        let params = (whole.0.chunks_exact(w).zip(whole.1.chunks_exact(w)))
+            .zip(whole.2.chunks_exact(w).zip(whole.3.chunks_exact(w)));
+        let data = (x.chunks_exact(w).zip(dy.chunks_exact(w))).zip(dx.chunks_exact_mut(w));
+        for (((hi, a), (b, c)), ((xv, dv), out)) in params.zip(data) {
             let f = BackLanes {
-                hi: load_upto::<L>(p.hi, c0, n),
-                a: load_upto::<L>(p.a, c0, n),
-                b: load_upto::<L>(p.b, c0, n),
-                c: load_upto::<L>(p.c, c0, n),
+                hi: L::load(hi),
+                a: L::load(a),
+                b: L::load(b),
+                c: L::load(c),
             };
-            f.apply(g, r * c + c0, n);
-            c0 += n;
+            f.dx(L::load(xv), L::load(dv)).store(out);
+        }
+        if let (Some((c0, n)), Some(f)) = (tail, last) {
+            if n == w {
+                f.dx(L::load(&x[c0..]), L::load(&dy[c0..]))
+                    .store(&mut dx[c0..]);
+            } else {
+                let v = f.dx(
+                    L::load_partial(&x[c0..], L::Elem::ZERO),
+                    L::load_partial(&dy[c0..], L::Elem::ZERO),
+                );
+                v.store_partial(&mut dx[c0..]);
+            }
         }
     }
 }

@@ -6,7 +6,7 @@
 //! centres the data exactly. Without a centre (`hi = 0`) this is the inference engines'
 //! `y = x * scale + shift`.
 
-use super::buffers::Buffers;
+use super::buffers::{aligned_arrays, Buffers};
 use super::lanes::{load_upto, Lanes, MapAt, MapLanes};
 use crate::element::Element;
 
@@ -187,24 +187,14 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<L::Elem>>(
     }
 }
 
-/// Writes every channel's [`Affine`] into `buf`, as three arrays `hi`, `scale`, `shift`, and
-/// returns the kernels' view of it. Each array starts on a 64-byte boundary, so that vector
-/// loads of parameters never straddle two cache lines (a full AVX-512 load of misaligned
-/// parameters made NHWC inference twice as slow). `buf` is reused storage: no allocation once
-/// it has grown.
+/// Writes every channel's [`Affine`] into `buf`, as three arrays aligned to 64 bytes
+/// ([`aligned_arrays`]), and returns the kernels' view of it.
 pub(crate) fn fill_affine<T: Element>(
     buf: &mut Vec<T>,
     c: usize,
     affine: impl Fn(usize) -> Affine<T>,
 ) -> ChannelAffine<'_, T> {
-    let line = 64 / std::mem::size_of::<T>();
-    let stride = c.next_multiple_of(line);
-    buf.clear();
-    buf.resize(3 * stride + line, T::ZERO);
-    let start = buf.as_ptr().align_offset(64).min(line);
-    let (hi, rest) = buf[start..].split_at_mut(stride);
-    let (scale, shift) = rest.split_at_mut(stride);
-    let (hi, scale, shift) = (&mut hi[..c], &mut scale[..c], &mut shift[..c]);
+    let [hi, scale, shift] = aligned_arrays::<T, 3>(buf, c);
     for i in 0..c {
         let a = affine(i);
         (hi[i], scale[i], shift[i]) = (a.hi, a.scale, a.shift);
