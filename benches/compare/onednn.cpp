@@ -100,8 +100,11 @@ static std::map<std::string, std::pair<Timing, double>> measure(long n, long c, 
     std::unordered_map<int, memory> fargs = {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}, {DNNL_ARG_MEAN, mean},
                                              {DNNL_ARG_VARIANCE, var}, {DNNL_ARG_SCALE, scale}, {DNNL_ARG_SHIFT, shift}};
     out["train"] = {time_pair([&] { fwd.execute(strm, fargs); strm.wait(); }, copy8), 8.0 * len};
+    // (oneDNN 2.6 refuses to execute a backward pass created with use_shift; its dbias is
+    // Σ dy, which dx needs anyway.)
     batch_normalization_backward::primitive_desc bpd(
-        batch_normalization_backward::desc(prop_kind::backward, md, md, 1e-5f, base), eng, fpd);
+        batch_normalization_backward::desc(prop_kind::backward, md, md, 1e-5f, normalization_flags::use_scale),
+        eng, fpd);
     batch_normalization_backward bwd(bpd);
     out["backward"] = {time_pair([&] {
         bwd.execute(strm, {{DNNL_ARG_SRC, src}, {DNNL_ARG_MEAN, mean}, {DNNL_ARG_VARIANCE, var},

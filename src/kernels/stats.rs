@@ -289,6 +289,18 @@ pub(crate) fn prefetch<T>(x: &[T]) {
     let _ = x;
 }
 
+/// [`prefetch`] of the columns `cols` of rows `rows` of the row-major `[_, c]` matrix `x`.
+#[inline(always)]
+pub(crate) fn prefetch_rows<T>(x: &[T], c: usize, rows: Range<usize>, cols: Range<usize>) {
+    if cols.len() == c {
+        prefetch(&x[rows.start * c..rows.end * c]);
+    } else {
+        for r in rows {
+            prefetch(&x[r * c + cols.start..r * c + cols.end]);
+        }
+    }
+}
+
 /// Per-channel sums `Σ (x - p)` and `Σ (x - p)²` around a pivot `p`, in `f64`.
 ///
 /// Blocks add to them without a division: a block with mean `k` and shifted sums `s1`, `s2`
@@ -333,27 +345,11 @@ pub(crate) fn moments_rows<L: Lanes>(
     while r0 < rows.end {
         let block = r0..(r0 + MAX_CHAIN).min(rows.end);
         let first = r0 == rows.start;
-        if cols.len() >= 4 * TILE * w {
-            // Rows much wider than a tile: stream the block in once, in memory order, so that
-            // the tiles below (which read it a column strip at a time) find it in cache rather
-            // than each pulling scattered lines from memory.
-            // Whole rows are one stretch of memory; a block of columns, a stretch per row.
-            let (stretch, rows) = if cols.len() == c {
-                (block.len() * c, block.start..block.start + 1)
-            } else {
-                (cols.len(), block.clone())
-            };
-            let mut touch = L::splat(L::Elem::ZERO);
-            for r in rows {
-                let span = &x[r * c + cols.start..][..stretch];
-                let mut i = 0;
-                while i + w <= span.len() {
-                    touch = touch.add(L::load(&span[i..i + w]));
-                    i += 64 / std::mem::size_of::<L::Elem>();
-                }
-            }
-            std::hint::black_box(touch);
-        }
+        // Ask for the block in memory order, so that the tiles below (which read it a column
+        // strip at a time) find it in cache rather than each pulling scattered lines from
+        // memory: 1.1x to 1.3x faster than without, and than touching it with loads. Whole
+        // rows are one stretch of memory; a block of columns, a stretch per row.
+        prefetch_rows(x, c, block.clone(), cols.clone());
         let mut c0 = cols.start;
         while c0 + TILE * w <= cols.end {
             let acc = &mut acc[c0 - cols.start..];
