@@ -8,7 +8,7 @@
 
 use super::buffers::{aligned_arrays, Grad};
 use super::lanes::{load_upto, Lanes};
-use super::stats::{block_len, prefetch_rows, MAX_CHAIN, MAX_WIDTH, TILE};
+use super::stats::{block_len, stream_in, MAX_CHAIN, MAX_WIDTH, TILE};
 use crate::element::Element;
 use std::ops::Range;
 
@@ -182,8 +182,8 @@ pub(crate) fn grad_sums_rows<L: Lanes>(
     while r0 < rows.end {
         let block = r0..(r0 + MAX_CHAIN).min(rows.end);
         // As in `moments_rows`: the block in memory order before its column strips.
-        prefetch_rows(x, c, block.clone(), cols.clone());
-        prefetch_rows(dy, c, block.clone(), cols.clone());
+        stream_in::<L>(x, c, block.clone(), cols.clone());
+        stream_in::<L>(dy, c, block.clone(), cols.clone());
         let mut c0 = cols.start;
         while c0 + TILE * w <= cols.end {
             let out = &mut out[c0 - cols.start..];

@@ -289,16 +289,35 @@ pub(crate) fn prefetch<T>(x: &[T]) {
     let _ = x;
 }
 
-/// [`prefetch`] of the columns `cols` of rows `rows` of the row-major `[_, c]` matrix `x`.
+/// Brings the columns `cols` of rows `rows` of the row-major `[_, c]` matrix `x` towards the
+/// core in memory order, ahead of a column-strip-wise pass over them: prefetches when they fit
+/// in L1 (so that no demand load waits on them), else loads, one a cache line, whose chain of
+/// additions paces the requests (measured on Zen 5: prefetching 128 KiB blocks at once made
+/// 32x256x56x56 NHWC training 1.4x slower, where for 32 KiB blocks it is 1.3x faster).
 #[inline(always)]
-pub(crate) fn prefetch_rows<T>(x: &[T], c: usize, rows: Range<usize>, cols: Range<usize>) {
-    if cols.len() == c {
-        prefetch(&x[rows.start * c..rows.end * c]);
+pub(crate) fn stream_in<L: Lanes>(x: &[L::Elem], c: usize, rows: Range<usize>, cols: Range<usize>) {
+    let (stretch, starts) = if cols.len() == c {
+        (rows.len() * c, rows.start..rows.start + 1)
     } else {
-        for r in rows {
-            prefetch(&x[r * c + cols.start..r * c + cols.end]);
+        (cols.len(), rows.clone())
+    };
+    if rows.len() * cols.len() * std::mem::size_of::<L::Elem>() <= 32 * 1024 {
+        for r in starts {
+            prefetch(&x[r * c + cols.start..][..stretch]);
+        }
+        return;
+    }
+    let w = L::WIDTH;
+    let mut touch = L::splat(L::Elem::ZERO);
+    for r in starts {
+        let span = &x[r * c + cols.start..][..stretch];
+        let mut i = 0;
+        while i + w <= span.len() {
+            touch = touch.add(L::load(&span[i..i + w]));
+            i += 64 / std::mem::size_of::<L::Elem>();
         }
     }
+    std::hint::black_box(touch);
 }
 
 /// Per-channel sums `Σ (x - p)` and `Σ (x - p)²` around a pivot `p`, in `f64`.
@@ -345,11 +364,9 @@ pub(crate) fn moments_rows<L: Lanes>(
     while r0 < rows.end {
         let block = r0..(r0 + MAX_CHAIN).min(rows.end);
         let first = r0 == rows.start;
-        // Ask for the block in memory order, so that the tiles below (which read it a column
-        // strip at a time) find it in cache rather than each pulling scattered lines from
-        // memory: 1.1x to 1.3x faster than without, and than touching it with loads. Whole
-        // rows are one stretch of memory; a block of columns, a stretch per row.
-        prefetch_rows(x, c, block.clone(), cols.clone());
+        // The block in memory order, so that the tiles below (which read it a column strip at
+        // a time) find it in cache rather than each pulling scattered lines from memory.
+        stream_in::<L>(x, c, block.clone(), cols.clone());
         let mut c0 = cols.start;
         while c0 + TILE * w <= cols.end {
             let acc = &mut acc[c0 - cols.start..];
