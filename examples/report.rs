@@ -14,51 +14,18 @@
 
 mod common;
 
-use batchnorm::{oracle, with_isa, BatchNorm, Isa, Layout, Shape};
-use common::{arg, copy, grad, input, max_error, time_pair};
+use batchnorm::{with_isa, Isa, Layout, Shape};
+use common::{arg, Case, OPS};
 use std::time::Duration;
 
-const SHAPES: [(&str, Shape); 5] = [
-    (
-        "A 32x64x56x56",
-        Shape {
-            n: 32,
-            c: 64,
-            spatial: 56 * 56,
-        },
-    ),
-    (
-        "B 32x256x28x28",
-        Shape {
-            n: 32,
-            c: 256,
-            spatial: 28 * 28,
-        },
-    ),
-    (
-        "C 1x512x7x7",
-        Shape {
-            n: 1,
-            c: 512,
-            spatial: 7 * 7,
-        },
-    ),
-    (
-        "D 256x1024",
-        Shape {
-            n: 256,
-            c: 1024,
-            spatial: 1,
-        },
-    ),
-    (
-        "E 8x32x224x224",
-        Shape {
-            n: 8,
-            c: 32,
-            spatial: 224 * 224,
-        },
-    ),
+const SHAPES: [(&str, Shape); 6] = [
+    ("A 32x64x56x56", Shape::new(32, 64, 56 * 56)),
+    ("B 32x256x28x28", Shape::new(32, 256, 28 * 28)),
+    ("C 1x512x7x7", Shape::new(1, 512, 7 * 7)),
+    ("D 256x1024", Shape::new(256, 1024, 1)),
+    ("E 8x32x224x224", Shape::new(8, 32, 224 * 224)),
+    // Far larger than any last-level cache (205 MB a tensor).
+    ("F 256x64x56x56", Shape::new(256, 64, 56 * 56)),
 ];
 
 fn main() {
@@ -103,66 +70,26 @@ fn main() {
     say!("|---|---|---|---|---|---|---|---|---|---|---|");
     let shapes = if quick { &SHAPES[2..4] } else { &SHAPES[..] };
     for &(name, shape) in shapes {
-        let len = shape.numel().expect("shape fits");
         let layouts: &[Layout] = if shape.spatial == 1 {
             &[Layout::Nchw] // (N, C): both layouts are the same memory
         } else {
             &[Layout::Nchw, Layout::Nhwc]
         };
         for &layout in layouts {
-            let x = input(len, shape.c);
-            let dy = grad(len);
-            let mut y = vec![0.0f32; len];
-            let mut bn = BatchNorm::<f32>::new(shape.c);
-            bn.running_mean = (0..shape.c).map(|c| c as f32).collect();
-            bn.running_var = vec![2.0; shape.c];
-            let want_train = oracle::forward_train(&bn, &x, shape, layout).y;
-            let want_eval = oracle::forward_eval(&bn, &x, shape, layout);
-            let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
-            let want_back = oracle::backward(&bn, &x, &dy, &saved, shape, layout).dx;
-            let mut dx = vec![0.0f32; len];
-            let mut dst = vec![0.0f32; len];
-            // The backward copy moves 12 bytes per element: one and a half tensors.
-            let back_src: Vec<f32> = x.iter().chain(&x[..len / 2]).copied().collect();
-            let mut back_dst = vec![0.0f32; back_src.len()];
+            let mut case = Case::new(shape, layout);
             for &t in &threads {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(t)
                     .build()
                     .expect("thread pool");
                 for &isa in &isas {
-                    for op in ["eval", "train", "backward"] {
-                        let bytes = if op == "backward" { 12.0 } else { 8.0 } * len as f64;
-                        let mut layer = bn.clone();
-                        let mut run = || {
-                            time_pair(
-                                budget,
-                                3,
-                                || match op {
-                                    "eval" => bn.forward_eval(&x, &mut y, shape, layout).unwrap(),
-                                    "train" => {
-                                        layer.forward_train(&x, &mut y, shape, layout).unwrap();
-                                    }
-                                    _ => {
-                                        bn.backward(&x, &dy, &saved, &mut dx, shape, layout)
-                                            .unwrap();
-                                    }
-                                },
-                                || match op {
-                                    "backward" => copy(&back_src, &mut back_dst, t),
-                                    _ => copy(&x, &mut dst, t),
-                                },
-                            )
-                        };
-                        let (timing, copy_t) = pool.install(|| match isa {
-                            Some(isa) => with_isa(isa, run),
+                    for (op, per_element) in OPS {
+                        let bytes = per_element * case.len() as f64;
+                        let mut run = || case.time(op, t, budget, 3);
+                        let (timing, copy_t, err) = pool.install(|| match isa {
+                            Some(isa) => with_isa(isa, &mut run),
                             None => run(),
                         });
-                        let err = match op {
-                            "eval" => max_error(&y, &want_eval),
-                            "train" => max_error(&y, &want_train),
-                            _ => max_error(&dx, &want_back),
-                        };
                         assert!(err < 1e-5, "{name} {layout:?} {op} {isa:?}: error {err:e}");
                         let ms = |d: Duration| d.as_secs_f64() * 1e3;
                         if csv {

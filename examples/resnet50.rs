@@ -13,11 +13,9 @@
 
 mod common;
 
-use batchnorm::{oracle, with_isa, BatchNorm, Isa, Layout, Shape};
-use common::{arg, copy, grad, input, max_error, time_pair, Timing, RESNET50};
+use batchnorm::{with_isa, Isa, Layout, Shape};
+use common::{arg, Case, Timing, OPS, RESNET50};
 use std::time::Duration;
-
-const OPS: [&str; 3] = ["eval", "train", "backward"];
 
 fn list(args: &[String], flag: &str, default: Vec<usize>) -> Vec<usize> {
     arg::<String>(args, flag)
@@ -43,7 +41,7 @@ fn main() {
     threads.dedup();
     // Without --isa, each call picks its instruction set as any caller's would.
     let isa = arg::<String>(&args, "--isa").and_then(|n| Isa::from_name(&n));
-    let on_isa = |f: &mut dyn FnMut() -> (Timing, Timing)| match isa {
+    let on_isa = |f: &mut dyn FnMut() -> (Timing, Timing, f64)| match isa {
         Some(isa) => with_isa(isa, f),
         None => f(),
     };
@@ -68,57 +66,16 @@ fn main() {
             let mut totals = vec![[Total::default(); 3]; threads.len()];
             for &(c, hw, count) in &RESNET50 {
                 let shape = Shape::new(batch, c, hw * hw);
-                let len = shape.numel().expect("shape fits");
-                let x = input(len, c);
-                let dy = grad(len);
-                let (mut y, mut dx) = (vec![0.0f32; len], vec![0.0f32; len]);
-                let mut bn = BatchNorm::<f32>::new(c);
-                bn.running_mean = (0..c).map(|i| i as f32).collect();
-                bn.running_var = vec![2.0; c];
-                let want_eval = oracle::forward_eval(&bn, &x, shape, layout);
-                let want_train = oracle::forward_train(&bn, &x, shape, layout).y;
-                let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
-                let want_back = oracle::backward(&bn, &x, &dy, &saved, shape, layout).dx;
-                let mut dst = vec![0.0f32; len];
-                let back_src: Vec<f32> = x.iter().chain(&x[..len / 2]).copied().collect();
-                let mut back_dst = vec![0.0f32; back_src.len()];
+                let mut case = Case::new(shape, layout);
                 for (ti, &t) in threads.iter().enumerate() {
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(t)
                         .build()
                         .expect("thread pool");
-                    for (oi, op) in OPS.into_iter().enumerate() {
-                        let bytes = if op == "backward" { 12.0 } else { 8.0 } * len as f64;
-                        let mut layer = bn.clone();
-                        let (timing, copy_t) = pool.install(|| {
-                            on_isa(&mut || {
-                                time_pair(
-                                    budget,
-                                    min_calls,
-                                    || match op {
-                                        "eval" => {
-                                            bn.forward_eval(&x, &mut y, shape, layout).unwrap()
-                                        }
-                                        "train" => {
-                                            layer.forward_train(&x, &mut y, shape, layout).unwrap();
-                                        }
-                                        _ => {
-                                            bn.backward(&x, &dy, &saved, &mut dx, shape, layout)
-                                                .unwrap();
-                                        }
-                                    },
-                                    || match op {
-                                        "backward" => copy(&back_src, &mut back_dst, t),
-                                        _ => copy(&x, &mut dst, t),
-                                    },
-                                )
-                            })
-                        });
-                        let err = match op {
-                            "eval" => max_error(&y, &want_eval),
-                            "train" => max_error(&y, &want_train),
-                            _ => max_error(&dx, &want_back),
-                        };
+                    for (oi, (op, per_element)) in OPS.into_iter().enumerate() {
+                        let bytes = per_element * case.len() as f64;
+                        let (timing, copy_t, err) =
+                            pool.install(|| on_isa(&mut || case.time(op, t, budget, min_calls)));
                         assert!(
                             err < 1e-5,
                             "{batch}x{c}x{hw}x{hw} {layout:?} {op}: error {err:e}"
@@ -143,7 +100,7 @@ fn main() {
                 }
             }
             for (ti, &t) in threads.iter().enumerate() {
-                for (oi, op) in OPS.into_iter().enumerate() {
+                for (oi, (op, _)) in OPS.into_iter().enumerate() {
                     let tot = totals[ti][oi];
                     let one = totals[0][oi].op.median.as_secs_f64();
                     let secs = tot.op.median.as_secs_f64();

@@ -30,7 +30,7 @@ pub struct Shape {
 
 impl Shape {
     /// A shape of `n` samples, `c` channels and `spatial` positions.
-    pub fn new(n: usize, c: usize, spatial: usize) -> Shape {
+    pub const fn new(n: usize, c: usize, spatial: usize) -> Shape {
         Shape { n, c, spatial }
     }
 

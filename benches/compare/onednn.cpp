@@ -124,7 +124,7 @@ int main() {
     struct S { const char *name; long n, c, h, w; };
     S shapes[] = {{"A 32x64x56x56", 32, 64, 56, 56}, {"B 32x256x28x28", 32, 256, 28, 28},
                   {"C 1x512x7x7", 1, 512, 7, 7}, {"D 256x1024", 256, 1024, 1, 1},
-                  {"E 8x32x224x224", 8, 32, 224, 224}};
+                  {"E 8x32x224x224", 8, 32, 224, 224}, {"F 256x64x56x56", 256, 64, 56, 56}};
     for (auto &sh : shapes)
         for (int nhwc = 0; nhwc < (sh.h == 1 ? 1 : 2); nhwc++)
             for (auto &[op, tb] : measure(sh.n, sh.c, sh.h, sh.w, nhwc))

@@ -2,6 +2,7 @@
 //! memory copy it is compared with, the copy itself, and the test data.
 #![allow(dead_code)]
 
+use batchnorm::{oracle, BatchNorm, Layout, SavedStats, Shape};
 use rayon::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -110,4 +111,114 @@ pub fn max_error(y: &[f32], want: &[f64]) -> f64 {
 pub fn arg<T: std::str::FromStr>(args: &[String], flag: &str) -> Option<T> {
     let i = args.iter().position(|a| a == flag)?;
     args.get(i + 1)?.parse().ok()
+}
+
+/// The operations the examples time, and the bytes each moves per element.
+pub const OPS: [(&str, f64); 3] = [("eval", 8.0), ("train", 8.0), ("backward", 12.0)];
+
+/// One shape and layout, ready to time: input, output gradient, a layer with running
+/// statistics, the oracle's results, and the buffers of the operations and of their copies.
+pub struct Case {
+    pub shape: Shape,
+    pub layout: Layout,
+    x: Vec<f32>,
+    dy: Vec<f32>,
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    bn: BatchNorm<f32>,
+    saved: SavedStats<f32>,
+    want: [Vec<f64>; 3],
+    dst: Vec<f32>,
+    /// The backward copy moves 12 bytes per element: one and a half tensors.
+    back_src: Vec<f32>,
+    back_dst: Vec<f32>,
+}
+
+impl Case {
+    pub fn new(shape: Shape, layout: Layout) -> Case {
+        let len = shape.numel().expect("shape fits");
+        let x = input(len, shape.c);
+        let dy = grad(len);
+        let mut y = vec![0.0f32; len];
+        let mut bn = BatchNorm::<f32>::new(shape.c);
+        bn.running_mean = (0..shape.c).map(|c| c as f32).collect();
+        bn.running_var = vec![2.0; shape.c];
+        let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
+        let want = [
+            oracle::forward_eval(&bn, &x, shape, layout),
+            oracle::forward_train(&bn, &x, shape, layout).y,
+            oracle::backward(&bn, &x, &dy, &saved, shape, layout).dx,
+        ];
+        let back_src: Vec<f32> = x.iter().chain(&x[..len / 2]).copied().collect();
+        Case {
+            shape,
+            layout,
+            dy,
+            y,
+            dx: vec![0.0; len],
+            bn,
+            saved,
+            want,
+            dst: vec![0.0; len],
+            back_dst: vec![0.0; back_src.len()],
+            back_src,
+            x,
+        }
+    }
+
+    /// Elements of the tensor.
+    pub fn len(&self) -> usize {
+        self.x.len()
+    }
+
+    /// Times operation `op` of [`OPS`] alternately with its copy on `threads` threads of the
+    /// current pool (see [`time_pair`]), then checks its result against the oracle: returns
+    /// (op, copy, largest error).
+    pub fn time(
+        &mut self,
+        op: &str,
+        threads: usize,
+        budget: Duration,
+        min_calls: usize,
+    ) -> (Timing, Timing, f64) {
+        let Case {
+            shape,
+            layout,
+            x,
+            dy,
+            y,
+            dx,
+            bn,
+            saved,
+            dst,
+            back_src,
+            back_dst,
+            ..
+        } = self;
+        let (shape, layout) = (*shape, *layout);
+        let mut layer = bn.clone();
+        let (timing, copy_t) = time_pair(
+            budget,
+            min_calls,
+            || match op {
+                "eval" => bn.forward_eval(x, y, shape, layout).unwrap(),
+                "train" => {
+                    layer.forward_train(x, y, shape, layout).unwrap();
+                }
+                _ => {
+                    bn.backward(x, dy, saved, dx, shape, layout).unwrap();
+                }
+            },
+            || match op {
+                "backward" => copy(back_src, back_dst, threads),
+                _ => copy(x, dst, threads),
+            },
+        );
+        let err = match op {
+            "eval" => max_error(&self.y, &self.want[0]),
+            "train" => max_error(&self.y, &self.want[1]),
+            _ => max_error(&self.dx, &self.want[2]),
+        };
+        (timing, copy_t, err)
+    }
 }

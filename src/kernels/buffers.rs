@@ -47,13 +47,24 @@ pub(crate) trait Buffers<T: Element>: Span {
         end: usize,
         f: &impl MapLanes<L>,
     ) {
-        let w = L::WIDTH;
-        let last = self.load::<L>(end - w);
-        let full = (end - start) - (end - start) % w;
-        self.map_vectors(start, full, &Each(f));
-        if full < end - start {
-            self.store(end - w, f.apply(last));
-        }
+        map_overlapping_plain(self, start, end, f)
+    }
+}
+
+/// [`Buffers::map_overlapping`] with plain stores.
+#[inline(always)]
+fn map_overlapping_plain<T: Element, L: Lanes<Elem = T>, B: Buffers<T>>(
+    buf: &mut B,
+    start: usize,
+    end: usize,
+    f: &impl MapLanes<L>,
+) {
+    let w = L::WIDTH;
+    let last = buf.load::<L>(end - w);
+    let full = (end - start) - (end - start) % w;
+    buf.map_vectors(start, full, &Each(f));
+    if full < end - start {
+        buf.store(end - w, f.apply(last));
     }
 }
 
@@ -130,13 +141,7 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
             .as_ptr()
             .align_offset(std::mem::size_of::<L>());
         if !self.stream || head >= w {
-            let last = self.load::<L>(end - w);
-            let full = (end - start) - (end - start) % w;
-            self.map_vectors(start, full, &Each(f));
-            if full < end - start {
-                self.store(end - w, f.apply(last));
-            }
-            return;
+            return map_overlapping_plain(self, start, end, f);
         }
         if head > 0 {
             let v = f.apply(self.load::<L>(start));
