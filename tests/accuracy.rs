@@ -218,3 +218,50 @@ fn variance_beyond_f32_range() {
         });
     }
 }
+
+/// Channel means that drift from image to image (NHWC rows of one image after another), on
+/// top of an offset of 1e4 standard deviations: after its first block of rows, NHWC
+/// statistics read each block once, around the channel's running mean (and twice when a
+/// block's mean strays more than a standard deviation from it). The variance stays within
+/// 2e-5 and the output within 1e-5 * (1 + |y|) of the f64 reference, on every path and layout.
+#[test]
+fn drifting_means_across_images() {
+    let shape = Shape::new(5, 7, 97);
+    let std = 0.5;
+    for drift in [0.0, 0.3, 2.0, 50.0, 1e4] {
+        let mut rng = Rng::new(drift as u64 + 7);
+        let mut nchw = vec![0.0f32; shape.numel().unwrap()];
+        for n in 0..shape.n {
+            for c in 0..shape.c {
+                // Image n's mean moves by `drift` deviations, up and down.
+                let sign = if n % 2 == 0 { 1.0 } else { -1.0 };
+                let mean = 1e4 * std * (c + 1) as f64 + sign * drift * std * n as f64;
+                for s in 0..shape.spatial {
+                    let v = mean + std * 3f64.sqrt() * rng.signed();
+                    nchw[shape.index(Layout::Nchw, n, c, s)] = v as f32;
+                }
+            }
+        }
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            let x = relayout(&nchw, shape, layout);
+            let reference = oracle::mean_var(&x, shape, layout);
+            let bn = BatchNorm::<f32>::new(shape.c);
+            let want = oracle::forward_train(&bn, &x, shape, layout);
+            on_every_path(|path| {
+                let moments = batchnorm::moments(&x, shape, layout).unwrap();
+                for (c, m) in moments.iter().enumerate() {
+                    let rel = (m.variance() - reference[c].1).abs() / reference[c].1;
+                    assert!(
+                        rel <= 2e-5,
+                        "drift {drift} {layout:?} {path}: variance of {c} off by {rel:e}"
+                    );
+                }
+                let mut layer = bn.clone();
+                let mut y = vec![0.0f32; x.len()];
+                layer.forward_train(&x, &mut y, shape, layout).unwrap();
+                let what = format!("y at drift {drift}, {layout:?}, {path}");
+                assert_close(&y, &want.y, 1e-5, &what);
+            });
+        }
+    }
+}

@@ -363,28 +363,96 @@ pub(crate) fn moments_rows<L: Lanes>(
     let mut r0 = rows.start;
     while r0 < rows.end {
         let block = r0..(r0 + MAX_CHAIN).min(rows.end);
-        let first = r0 == rows.start;
+        let seen = r0 - rows.start;
         // The block in memory order, so that the tiles below (which read it a column strip at
         // a time) find it in cache rather than each pulling scattered lines from memory.
         stream_in::<L>(x, c, block.clone(), cols.clone());
         let mut c0 = cols.start;
         while c0 + TILE * w <= cols.end {
             let acc = &mut acc[c0 - cols.start..];
-            tile::<L, TILE>(x, c, block.clone(), c0, TILE * w, acc, first);
+            tile::<L, TILE>(x, c, block.clone(), c0, TILE * w, acc, seen);
             c0 += TILE * w;
         }
         while c0 < cols.end {
             let width = w.min(cols.end - c0);
             let acc = &mut acc[c0 - cols.start..];
-            tile::<L, 1>(x, c, block.clone(), c0, width, acc, first);
+            tile::<L, 1>(x, c, block.clone(), c0, width, acc, seen);
             c0 += width;
         }
         r0 = block.end;
     }
 }
 
+/// [`tile`]'s one-read case: sums of the block around each channel's running mean
+/// `p + S1 / seen`, added to `acc` and `true` when every channel's block mean lies within one
+/// of its standard deviations of that mean; else `false`, and `acc` is untouched.
+#[inline(always)]
+fn tile_one_pass<L: Lanes, const K: usize>(
+    x: &[L::Elem],
+    c: usize,
+    rows: Range<usize>,
+    c0: usize,
+    width: usize,
+    acc: &mut [PivotSums],
+    seen: usize,
+) -> bool {
+    let w = L::WIDTH;
+    let e = L::Elem::ZERO;
+    let zero = L::splat(e);
+    let left = |j: usize| width - (j * w).min(width);
+    let mut means = [e; MAX_WIDTH];
+    for (m, ps) in means.iter_mut().zip(&acc[..width]) {
+        *m = L::Elem::from_f64(ps.p + ps.s1 / seen as f64);
+    }
+    let mut pivots = [zero; K];
+    for (j, p) in pivots.iter_mut().enumerate() {
+        *p = load_upto::<L>(&means, j * w, left(j));
+    }
+    let mut s1 = [zero; K];
+    let mut s2 = [zero; K];
+    for r in rows.clone() {
+        for j in 0..K {
+            let v = load_upto::<L>(x, r * c + c0 + j * w, left(j));
+            let d = v.sub(pivots[j]);
+            s1[j] = s1[j].add(d);
+            s2[j] = d.mul_add(d, s2[j]);
+        }
+    }
+    let nb = rows.len() as f64;
+    let (mut a, mut b) = ([e; MAX_WIDTH], [e; MAX_WIDTH]);
+    for j in 0..K {
+        s1[j].store(&mut a[j * w..]);
+        s2[j].store(&mut b[j * w..]);
+    }
+    // (Σd)² / n <= Σd² / 2 says (mean - pivot)² <= variance: NaN and infinities fail it too.
+    let safe = a[..width].iter().zip(&b[..width]).all(|(&a, &b)| {
+        let (a, b) = (a.to_f64(), b.to_f64());
+        2.0 * a * a <= nb * b && b.is_finite()
+    });
+    if !safe {
+        return false;
+    }
+    for (i, ps) in acc[..width].iter_mut().enumerate() {
+        let (a, b) = (a[i].to_f64(), b[i].to_f64());
+        let d = means[i].to_f64() - ps.p;
+        ps.s1 += a + nb * d;
+        ps.s2 += b + d * (2.0 * a + nb * d);
+    }
+    true
+}
+
 /// One block of rows for the channels `c0 .. c0 + width`, `width <= K * WIDTH` (only the last
-/// vector may be partial), added to `acc[.. width]`; `first` sets the pivots.
+/// vector may be partial), added to `acc[.. width]`, which holds the sums of the `seen` rows
+/// before it (none: the block sets the pivots).
+///
+/// After the first block, one read around each channel's running mean suffices as long as
+/// the block's own mean stays within a standard deviation of it (checked per channel; then
+/// `Σ (x - m)² - (Σ (x - m))² / n` loses at most a factor of two to cancellation). Otherwise,
+/// and for the first block, two reads as in [`block`]. (The check is a guard: a block far
+/// from the running mean also adds that distance to the channel's variance, so the error
+/// relative to the whole stays small even without it, and the tests, drifting means
+/// included, find no data that needs the second read. Non-finite sums always take it.)
+/// NHWC training 1.1x to 1.4x faster than with two reads.
 #[inline(always)]
 fn tile<L: Lanes, const K: usize>(
     x: &[L::Elem],
@@ -393,8 +461,12 @@ fn tile<L: Lanes, const K: usize>(
     c0: usize,
     width: usize,
     acc: &mut [PivotSums],
-    first: bool,
+    seen: usize,
 ) {
+    if seen > 0 && tile_one_pass::<L, K>(x, c, rows.clone(), c0, width, acc, seen) {
+        return;
+    }
+    let first = seen == 0;
     let w = L::WIDTH;
     let zero = L::splat(L::Elem::ZERO);
     let left = |j: usize| width - (j * w).min(width);
