@@ -37,6 +37,38 @@ fn relayout(x: &[f32], shape: Shape, to: Layout) -> Vec<f32> {
     out
 }
 
+/// In both layouts and on every path: every channel's batch variance within `var_bound`
+/// (relative) and training's output within `1e-5 * (1 + |y|)` of the f64 reference, for the
+/// NCHW data `nchw` laid out as each layout wants.
+fn check_both_layouts(nchw: &[f32], shape: Shape, var_bound: f64, what: &str) {
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        let x = relayout(nchw, shape, layout);
+        let reference = oracle::mean_var(&x, shape, layout);
+        let bn = BatchNorm::<f32>::new(shape.c);
+        let want = oracle::forward_train(&bn, &x, shape, layout);
+        on_every_path(|path| {
+            let moments = batchnorm::moments(&x, shape, layout).unwrap();
+            assert_eq!(moments.len(), shape.c, "{what} {layout:?} {path}: channels");
+            for (c, m) in moments.iter().enumerate() {
+                let rel = (m.variance() - reference[c].1).abs() / reference[c].1;
+                assert!(
+                    rel <= var_bound,
+                    "{what} {layout:?} {path}: variance of {c} off by {rel:e}"
+                );
+            }
+            let mut layer = bn.clone();
+            let mut y = vec![0.0f32; x.len()];
+            layer.forward_train(&x, &mut y, shape, layout).unwrap();
+            assert_close(
+                &y,
+                &want.y,
+                1e-5,
+                &format!("y at {what}, {layout:?}, {path}"),
+            );
+        });
+    }
+}
+
 /// The naive single-pass f32 variance, E[x²] - E[x]², for comparison.
 fn naive_variance(values: &[f64]) -> f64 {
     let n = values.len() as f32;
@@ -65,34 +97,7 @@ fn huge_offset_tiny_spread() {
             naive_worst > 1e-2,
             "naive f32 variance error {naive_worst:e}: the test is too easy"
         );
-        for layout in [Layout::Nchw, Layout::Nhwc] {
-            let x = relayout(&nchw, shape, layout);
-            let reference = oracle::mean_var(&x, shape, layout);
-            let bn = BatchNorm::<f32>::new(shape.c);
-            let want = oracle::forward_train(&bn, &x, shape, layout);
-            on_every_path(|path| {
-                for (c, m) in batchnorm::moments(&x, shape, layout)
-                    .unwrap()
-                    .iter()
-                    .enumerate()
-                {
-                    let rel = (m.variance() - reference[c].1).abs() / reference[c].1;
-                    assert!(
-                        rel <= 1e-4,
-                        "ratio {ratio:e} {layout:?} {path}: variance off by {rel:e}"
-                    );
-                }
-                let mut layer = bn.clone();
-                let mut y = vec![0.0f32; x.len()];
-                layer.forward_train(&x, &mut y, shape, layout).unwrap();
-                assert_close(
-                    &y,
-                    &want.y,
-                    1e-5,
-                    &format!("y at ratio {ratio:e}, {layout:?}, {path}"),
-                );
-            });
-        }
+        check_both_layouts(&nchw, shape, 1e-4, &format!("ratio {ratio:e}"));
     }
 }
 
@@ -242,26 +247,6 @@ fn drifting_means_across_images() {
                 }
             }
         }
-        for layout in [Layout::Nchw, Layout::Nhwc] {
-            let x = relayout(&nchw, shape, layout);
-            let reference = oracle::mean_var(&x, shape, layout);
-            let bn = BatchNorm::<f32>::new(shape.c);
-            let want = oracle::forward_train(&bn, &x, shape, layout);
-            on_every_path(|path| {
-                let moments = batchnorm::moments(&x, shape, layout).unwrap();
-                for (c, m) in moments.iter().enumerate() {
-                    let rel = (m.variance() - reference[c].1).abs() / reference[c].1;
-                    assert!(
-                        rel <= 2e-5,
-                        "drift {drift} {layout:?} {path}: variance of {c} off by {rel:e}"
-                    );
-                }
-                let mut layer = bn.clone();
-                let mut y = vec![0.0f32; x.len()];
-                layer.forward_train(&x, &mut y, shape, layout).unwrap();
-                let what = format!("y at drift {drift}, {layout:?}, {path}");
-                assert_close(&y, &want.y, 1e-5, &what);
-            });
-        }
+        check_both_layouts(&nchw, shape, 2e-5, &format!("drift {drift}"));
     }
 }

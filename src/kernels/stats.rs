@@ -333,6 +333,15 @@ pub(crate) struct PivotSums {
 }
 
 impl PivotSums {
+    /// Adds a block of `n` values whose sums around `k` are `s1` and `s2`:
+    /// `S1 += s1 + n d`, `S2 += s2 + 2 d s1 + n d²` with `d = k - p`.
+    #[inline(always)]
+    fn add_block(&mut self, n: f64, k: f64, s1: f64, s2: f64) {
+        let d = k - self.p;
+        self.s1 += s1 + n * d;
+        self.s2 += s2 + d * (2.0 * s1 + n * d);
+    }
+
     /// The moments of the `n` values summed.
     pub fn moments(&self, n: usize) -> Moments {
         Moments::from_shifted_sums(n as u64, self.p, self.s1, self.s2)
@@ -408,16 +417,7 @@ fn tile_one_pass<L: Lanes, const K: usize>(
     for (j, p) in pivots.iter_mut().enumerate() {
         *p = load_upto::<L>(&means, j * w, left(j));
     }
-    let mut s1 = [zero; K];
-    let mut s2 = [zero; K];
-    for r in rows.clone() {
-        for j in 0..K {
-            let v = load_upto::<L>(x, r * c + c0 + j * w, left(j));
-            let d = v.sub(pivots[j]);
-            s1[j] = s1[j].add(d);
-            s2[j] = d.mul_add(d, s2[j]);
-        }
-    }
+    let (s1, s2) = tile_sums::<L, K>(x, c, rows.clone(), c0, width, &pivots);
     let nb = rows.len() as f64;
     let (mut a, mut b) = ([e; MAX_WIDTH], [e; MAX_WIDTH]);
     for j in 0..K {
@@ -433,12 +433,35 @@ fn tile_one_pass<L: Lanes, const K: usize>(
         return false;
     }
     for (i, ps) in acc[..width].iter_mut().enumerate() {
-        let (a, b) = (a[i].to_f64(), b[i].to_f64());
-        let d = means[i].to_f64() - ps.p;
-        ps.s1 += a + nb * d;
-        ps.s2 += b + d * (2.0 * a + nb * d);
+        ps.add_block(nb, means[i].to_f64(), a[i].to_f64(), b[i].to_f64());
     }
     true
+}
+
+/// `Σ (x - k)` and `Σ (x - k)²` over rows `rows` of the channels `c0 .. c0 + width`, `k`
+/// being `centers` (vector `j` for the channels from `c0 + j * WIDTH`).
+#[inline(always)]
+fn tile_sums<L: Lanes, const K: usize>(
+    x: &[L::Elem],
+    c: usize,
+    rows: Range<usize>,
+    c0: usize,
+    width: usize,
+    centers: &[L; K],
+) -> ([L; K], [L; K]) {
+    let w = L::WIDTH;
+    let left = |j: usize| width - (j * w).min(width);
+    let zero = L::splat(L::Elem::ZERO);
+    let (mut s1, mut s2) = ([zero; K], [zero; K]);
+    for r in rows {
+        for j in 0..K {
+            let v = load_upto::<L>(x, r * c + c0 + j * w, left(j));
+            let d = v.sub(centers[j]);
+            s1[j] = s1[j].add(d);
+            s2[j] = d.mul_add(d, s2[j]);
+        }
+    }
+    (s1, s2)
 }
 
 /// One block of rows for the channels `c0 .. c0 + width`, `width <= K * WIDTH` (only the last
@@ -489,16 +512,7 @@ fn tile<L: Lanes, const K: usize>(
         means[j] = sums[j].mul_add(inv, pivots[j]);
     }
     // Second read, from cache: sums around the block mean.
-    let mut s1 = [zero; K];
-    let mut s2 = [zero; K];
-    for r in rows.clone() {
-        for j in 0..K {
-            let v = load_upto::<L>(x, r * c + c0 + j * w, left(j));
-            let d = v.sub(means[j]);
-            s1[j] = s1[j].add(d);
-            s2[j] = d.mul_add(d, s2[j]);
-        }
-    }
+    let (s1, s2) = tile_sums::<L, K>(x, c, rows.clone(), c0, width, &means);
     let nb = nb as f64;
     let e = L::Elem::ZERO;
     for j in 0..K {
@@ -520,9 +534,7 @@ fn tile<L: Lanes, const K: usize>(
             if first {
                 ps.p = k;
             }
-            let d = k - ps.p;
-            ps.s1 += a + nb * d;
-            ps.s2 += b + d * (2.0 * a + nb * d);
+            ps.add_block(nb, k, a, b);
         }
     }
 }
