@@ -1,12 +1,16 @@
 //! How a call runs: the layout becomes a plan (channel runs or channel-interleaved rows), the
-//! plan becomes work units (a channel, a piece of a channel, a span of rows), and the units run
-//! on the kernels of the chosen instruction set, on the calling thread or in rayon tasks.
+//! plan becomes work units (a group of channels, a piece of a channel, a block of columns, a
+//! span of rows), and the units run on the kernels of the chosen instruction set, on the
+//! calling thread or in rayon tasks.
 //!
-//! Training over NCHW is fused when there are enough channels to keep every thread busy: a
-//! task takes one channel, computes its moments and normalizes it straight away, so the second
-//! read comes from cache when the channel fits there. With fewer channels than that, channels
-//! are cut into pieces whose moments are merged (Chan), and normalization runs as a second,
-//! parallel pass. NHWC always takes two passes: a channel is spread over the whole tensor.
+//! Training and backward over NCHW are fused when there are enough channels to keep every
+//! thread busy: a task takes a group of consecutive channels (as many as fit in half of L2),
+//! reduces them and maps them straight away, so the second read comes from cache
+//! ([`channels`]). With fewer channels than that, channels are cut into pieces whose moments
+//! are merged (Chan), and the map runs as a second, parallel pass. Rows (NHWC, `(N, C)`)
+//! always take two passes, a channel being spread over the whole tensor: their reductions
+//! split by blocks of columns or by spans of rows ([`row_pieces`]), their maps by spans of
+//! rows. Where streaming stores pay is decided here too ([`Plan::streams`]).
 
 use crate::element::Element;
 use crate::kernels::backward::{fill_back, BackAffine, GradSums};
