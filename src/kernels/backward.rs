@@ -8,7 +8,7 @@
 
 use super::buffers::{aligned_arrays, Grad};
 use super::lanes::{load_upto, Lanes};
-use super::stats::{block_len, stream_in, MAX_CHAIN, MAX_WIDTH, TILE};
+use super::stats::{block_len, MAX_CHAIN, MAX_WIDTH, TILE};
 use crate::element::Element;
 use std::ops::Range;
 
@@ -164,9 +164,10 @@ pub(crate) fn grad_sums_runs<'a, L: Lanes>(
 }
 
 /// Adds the sums of rows `rows` of the columns `cols` of the row-major `[_, c]` matrices `x`
-/// and `dy` to `out` (one per column),
-/// around the per-channel centers `hi`; vectorized across channels as
-/// [`super::stats::moments_rows`].
+/// and `dy` to `out` (one per column), around the per-channel centers `hi`; vectorized across
+/// channels as [`super::stats::moments_rows`]. Unlike the statistics, a block is read once
+/// here, so it is not streamed in first: measured on Zen 5, doing so made NHWC backward 5% to
+/// 20% slower.
 #[inline(always)]
 pub(crate) fn grad_sums_rows<L: Lanes>(
     x: &[L::Elem],
@@ -181,9 +182,6 @@ pub(crate) fn grad_sums_rows<L: Lanes>(
     let mut r0 = rows.start;
     while r0 < rows.end {
         let block = r0..(r0 + MAX_CHAIN).min(rows.end);
-        // As in `moments_rows`: the block in memory order before its column strips.
-        stream_in::<L>(x, c, block.clone(), cols.clone());
-        stream_in::<L>(dy, c, block.clone(), cols.clone());
         let mut c0 = cols.start;
         while c0 + TILE * w <= cols.end {
             let out = &mut out[c0 - cols.start..];
