@@ -41,7 +41,7 @@ impl Plan {
         let Plan::Runs { n, c, s } = self else {
             return 1;
         };
-        let bytes = n * s * std::mem::size_of::<T>();
+        let bytes = n.saturating_mul(s).saturating_mul(std::mem::size_of::<T>());
         let by_threads = if par.on { c / (4 * par.threads) } else { c };
         (parallel::caches().l2 / 2 / bytes.max(1))
             .min(by_threads)
@@ -57,7 +57,7 @@ impl Plan {
     /// inference 12x slower, and backward, which reads two tensors, gained nothing.
     fn streams<T>(self, elements: usize) -> bool {
         let size = std::mem::size_of::<T>();
-        matches!(self, Plan::Runs { s, .. } if s * size >= STREAM_RUN_BYTES)
+        matches!(self, Plan::Runs { s, .. } if s.saturating_mul(size) >= STREAM_RUN_BYTES)
             && elements.saturating_mul(size) >= parallel::stream_threshold()
     }
 
@@ -83,8 +83,12 @@ impl Plan {
         let Shape { n, c, spatial: s } = shape;
         match layout {
             Layout::Nchw if s > 1 => Plan::Runs { n, c, s },
+            // (Saturating: with no channels, `n * s` need not fit, and nothing is read.)
             Layout::Nhwc if c == 1 => Plan::Runs { n: 1, c, s: n * s },
-            _ => Plan::Rows { rows: n * s, c },
+            _ => Plan::Rows {
+                rows: n.saturating_mul(s),
+                c,
+            },
         }
     }
 }

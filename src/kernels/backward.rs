@@ -178,6 +178,9 @@ pub(crate) fn grad_sums_rows<L: Lanes>(
     hi: &[L::Elem],
     out: &mut [GradSums],
 ) {
+    if rows.is_empty() || cols.is_empty() {
+        return;
+    }
     let w = L::WIDTH;
     let mut r0 = rows.start;
     while r0 < rows.end {
