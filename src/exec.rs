@@ -83,8 +83,8 @@ impl Plan {
         let Shape { n, c, spatial: s } = shape;
         match layout {
             Layout::Nchw if s > 1 => Plan::Runs { n, c, s },
-            // (Saturating: with no channels, `n * s` need not fit, and nothing is read.)
             Layout::Nhwc if c == 1 => Plan::Runs { n: 1, c, s: n * s },
+            // Saturating: with no channels, `n * s` need not fit, and nothing is read.
             _ => Plan::Rows {
                 rows: n.saturating_mul(s),
                 c,

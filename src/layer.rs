@@ -179,7 +179,7 @@ impl<T: Element> BatchNorm<T> {
         check_len("saved.invstd", shape.c, saved.invstd.len())?;
         let m = shape.per_channel() as f64;
         let invstd = |c: usize| saved.invstd[c].to_f64();
-        let sums = exec::backward(Grad::new(x, dy, dx), shape, layout, &saved.mean, |c, s| {
+        let sums = exec::backward(Grad { x, dy, dx }, shape, layout, &saved.mean, |c, s| {
             let (w, is) = (self.weight[c].to_f64(), invstd(c));
             let dweight = s.dy_xc * is;
             BackAffine {
@@ -206,7 +206,7 @@ impl<T: Element> BatchNorm<T> {
         self.check_backward(x, dy, dx, shape)?;
         let invstd = |c: usize| self.running_invstd(c);
         let sums = exec::backward(
-            Grad::new(x, dy, dx),
+            Grad { x, dy, dx },
             shape,
             layout,
             &self.running_mean,

@@ -44,9 +44,10 @@ thread_local! {
     static STREAM_THRESHOLD: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
-/// Outputs of at least this many bytes are written with streaming (non-temporal) stores,
-/// which skip reading the destination lines and do not keep them in cache: they would not
-/// stay there anyway. The size of the last-level cache, else 32 MiB.
+/// Normalizations that move at least this many bytes (input and output together) write their
+/// output with streaming (non-temporal) stores, which skip reading the destination lines and
+/// do not keep them in cache: it would not stay there anyway. The size of the last-level
+/// cache, else 32 MiB.
 pub(crate) fn stream_threshold() -> usize {
     STREAM_THRESHOLD
         .with(|t| t.get())

@@ -7,7 +7,7 @@
 //! at most [`MAX_CHAIN`] values before their sums move to `f64`.
 
 use super::buffers::{aligned_arrays, Grad};
-use super::lanes::{load_upto, Lanes};
+use super::lanes::{load_tile, load_upto, Lanes};
 use super::stats::{block_len, MAX_CHAIN, MAX_WIDTH, TILE};
 use crate::element::Element;
 use std::ops::Range;
@@ -216,10 +216,7 @@ fn grad_tile<L: Lanes, const K: usize>(
     let w = L::WIDTH;
     let zero = L::splat(L::Elem::ZERO);
     let left = |j: usize| width - (j * w).min(width);
-    let mut hv = [zero; K];
-    for (j, h) in hv.iter_mut().enumerate() {
-        *h = load_upto::<L>(hi, c0 + j * w, left(j));
-    }
+    let hv = load_tile::<L, K>(hi, c0, width);
     let mut sd = [zero; K];
     let mut sx = [zero; K];
     for r in rows.clone() {

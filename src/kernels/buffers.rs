@@ -251,12 +251,6 @@ pub(crate) struct Grad<'a, T> {
     pub dx: &'a mut [T],
 }
 
-impl<'a, T> Grad<'a, T> {
-    pub fn new(x: &'a [T], dy: &'a [T], dx: &'a mut [T]) -> Self {
-        Grad { x, dy, dx }
-    }
-}
-
 impl<T: Element> Span for Grad<'_, T> {
     #[inline(always)]
     fn len(&self) -> usize {

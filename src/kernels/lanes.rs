@@ -66,6 +66,22 @@ pub(crate) fn load_upto<L: Lanes>(x: &[L::Elem], i: usize, left: usize) -> L {
     }
 }
 
+/// The `width <= K * WIDTH` elements at `x[at..]` as `K` vectors, zero-padded past `width`:
+/// a tile of neighbouring channels' values.
+#[inline(always)]
+pub(crate) fn load_tile<L: Lanes, const K: usize>(
+    x: &[L::Elem],
+    at: usize,
+    width: usize,
+) -> [L; K] {
+    let mut tile = [L::splat(L::Elem::ZERO); K];
+    for (j, v) in tile.iter_mut().enumerate() {
+        let done = (j * L::WIDTH).min(width);
+        *v = load_upto::<L>(x, at + done, width - done);
+    }
+    tile
+}
+
 /// One element as a vector of width 1: the plain scalar path.
 #[derive(Clone, Copy, Debug)]
 pub struct Scalar<T>(pub T);

@@ -7,7 +7,7 @@
 //! costs no precision, and the sums correct for the rounding of `k` itself
 //! ([`Moments::from_shifted_sums`]). Blocks merge in `f64` with Chan's formula.
 
-use super::lanes::{load_upto, Lanes};
+use super::lanes::{load_tile, load_upto, Lanes};
 use crate::element::Element;
 use crate::moments::Moments;
 use std::ops::Range;
@@ -407,16 +407,11 @@ fn tile_one_pass<L: Lanes, const K: usize>(
 ) -> bool {
     let w = L::WIDTH;
     let e = L::Elem::ZERO;
-    let zero = L::splat(e);
-    let left = |j: usize| width - (j * w).min(width);
     let mut means = [e; MAX_WIDTH];
     for (m, ps) in means.iter_mut().zip(&acc[..width]) {
         *m = L::Elem::from_f64(ps.p + ps.s1 / seen as f64);
     }
-    let mut pivots = [zero; K];
-    for (j, p) in pivots.iter_mut().enumerate() {
-        *p = load_upto::<L>(&means, j * w, left(j));
-    }
+    let pivots = load_tile::<L, K>(&means, 0, width);
     let (s1, s2) = tile_sums::<L, K>(x, c, rows.clone(), c0, width, &pivots);
     let nb = rows.len() as f64;
     let (mut a, mut b) = ([e; MAX_WIDTH], [e; MAX_WIDTH]);
@@ -494,10 +489,7 @@ fn tile<L: Lanes, const K: usize>(
     let zero = L::splat(L::Elem::ZERO);
     let left = |j: usize| width - (j * w).min(width);
     // First read: sums around the block's first row, as in `block`.
-    let mut pivots = [zero; K];
-    for (j, p) in pivots.iter_mut().enumerate() {
-        *p = load_upto::<L>(x, rows.start * c + c0 + j * w, left(j));
-    }
+    let pivots = load_tile::<L, K>(x, rows.start * c + c0, width);
     let mut sums = [zero; K];
     for r in rows.clone() {
         for j in 0..K {
