@@ -59,14 +59,7 @@ pub(crate) fn train_channels<L: Lanes, B: Buffers<L::Elem>>(
         let sub = sub_group::<L>(s);
         for (g, moments) in out.chunks_mut(sub).enumerate() {
             let at = g * sub;
-            let x = &buf.input()[at * s..][..moments.len() * s];
-            if s <= block_len::<L>() {
-                moments_each::<L>(x, s, moments);
-            } else {
-                for (m, run) in moments.iter_mut().zip(x.chunks_exact(s)) {
-                    *m = moments_runs::<L>(1, s, |_| run);
-                }
-            }
+            moments_each::<L>(&buf.input()[at * s..][..moments.len() * s], s, moments);
             for (j, (p, m)) in params.iter_mut().zip(moments.iter()).enumerate() {
                 *p = finish(first + at + j, m);
             }
@@ -82,13 +75,7 @@ pub(crate) fn train_channels<L: Lanes, B: Buffers<L::Elem>>(
             for i in 0..spans.len() {
                 let x = span(spans, i).input();
                 let part = &mut part[..out.len()];
-                if s <= block_len::<L>() {
-                    moments_each::<L>(x, s, part);
-                } else {
-                    for (m, run) in part.iter_mut().zip(x.chunks_exact(s)) {
-                        *m = moments_runs::<L>(1, s, |_| run);
-                    }
-                }
+                moments_each::<L>(x, s, part);
                 for (o, m) in out.iter_mut().zip(part.iter()) {
                     *o = o.merge(*m);
                 }

@@ -183,13 +183,18 @@ fn block<'a, L: Lanes>(count: usize, piece: impl Fn(usize) -> &'a [L::Elem]) -> 
     Moments::from_shifted_sums(n as u64, k.to_f64(), s1, s2)
 }
 
-/// The moments of each run of `s` values laid end to end in `x`, one per element of `out`, `s`
-/// at most [`block_len`]: as [`block`] on each run, but the pivoted sums of all runs first and
-/// then their shifted sums, so that one run's horizontal sums and division overlap the next
-/// run's loads instead of stalling between them.
+/// The moments of each run of `s` values laid end to end in `x`, one per element of `out`.
+/// Runs of at most [`block_len`]: as [`block`] on each run, but the pivoted sums of all runs
+/// first and then their shifted sums, so that one run's horizontal sums and division overlap
+/// the next run's loads instead of stalling between them. Longer runs: [`moments_runs`] each.
 #[inline(always)]
 pub(crate) fn moments_each<L: Lanes>(x: &[L::Elem], s: usize, out: &mut [Moments]) {
-    debug_assert!(s <= block_len::<L>());
+    if s > block_len::<L>() {
+        for (o, run) in out.iter_mut().zip(x.chunks_exact(s)) {
+            *o = moments_runs::<L>(1, s, |_| run);
+        }
+        return;
+    }
     let inv = 1.0 / s as f64;
     // First read: each run's rounded mean `k`, kept in `mean` until the second read.
     for (o, run) in out.iter_mut().zip(x.chunks_exact(s)) {
