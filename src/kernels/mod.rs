@@ -118,7 +118,7 @@ impl Isa {
     /// [`Isa::current`], except that where nothing forced AVX-512, it gives way to AVX2 when a
     /// buffer is not aligned to 64 bytes. There every AVX-512 access of data and parameters
     /// straddles two cache lines: measured on AMD Zen 5, 32x128x28x28 NHWC inference took 1.35x
-    /// as long as with AVX2 on such buffers, the same with aligned ones.
+    /// as long as with AVX2 on such buffers, and as long as AVX2 on aligned ones.
     pub(crate) fn for_rows<T>(buffers: &[&[T]]) -> Isa {
         let isa = Isa::current();
         let aligned = buffers.iter().all(|b| b.as_ptr().align_offset(64) == 0);
