@@ -49,15 +49,15 @@ impl Plan {
     }
 
     /// Whether a normalization that moves `elements` elements (input and output together)
-    /// writes its output with streaming stores: when they are more than the last-level cache
-    /// holds, so that the output would not stay there for its reader anyway, and only NCHW
-    /// runs of at least [`STREAM_RUN_BYTES`]. Measured (AMD Zen 5, AVX2): on 32x64x56x56
-    /// inference 1.3x and training 1.25x faster; streaming stores that fill a line only in
-    /// part (the ends of short runs, NHWC rows whose start is not aligned) made a 32x2048x7x7
-    /// inference 12x slower, and backward, which reads two tensors, gained nothing.
+    /// writes its output with streaming stores: NCHW runs of at least a cache line (they are
+    /// mapped in whole vectors laid over the span, [`crate::kernels::normalize::map_runs`], so
+    /// every line is written whole) and at least [`parallel::stream_threshold`] bytes.
+    /// Streaming stores that fill a line only in part (NHWC rows whose start is not aligned,
+    /// or the ends of short runs mapped one by one) made a 32x2048x7x7 inference 12x slower,
+    /// and backward, which reads two tensors, gained nothing.
     fn streams<T>(self, elements: usize) -> bool {
         let size = std::mem::size_of::<T>();
-        matches!(self, Plan::Runs { s, .. } if s.saturating_mul(size) >= STREAM_RUN_BYTES)
+        matches!(self, Plan::Runs { s, .. } if s.saturating_mul(size) >= 64)
             && elements.saturating_mul(size) >= parallel::stream_threshold()
     }
 
@@ -92,9 +92,6 @@ impl Plan {
         }
     }
 }
-
-/// Runs at least this long may be written with streaming stores (see [`Plan::streams`]).
-const STREAM_RUN_BYTES: usize = 8 * 1024;
 
 /// Per-channel moments of `x` (already validated against `shape`).
 pub(crate) fn moments<T: Element>(x: &[T], shape: Shape, layout: Layout) -> Vec<Moments> {

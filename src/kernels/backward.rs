@@ -8,7 +8,7 @@
 
 use super::buffers::{aligned_arrays, Grad};
 use super::lanes::{load_tile, load_upto, Lanes};
-use super::stats::{block_len, MAX_CHAIN, MAX_WIDTH, TILE};
+use super::stats::{block_len, fold_pieces, runs_per_block, Reduce, MAX_CHAIN, MAX_WIDTH, TILE};
 use crate::element::Element;
 use std::ops::Range;
 
@@ -73,55 +73,81 @@ pub(crate) fn fill_back<T: Element>(
     ChannelBack { hi, a, b, c }
 }
 
-/// Vectors a block's loop takes at once: as many independent accumulators per sum.
+/// Independent accumulators per sum.
 const UNROLL: usize = 4;
 
-/// The sums of one block of at most `UNROLL * MAX_CHAIN` vectors, [`UNROLL`] vectors at a time
-/// into independent accumulators (so that consecutive additions do not wait on each other);
-/// padding lanes have `dy = 0` and add nothing.
-#[inline(always)]
-fn block_sums<L: Lanes>(x: &[L::Elem], dy: &[L::Elem], hi: L::Elem) -> GradSums {
-    let w = L::WIDTH;
-    let zero = L::splat(L::Elem::ZERO);
-    let hv = L::splat(hi);
-    let (mut sd, mut sx) = ([zero; UNROLL], [zero; UNROLL]);
-    let dy = &dy[..x.len()];
-    let mut chunks = x.chunks_exact(UNROLL * w).zip(dy.chunks_exact(UNROLL * w));
-    for (xs, ds) in &mut chunks {
-        for k in 0..UNROLL {
-            let (xv, dv) = (L::load(&xs[k * w..]), L::load(&ds[k * w..]));
-            sd[k] = sd[k].add(dv);
-            sx[k] = dv.mul_add(xv.sub(hv), sx[k]);
+/// `Σ dy` and `Σ dy * (x - hi)` in lanes; padding lanes have `dy = 0` and add nothing.
+#[derive(Clone, Copy)]
+struct GradLanes<L: Lanes> {
+    hi: L::Elem,
+    hv: L,
+    dy: L,
+    dy_xc: L,
+}
+
+impl<L: Lanes> Reduce<L> for GradLanes<L> {
+    type Piece<'a> = (&'a [L::Elem], &'a [L::Elem]);
+    type V = (L, L);
+    #[inline(always)]
+    fn load((x, dy): Self::Piece<'_>, at: usize) -> (L, L) {
+        (L::load(&x[at..]), L::load(&dy[at..]))
+    }
+    #[inline(always)]
+    fn load_tail(&self, (x, dy): Self::Piece<'_>, at: usize) -> (L, L) {
+        (
+            L::load_partial(&x[at..], self.hi),
+            L::load_partial(&dy[at..], L::Elem::ZERO),
+        )
+    }
+    #[inline(always)]
+    fn step(self, (x, dy): (L, L)) -> Self {
+        GradLanes {
+            dy: self.dy.add(dy),
+            dy_xc: dy.mul_add(x.sub(self.hv), self.dy_xc),
+            ..self
         }
     }
-    let done = x.len() - x.len() % (UNROLL * w);
-    let (xr, dr) = (&x[done..], &dy[done..]);
-    let mut vectors = xr.chunks_exact(w).zip(dr.chunks_exact(w));
-    for (xv, dv) in &mut vectors {
-        let (xv, dv) = (L::load(xv), L::load(dv));
-        sd[0] = sd[0].add(dv);
-        sx[0] = dv.mul_add(xv.sub(hv), sx[0]);
+    #[inline(always)]
+    fn merge(self, o: Self) -> Self {
+        GradLanes {
+            dy: self.dy.add(o.dy),
+            dy_xc: self.dy_xc.add(o.dy_xc),
+            ..self
+        }
     }
-    let tail = xr.len() - xr.len() % w;
-    if tail < xr.len() {
-        let (xv, dv) = (
-            L::load_partial(&xr[tail..], hi),
-            L::load_partial(&dr[tail..], L::Elem::ZERO),
-        );
-        sd[1] = sd[1].add(dv);
-        sx[1] = dv.mul_add(xv.sub(hv), sx[1]);
-    }
-    let (d, c) = (sd[0].add(sd[1]), sx[0].add(sx[1]));
-    let (d2, c2) = (sd[2].add(sd[3]), sx[2].add(sx[3]));
+}
+
+/// The sums of a block of `count` pieces `piece(i) = (x, dy)` around `hi`, [`UNROLL`]
+/// vectors at a time into independent accumulators ([`fold_pieces`]; [`runs_per_block`]
+/// bounds `count`).
+#[inline(always)]
+fn block_sums<'a, L: Lanes>(
+    count: usize,
+    piece: &impl Fn(usize) -> (&'a [L::Elem], &'a [L::Elem]),
+    hi: L::Elem,
+) -> GradSums {
+    let zero = L::splat(L::Elem::ZERO);
+    let init = GradLanes {
+        hi,
+        hv: L::splat(hi),
+        dy: zero,
+        dy_xc: zero,
+    };
+    let r = fold_pieces::<L, _, UNROLL>(count, piece, init);
     let sums = GradSums {
-        dy: d.add(d2).sum().to_f64(),
-        dy_xc: c.add(c2).sum().to_f64(),
+        dy: r.dy.sum().to_f64(),
+        dy_xc: r.dy_xc.sum().to_f64(),
     };
     if sums.dy.is_finite() && sums.dy_xc.is_finite() {
-        sums
-    } else {
-        sums_f64(x.len(), |i| (x[i], dy[i]), hi.to_f64())
+        return sums;
     }
+    let mut exact = GradSums::default();
+    for i in 0..count {
+        let (x, dy) = piece(i);
+        let n = x.len().min(dy.len());
+        exact = exact.add(sums_f64(n, |j| (x[j], dy[j]), hi.to_f64()));
+    }
+    exact
 }
 
 /// The sums of `n` pairs `pair(i) = (x, dy)` in plain `f64`: the rare path for blocks whose
@@ -139,7 +165,8 @@ fn sums_f64<T: Element>(n: usize, pair: impl Fn(usize) -> (T, T), center: f64) -
 }
 
 /// The sums of `count` runs of `len` values, run `i` being `run(i) = (x, dy)`, around the
-/// center `hi`.
+/// center `hi`: short runs grouped into blocks, long ones cut into them, as
+/// [`super::stats::moments_runs`].
 #[inline(always)]
 pub(crate) fn grad_sums_runs<'a, L: Lanes>(
     count: usize,
@@ -150,15 +177,26 @@ pub(crate) fn grad_sums_runs<'a, L: Lanes>(
     // UNROLL accumulators per sum, each adding at most MAX_CHAIN values.
     let block = block_len::<L>().min(UNROLL * MAX_CHAIN * L::WIDTH);
     let mut acc = GradSums::default();
-    for i in 0..count {
-        let (x, dy) = run(i);
-        let len = len.min(x.len()).min(dy.len());
-        let mut start = 0;
-        while start < len {
-            let end = (start + block).min(len);
-            acc = acc.add(block_sums::<L>(&x[start..end], &dy[start..end], hi));
-            start = end;
+    if len >= block {
+        for i in 0..count {
+            let (x, dy) = run(i);
+            let len = len.min(x.len()).min(dy.len());
+            let mut start = 0;
+            while start < len {
+                let end = (start + block).min(len);
+                let piece = |_| (&x[start..end], &dy[start..end]);
+                acc = acc.add(block_sums::<L>(1, &piece, hi));
+                start = end;
+            }
         }
+        return acc;
+    }
+    let per_block = runs_per_block::<L, UNROLL>(len, block);
+    let mut i = 0;
+    while i < count {
+        let k = per_block.min(count - i);
+        acc = acc.add(block_sums::<L>(k, &|j| run(i + j), hi));
+        i += k;
     }
     acc
 }

@@ -18,8 +18,8 @@ pub(crate) trait Buffers<T: Element>: Span {
     fn input(&self) -> &[T];
     /// The output values (the input itself when in place).
     fn output(&self) -> &[T];
-    /// Whether [`map_overlapping`](Self::map_overlapping) writes its output with streaming
-    /// stores ([`Lanes::store_stream`]); only a separate output takes them.
+    /// Whether [`put`](Self::put) writes its output with streaming stores
+    /// ([`Lanes::store_stream`]); only a separate output takes them.
     fn set_streaming(&mut self, _on: bool) {}
     /// Whether [`set_streaming`](Self::set_streaming) turned streaming on.
     fn streaming(&self) -> bool {
@@ -31,58 +31,23 @@ pub(crate) trait Buffers<T: Element>: Span {
     fn load<L: Lanes<Elem = T>>(&self, i: usize) -> L;
     /// Writes a full vector of output at `i`.
     fn store<L: Lanes<Elem = T>>(&mut self, i: usize, v: L);
+    /// [`store`](Self::store), streaming ([`Lanes::store_stream`]) when streaming is on and
+    /// the address is aligned.
+    #[inline(always)]
+    fn put<L: Lanes<Elem = T>>(&mut self, i: usize, v: L) {
+        self.store(i, v)
+    }
     /// `out[start + j * WIDTH ..][..WIDTH] = f.apply_at(j, in[..same])` for the `len / WIDTH`
     /// whole vectors from `start` (`len` a multiple of `WIDTH`): one bounds check for the
     /// span, none per vector.
     fn map_vectors<L: Lanes<Elem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>);
-
-    /// Maps `[start, end)`, `end - start >= WIDTH`, in full vectors: the last one overlaps its
-    /// predecessor instead of being partial (masked stores are slow on some CPUs). It is
-    /// computed from the input as it was before the span was written, so in place too every
-    /// element is mapped once from its original value.
-    #[inline(always)]
-    fn map_overlapping<L: Lanes<Elem = T>>(
-        &mut self,
-        start: usize,
-        end: usize,
-        f: &impl MapLanes<L>,
-    ) {
-        map_overlapping_plain(self, start, end, f)
-    }
-}
-
-/// [`Buffers::map_overlapping`] with plain stores.
-#[inline(always)]
-fn map_overlapping_plain<T: Element, L: Lanes<Elem = T>, B: Buffers<T>>(
-    buf: &mut B,
-    start: usize,
-    end: usize,
-    f: &impl MapLanes<L>,
-) {
-    let w = L::WIDTH;
-    let last = buf.load::<L>(end - w);
-    let full = (end - start) - (end - start) % w;
-    buf.map_vectors(start, full, &Each(f));
-    if full < end - start {
-        buf.store(end - w, f.apply(last));
-    }
-}
-
-/// A [`MapLanes`] as a [`MapAt`] that ignores the index.
-struct Each<'a, F>(&'a F);
-
-impl<L: Lanes, F: MapLanes<L>> MapAt<L> for Each<'_, F> {
-    #[inline(always)]
-    fn apply_at(&self, _: usize, v: L) -> L {
-        self.0.apply(v)
-    }
 }
 
 /// Input `x` and output `y` of equal lengths.
 pub(crate) struct Split<'a, T> {
     pub x: &'a [T],
     pub y: &'a mut [T],
-    /// Streaming stores in [`Buffers::map_overlapping`].
+    /// Streaming stores in [`Buffers::put`].
     pub stream: bool,
 }
 
@@ -126,38 +91,6 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
     fn output(&self) -> &[T] {
         self.y
     }
-    /// As the default, and when streaming, aligned: a plain first vector, then streaming
-    /// stores from the first vector boundary of `y`, then a plain overlapping last vector
-    /// (streaming stores need aligned addresses; `x` is not written, so overlaps are free).
-    #[inline(always)]
-    fn map_overlapping<L: Lanes<Elem = T>>(
-        &mut self,
-        start: usize,
-        end: usize,
-        f: &impl MapLanes<L>,
-    ) {
-        let w = L::WIDTH;
-        let head = self.y[start..end]
-            .as_ptr()
-            .align_offset(std::mem::size_of::<L>());
-        if !self.stream || head >= w {
-            return map_overlapping_plain(self, start, end, f);
-        }
-        if head > 0 {
-            let v = f.apply(self.load::<L>(start));
-            self.store(start, v);
-        }
-        let x = self.x[start + head..end].chunks_exact(w);
-        let y = self.y[start + head..end].chunks_exact_mut(w);
-        let partial = !x.remainder().is_empty();
-        for (x, y) in x.zip(y) {
-            f.apply(L::load(x)).store_stream(y);
-        }
-        if partial {
-            let v = f.apply(self.load::<L>(end - w));
-            self.store(end - w, v);
-        }
-    }
     fn set_streaming(&mut self, on: bool) {
         self.stream = on;
     }
@@ -183,6 +116,14 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
     #[inline(always)]
     fn store<L: Lanes<Elem = T>>(&mut self, i: usize, v: L) {
         v.store(&mut self.y[i..i + L::WIDTH])
+    }
+    #[inline(always)]
+    fn put<L: Lanes<Elem = T>>(&mut self, i: usize, v: L) {
+        if self.stream {
+            v.store_stream(&mut self.y[i..i + L::WIDTH])
+        } else {
+            v.store(&mut self.y[i..i + L::WIDTH])
+        }
     }
     #[inline(always)]
     fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {

@@ -15,9 +15,10 @@
 use super::backward::{grad_sums_runs, BackAffine, GradSums};
 use super::buffers::{Buffers, Grad};
 use super::lanes::Lanes;
-use super::normalize::{normalize_run, Affine};
+use super::normalize::{normalize_group, Affine};
 use super::stats::{block_len, moments_each, moments_runs};
 use crate::moments::Moments;
+use std::mem::size_of;
 
 /// The most channels in a group: their parameters live on the stack.
 pub(crate) const GROUP: usize = 64;
@@ -63,13 +64,10 @@ pub(crate) fn train_channels<L: Lanes, B: Buffers<L::Elem>>(
             for (j, (p, m)) in params.iter_mut().zip(moments.iter()).enumerate() {
                 *p = finish(first + at + j, m);
             }
-            for (j, p) in params[..moments.len()].iter().enumerate() {
-                normalize_run::<L, B>(buf, (at + j) * s, s, p);
-            }
+            normalize_group::<L, B>(buf, at * s, s, &params[..moments.len()]);
         }
     } else {
-        let size = std::mem::size_of::<L::Elem>();
-        if out.len() > 1 && s * size >= SPAN_ORDER_BYTES {
+        if out.len() > 1 && s * size_of::<L::Elem>() >= SPAN_ORDER_BYTES {
             let mut part = [Moments::EMPTY; GROUP];
             out.fill(Moments::EMPTY);
             for i in 0..spans.len() {
@@ -94,10 +92,7 @@ pub(crate) fn train_channels<L: Lanes, B: Buffers<L::Elem>>(
             *p = finish(first + j, m);
         }
         for i in 0..spans.len() {
-            let buf = span(spans, i);
-            for (j, p) in params[..out.len()].iter().enumerate() {
-                normalize_run::<L, B>(buf, j * s, s, p);
-            }
+            normalize_group::<L, B>(span(spans, i), 0, s, &params[..out.len()]);
         }
     }
     if spans
@@ -134,13 +129,25 @@ pub(crate) fn backward_channels<L: Lanes>(
     };
     for (g, sums) in out.chunks_mut(sub).enumerate() {
         let at = g * sub;
-        sums.fill(GradSums::default());
-        for i in 0..spans.len() {
-            let grad = span(spans, i);
+        if spans.len() > 1 && s * size_of::<L::Elem>() < SPAN_ORDER_BYTES {
+            // Short runs: channel by channel, all images' runs in blocks.
             for (j, o) in sums.iter_mut().enumerate() {
                 let k = (at + j) * s;
-                let (x, dy) = (&grad.x[k..k + s], &grad.dy[k..k + s]);
-                *o = o.add(grad_sums_runs::<L>(1, s, |_| (x, dy), centers[at + j]));
+                let run = |i: usize| {
+                    let grad = spans[i].as_ref().expect("every image's span");
+                    (&grad.x[k..k + s], &grad.dy[k..k + s])
+                };
+                *o = grad_sums_runs::<L>(spans.len(), s, run, centers[at + j]);
+            }
+        } else {
+            sums.fill(GradSums::default());
+            for i in 0..spans.len() {
+                let grad = span(spans, i);
+                for (j, o) in sums.iter_mut().enumerate() {
+                    let k = (at + j) * s;
+                    let (x, dy) = (&grad.x[k..k + s], &grad.dy[k..k + s]);
+                    *o = o.add(grad_sums_runs::<L>(1, s, |_| (x, dy), centers[at + j]));
+                }
             }
         }
         for (j, (p, o)) in params.iter_mut().zip(sums.iter()).enumerate() {

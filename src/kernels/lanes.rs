@@ -40,6 +40,9 @@ pub trait Lanes: Copy + Send + Sync + 'static {
     fn mul_add(self, a: Self, b: Self) -> Self;
     /// Sum of the lanes.
     fn sum(self) -> Self::Elem;
+    /// Lanes `i < k` from `self`, the others from `rest` (`k <= WIDTH`): a vector that
+    /// straddles two channels' runs, each part computed with its channel's parameters.
+    fn splice(self, k: usize, rest: Self) -> Self;
 }
 
 /// An element-wise function on vectors, for [`Buffers::map`](super::buffers::Buffers::map).
@@ -128,5 +131,13 @@ impl<T: Element> Lanes for Scalar<T> {
     #[inline(always)]
     fn sum(self) -> T {
         self.0
+    }
+    #[inline(always)]
+    fn splice(self, k: usize, rest: Self) -> Self {
+        if k > 0 {
+            self
+        } else {
+            rest
+        }
     }
 }

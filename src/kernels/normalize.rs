@@ -9,6 +9,7 @@
 use super::buffers::{aligned_arrays, Buffers};
 use super::lanes::{load_upto, Lanes, MapAt, MapLanes};
 use crate::element::Element;
+use std::mem::size_of;
 
 /// One channel's normalization: `y = (x - hi) * scale + shift`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -122,28 +123,111 @@ pub(crate) fn normalize_runs<L: Lanes, B: Buffers<L::Elem>>(
     mut affine: impl FnMut(usize) -> Affine<L::Elem>,
 ) {
     let runs = buf.len().checked_div(s).unwrap_or(0);
-    for r in 0..runs {
-        normalize_run::<L, B>(buf, r * s, s, &affine(r));
+    if s >= L::WIDTH {
+        map_runs::<L, B, _>(buf, 0, s, runs, |r| AffineLanes::splat(&affine(r)));
+    } else {
+        for r in 0..runs {
+            normalize_short::<L, B>(buf, r * s, s, &affine(r));
+        }
     }
     if buf.streaming() {
         super::store_fence();
     }
 }
 
-/// Normalizes the `s` values of `buf` from `start` with `a`.
+/// Maps the `count` consecutive runs of `s >= WIDTH` values of `buf` from `start`, run `j`
+/// with `f(j)` (called once per run, in order), in whole vectors laid over the span without
+/// regard to where runs end: a vector that straddles runs `j` and `j + 1` takes each lane from
+/// its run's map ([`Lanes::splice`]). One loop for the span, with no per-run tail, and every
+/// output line written whole, so that streaming stores ([`Buffers::put`]) pay even for runs
+/// of 49 values. The last vector, when the span is not a whole number of them, overlaps its
+/// predecessor and is computed from the input as it was before the span was written (in
+/// place too, every element is mapped once from its original value).
 #[inline(always)]
-pub(crate) fn normalize_run<L: Lanes, B: Buffers<L::Elem>>(
+pub(crate) fn map_runs<L: Lanes, B: Buffers<L::Elem>, M: MapLanes<L> + Copy>(
+    buf: &mut B,
+    start: usize,
+    s: usize,
+    count: usize,
+    mut f: impl FnMut(usize) -> M,
+) {
+    let (w, len) = (L::WIDTH, s * count);
+    if count == 0 || s < w {
+        return;
+    }
+    let last = buf.load::<L>(start + len - w);
+    let mut cur = f(0);
+    // With streaming stores, one plain vector up to the first aligned output address.
+    let mut p = 0;
+    if buf.streaming() {
+        let head = buf.output()[start..].as_ptr().align_offset(size_of::<L>());
+        if head > 0 && head < w {
+            let v = cur.apply(buf.load::<L>(start));
+            buf.store(start, v);
+            p = head;
+        }
+    }
+    let (mut j, mut end) = (0, s);
+    let mut next = if count > 1 { f(1) } else { cur };
+    loop {
+        // The whole vectors of run `j`.
+        let stop = end.min(len);
+        while p + w <= stop {
+            let v = cur.apply(buf.load::<L>(start + p));
+            buf.put(start + p, v);
+            p += w;
+        }
+        if p + w > len {
+            break;
+        }
+        if p < end {
+            // The vector across the end of run `j`; runs are at least a vector long, so it
+            // ends within run `j + 1`.
+            let v = buf.load::<L>(start + p);
+            buf.put(start + p, cur.apply(v).splice(end - p, next.apply(v)));
+            p += w;
+        }
+        j += 1;
+        end += s;
+        cur = next;
+        if j + 1 < count {
+            next = f(j + 1);
+        }
+    }
+    if p < len {
+        buf.store(start + len - w, cur.apply(last));
+    }
+}
+
+/// Normalizes the `params.len()` consecutive runs of `s` values of `buf` from `start`, run
+/// `j` with `params[j]`: [`map_runs`] when runs are at least a vector long.
+#[inline(always)]
+pub(crate) fn normalize_group<L: Lanes, B: Buffers<L::Elem>>(
+    buf: &mut B,
+    start: usize,
+    s: usize,
+    params: &[Affine<L::Elem>],
+) {
+    if s >= L::WIDTH {
+        map_runs::<L, B, _>(buf, start, s, params.len(), |j| {
+            AffineLanes::splat(&params[j])
+        });
+    } else {
+        for (j, p) in params.iter().enumerate() {
+            normalize_short::<L, B>(buf, start + j * s, s, p);
+        }
+    }
+}
+
+/// Normalizes the `s < WIDTH` values of `buf` from `start` with `a`.
+#[inline(always)]
+fn normalize_short<L: Lanes, B: Buffers<L::Elem>>(
     buf: &mut B,
     start: usize,
     s: usize,
     a: &Affine<L::Elem>,
 ) {
-    let f = AffineLanes::<L>::splat(a);
-    if s >= L::WIDTH {
-        buf.map_overlapping(start, start + s, &f);
-    } else {
-        buf.map(start, s, &f);
-    }
+    buf.map(start, s, &AffineLanes::<L>::splat(a));
 }
 
 /// Normalizes whole rows of `c` channels each (NHWC), lane `j` of a vector being channel

@@ -54,6 +54,11 @@ macro_rules! wide_lanes {
             fn sum(self) -> $t {
                 self.reduce_add()
             }
+            #[inline(always)]
+            fn splice(self, k: usize, rest: Self) -> Self {
+                let index = <$v>::new(std::array::from_fn(|i| i as $t));
+                index.simd_lt(<$v>::splat(k as $t)).select(self, rest)
+            }
         }
     };
 }

@@ -34,30 +34,96 @@ pub(crate) fn block_len<L: Lanes>() -> usize {
     (BLOCK_BYTES / std::mem::size_of::<L::Elem>()).min(MAX_CHAIN * ACCUMULATORS * L::WIDTH)
 }
 
-/// A reduction over vectors: one step per vector, and the merge of two partial results.
+/// A reduction over the vectors of one or more pieces of a block: one step per vector, and
+/// the merge of two partial results.
 ///
 /// A trait with `#[inline(always)]` methods rather than closures: a closure the compiler
 /// leaves out of line loses the `#[target_feature]` of the entry that called it, and with it
 /// the vector instructions (closures cannot be marked `#[inline(always)]` on stable Rust).
 /// Everything else that touches lanes is `#[inline(always)]` with plain loops for the same
 /// reason.
-trait Reduce<L: Lanes>: Copy {
-    fn step(self, v: L) -> Self;
+pub(crate) trait Reduce<L: Lanes>: Copy {
+    /// What one piece is: a slice (statistics) or two of equal length (`x` and `dy`).
+    type Piece<'a>: Piece;
+    /// What is read from a piece at once: a vector, or one of each slice.
+    type V;
+    /// The whole vector(s) at `at`.
+    fn load(piece: Self::Piece<'_>, at: usize) -> Self::V;
+    /// The last `len - at < WIDTH` values, the other lanes padded so that they add nothing.
+    fn load_tail(&self, piece: Self::Piece<'_>, at: usize) -> Self::V;
+    fn step(self, v: Self::V) -> Self;
     fn merge(self, other: Self) -> Self;
 }
 
-/// `Σ (x - p)`.
+/// A piece of a block: a slice, or two of equal length read side by side.
+pub(crate) trait Piece: Copy {
+    fn len(self) -> usize;
+    /// The chunks of `n` values, and what is left after them.
+    fn chunks_exact(self, n: usize) -> (impl Iterator<Item = Self>, Self);
+}
+
+impl<T> Piece for &[T] {
+    #[inline(always)]
+    fn len(self) -> usize {
+        <[T]>::len(self)
+    }
+    #[inline(always)]
+    fn chunks_exact(self, n: usize) -> (impl Iterator<Item = Self>, Self) {
+        let chunks = <[T]>::chunks_exact(self, n);
+        let rest = chunks.remainder();
+        (chunks, rest)
+    }
+}
+
+impl<T> Piece for (&[T], &[T]) {
+    #[inline(always)]
+    fn len(self) -> usize {
+        self.0.len().min(self.1.len())
+    }
+    #[inline(always)]
+    fn chunks_exact(self, n: usize) -> (impl Iterator<Item = Self>, Self) {
+        let len = Piece::len(self);
+        let (x, dy) = (&self.0[..len], &self.1[..len]);
+        let done = len - len % n;
+        let chunks = x.chunks_exact(n).zip(dy.chunks_exact(n));
+        (chunks, (&x[done..], &dy[done..]))
+    }
+}
+
+/// `Σ (x - p)`; padding lanes hold `p`.
 #[derive(Clone, Copy)]
-struct PivotedSum<L> {
-    p: L,
+struct PivotedSum<L: Lanes> {
+    p: L::Elem,
+    pv: L,
     sum: L,
 }
 
+impl<L: Lanes> PivotedSum<L> {
+    #[inline(always)]
+    fn around(p: L::Elem) -> Self {
+        PivotedSum {
+            p,
+            pv: L::splat(p),
+            sum: L::splat(L::Elem::ZERO),
+        }
+    }
+}
+
 impl<L: Lanes> Reduce<L> for PivotedSum<L> {
+    type Piece<'a> = &'a [L::Elem];
+    type V = L;
+    #[inline(always)]
+    fn load(x: &[L::Elem], at: usize) -> L {
+        L::load(&x[at..])
+    }
+    #[inline(always)]
+    fn load_tail(&self, x: &[L::Elem], at: usize) -> L {
+        L::load_partial(&x[at..], self.p)
+    }
     #[inline(always)]
     fn step(self, v: L) -> Self {
         PivotedSum {
-            sum: self.sum.add(v.sub(self.p)),
+            sum: self.sum.add(v.sub(self.pv)),
             ..self
         }
     }
@@ -70,18 +136,42 @@ impl<L: Lanes> Reduce<L> for PivotedSum<L> {
     }
 }
 
-/// `Σ (x - k)` and `Σ (x - k)²`.
+/// `Σ (x - k)` and `Σ (x - k)²`; padding lanes hold `k`.
 #[derive(Clone, Copy)]
-struct ShiftedSums<L> {
-    k: L,
+struct ShiftedSums<L: Lanes> {
+    k: L::Elem,
+    kv: L,
     s1: L,
     s2: L,
 }
 
+impl<L: Lanes> ShiftedSums<L> {
+    #[inline(always)]
+    fn around(k: L::Elem) -> Self {
+        let zero = L::splat(L::Elem::ZERO);
+        ShiftedSums {
+            k,
+            kv: L::splat(k),
+            s1: zero,
+            s2: zero,
+        }
+    }
+}
+
 impl<L: Lanes> Reduce<L> for ShiftedSums<L> {
+    type Piece<'a> = &'a [L::Elem];
+    type V = L;
+    #[inline(always)]
+    fn load(x: &[L::Elem], at: usize) -> L {
+        L::load(&x[at..])
+    }
+    #[inline(always)]
+    fn load_tail(&self, x: &[L::Elem], at: usize) -> L {
+        L::load_partial(&x[at..], self.k)
+    }
     #[inline(always)]
     fn step(self, v: L) -> Self {
-        let d = v.sub(self.k);
+        let d = v.sub(self.kv);
         ShiftedSums {
             s1: self.s1.add(d),
             s2: d.mul_add(d, self.s2),
@@ -98,25 +188,37 @@ impl<L: Lanes> Reduce<L> for ShiftedSums<L> {
     }
 }
 
-/// Reduces `x` vector by vector into `K` independent accumulators (so consecutive additions
-/// do not wait on each other), padding the last partial vector with `fill`.
+/// Reduces the pieces `piece(0..count)` of a block vector by vector into `K` independent
+/// accumulators (so that consecutive additions do not wait on each other), the last partial
+/// vector of each piece padded: each accumulator lane adds at most `ceil(ceil(len / WIDTH) /
+/// K)` values of a piece of `len`, and one horizontal sum serves the whole block, however
+/// short its pieces (the runs of 7x7 activations are 49 values).
 #[inline(always)]
-fn fold<L: Lanes, A: Reduce<L>, const K: usize>(x: &[L::Elem], fill: L::Elem, init: A) -> A {
+pub(crate) fn fold_pieces<'a, L: Lanes, A: Reduce<L> + 'a, const K: usize>(
+    count: usize,
+    piece: &impl Fn(usize) -> A::Piece<'a>,
+    init: A,
+) -> A {
     let w = L::WIDTH;
     let mut acc = [init; K];
-    let mut chunks = x.chunks_exact(K * w);
-    for chunk in &mut chunks {
-        for k in 0..K {
-            acc[k] = acc[k].step(L::load(&chunk[k * w..]));
+    for i in 0..count {
+        let (chunks, rest) = piece(i).chunks_exact(K * w);
+        for chunk in chunks {
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = a.step(A::load(chunk, k * w));
+            }
         }
-    }
-    let mut vectors = chunks.remainder().chunks_exact(w);
-    for v in &mut vectors {
-        acc[0] = acc[0].step(L::load(v));
-    }
-    let tail = vectors.remainder();
-    if !tail.is_empty() {
-        acc[1 % K] = acc[1 % K].step(L::load_partial(tail, fill));
+        let (len, mut at) = (rest.len(), 0);
+        // The rest, fewer than `K` vectors and a partial one: one to each accumulator.
+        for a in acc.iter_mut() {
+            if at + w <= len {
+                *a = a.step(A::load(rest, at));
+                at += w;
+            } else if at < len {
+                *a = a.step(a.load_tail(rest, at));
+                at = len;
+            }
+        }
     }
     let mut total = acc[0];
     for a in &acc[1..] {
@@ -125,31 +227,32 @@ fn fold<L: Lanes, A: Reduce<L>, const K: usize>(x: &[L::Elem], fill: L::Elem, in
     total
 }
 
-/// `Σ (x - p)` in lanes; padding lanes hold `p`.
+/// How many runs of `len` values one block takes: [`block_len`] values' worth (`block` of
+/// them), but no more than keep each of `K` accumulator lanes within [`MAX_CHAIN`] additions
+/// ([`fold_pieces`]).
 #[inline(always)]
-fn pivoted_sum<L: Lanes>(x: &[L::Elem], p: L::Elem) -> L::Elem {
-    let init = PivotedSum {
-        p: L::splat(p),
-        sum: L::splat(L::Elem::ZERO),
-    };
-    fold::<L, _, ACCUMULATORS>(x, p, init).sum.sum()
+pub(crate) fn runs_per_block<L: Lanes, const K: usize>(len: usize, block: usize) -> usize {
+    let per_accumulator = len.div_ceil(L::WIDTH).div_ceil(K).max(1);
+    (block / len.max(1)).min(MAX_CHAIN / per_accumulator).max(1)
 }
 
-/// `(Σ (x - k), Σ (x - k)²)` in lanes; padding lanes hold `k` and so add nothing.
+/// `Σ (x - p)` in lanes.
+#[inline(always)]
+fn pivoted_sum<L: Lanes>(x: &[L::Elem], p: L::Elem) -> L::Elem {
+    fold_pieces::<L, _, ACCUMULATORS>(1, &|_| x, PivotedSum::around(p))
+        .sum
+        .sum()
+}
+
+/// `(Σ (x - k), Σ (x - k)²)` in lanes.
 #[inline(always)]
 fn shifted_sums<L: Lanes>(x: &[L::Elem], k: L::Elem) -> (L::Elem, L::Elem) {
-    let zero = L::splat(L::Elem::ZERO);
-    let init = ShiftedSums {
-        k: L::splat(k),
-        s1: zero,
-        s2: zero,
-    };
-    let r = fold::<L, _, ACCUMULATORS>(x, k, init);
+    let r = fold_pieces::<L, _, ACCUMULATORS>(1, &|_| x, ShiftedSums::around(k));
     (r.s1.sum(), r.s2.sum())
 }
 
 /// The moments of a block made of `count` pieces, piece `i` being `piece(i)` (together they
-/// fit in L1).
+/// fit in L1, and [`runs_per_block`] bounds their count).
 ///
 /// The first read sums `x - p` around the block's first value `p`, so the rounded block mean
 /// `k = p + Σ (x - p) / n` is accurate to a small fraction of the spread even when the offset
@@ -166,17 +269,10 @@ fn block<'a, L: Lanes>(count: usize, piece: impl Fn(usize) -> &'a [L::Elem]) -> 
     let Some(p) = pivot else {
         return Moments::EMPTY;
     };
-    let mut total = 0.0;
-    for i in 0..count {
-        total += pivoted_sum::<L>(piece(i), p).to_f64();
-    }
-    let k = L::Elem::from_f64(p.to_f64() + total / n as f64);
-    let (mut s1, mut s2) = (0.0, 0.0);
-    for i in 0..count {
-        let (a, b) = shifted_sums::<L>(piece(i), k);
-        s1 += a.to_f64();
-        s2 += b.to_f64();
-    }
+    let sum = fold_pieces::<L, _, ACCUMULATORS>(count, &piece, PivotedSum::around(p));
+    let k = L::Elem::from_f64(p.to_f64() + sum.sum.sum().to_f64() / n as f64);
+    let r = fold_pieces::<L, _, ACCUMULATORS>(count, &piece, ShiftedSums::around(k));
+    let (s1, s2) = (r.s1.sum().to_f64(), r.s2.sum().to_f64());
     if !(s1.is_finite() && s2.is_finite()) {
         return block_f64(count, piece);
     }
@@ -263,7 +359,7 @@ pub(crate) fn moments_runs<'a, L: Lanes>(
         }
         return acc;
     }
-    let per_block = block_len / len.max(1);
+    let per_block = runs_per_block::<L, ACCUMULATORS>(len, block_len);
     let mut i = 0;
     while i < count {
         let k = per_block.min(count - i);

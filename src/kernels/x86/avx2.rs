@@ -81,11 +81,23 @@ unsafe fn store_partial_pd(s: &mut [f64], v: __m256d) {
     _mm256_maskstore_pd(s.as_mut_ptr(), mask64(s.len()), v)
 }
 
+/// Lanes `i < k` from `a`, the others from `b`.
+#[inline(always)]
+unsafe fn splice_ps(k: usize, a: __m256, b: __m256) -> __m256 {
+    _mm256_blendv_ps(b, a, _mm256_castsi256_ps(mask32(k)))
+}
+
+/// Lanes `i < k` from `a`, the others from `b`.
+#[inline(always)]
+unsafe fn splice_pd(k: usize, a: __m256d, b: __m256d) -> __m256d {
+    _mm256_blendv_pd(b, a, _mm256_castsi256_pd(mask64(k)))
+}
+
 x86_lanes!(F32x8, f32, 8;
     _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_stream_ps, _mm256_add_ps, _mm256_sub_ps,
     _mm256_mul_ps, _mm256_fmadd_ps;
-    load_partial_ps, store_partial_ps, hsum_ps);
+    load_partial_ps, store_partial_ps, hsum_ps, splice_ps);
 x86_lanes!(F64x4, f64, 4;
     _mm256_set1_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_stream_pd, _mm256_add_pd, _mm256_sub_pd,
     _mm256_mul_pd, _mm256_fmadd_pd;
-    load_partial_pd, store_partial_pd, hsum_pd);
+    load_partial_pd, store_partial_pd, hsum_pd, splice_pd);

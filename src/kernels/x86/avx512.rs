@@ -17,7 +17,7 @@ pub struct F32x16(__m512);
 #[derive(Clone, Copy, Debug)]
 pub struct F64x8(__m512d);
 
-/// The mask of the first `n < lanes` lanes.
+/// The mask of the first `n <= lanes` lanes.
 #[inline(always)]
 fn mask(n: usize) -> u32 {
     (1u32 << n.min(31)) - 1
@@ -47,11 +47,23 @@ unsafe fn store_partial_pd(s: &mut [f64], v: __m512d) {
     _mm512_mask_storeu_pd(s.as_mut_ptr(), mask(s.len()) as __mmask8, v)
 }
 
+/// Lanes `i < k` from `a`, the others from `b`.
+#[inline(always)]
+unsafe fn splice_ps(k: usize, a: __m512, b: __m512) -> __m512 {
+    _mm512_mask_blend_ps(mask(k) as __mmask16, b, a)
+}
+
+/// Lanes `i < k` from `a`, the others from `b`.
+#[inline(always)]
+unsafe fn splice_pd(k: usize, a: __m512d, b: __m512d) -> __m512d {
+    _mm512_mask_blend_pd(mask(k) as __mmask8, b, a)
+}
+
 x86_lanes!(F32x16, f32, 16;
     _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_stream_ps, _mm512_add_ps, _mm512_sub_ps,
     _mm512_mul_ps, _mm512_fmadd_ps;
-    load_partial_ps, store_partial_ps, _mm512_reduce_add_ps);
+    load_partial_ps, store_partial_ps, _mm512_reduce_add_ps, splice_ps);
 x86_lanes!(F64x8, f64, 8;
     _mm512_set1_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_stream_pd, _mm512_add_pd, _mm512_sub_pd,
     _mm512_mul_pd, _mm512_fmadd_pd;
-    load_partial_pd, store_partial_pd, _mm512_reduce_add_pd);
+    load_partial_pd, store_partial_pd, _mm512_reduce_add_pd, splice_pd);

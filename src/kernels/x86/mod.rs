@@ -4,14 +4,14 @@
 //! runs tasks on other threads, outside any caller's target features.
 
 /// Implements `Lanes` for `$v`, a wrapper of one x86 vector register of `$w` lanes of `$t`:
-/// the full-width operations from the named intrinsics, the partial loads and stores and the
-/// horizontal sum from helper functions of the instruction set's module. Every method is an
+/// the full-width operations from the named intrinsics, the partial loads and stores, the
+/// horizontal sum and the splice from helper functions of the instruction set's module. Every method is an
 /// intrinsic behind a slice bounds check; see each module's safety comment for why calling them
 /// is sound.
 macro_rules! x86_lanes {
     ($v:ident, $t:ty, $w:expr;
      $set1:ident, $loadu:ident, $storeu:ident, $stream:ident, $add:ident, $sub:ident, $mul:ident, $fmadd:ident;
-     $load_partial:ident, $store_partial:ident, $sum:ident) => {
+     $load_partial:ident, $store_partial:ident, $sum:ident, $splice:ident) => {
         impl Lanes for $v {
             type Elem = $t;
             const WIDTH: usize = $w;
@@ -78,6 +78,11 @@ macro_rules! x86_lanes {
             fn sum(self) -> $t {
                 // SAFETY: detected as above.
                 unsafe { $sum(self.0) }
+            }
+            #[inline(always)]
+            fn splice(self, k: usize, rest: Self) -> Self {
+                // SAFETY: detected as above.
+                unsafe { $v($splice(k, self.0, rest.0)) }
             }
         }
     };
