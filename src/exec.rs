@@ -53,8 +53,7 @@ impl Plan {
     /// mapped in whole vectors laid over the span, [`crate::kernels::normalize::map_runs`], so
     /// every line is written whole) and at least [`parallel::stream_threshold`] bytes.
     /// Streaming stores that fill a line only in part (NHWC rows whose start is not aligned,
-    /// or the ends of short runs mapped one by one) made a 32x2048x7x7 inference 12x slower,
-    /// and backward, which reads two tensors, gained nothing.
+    /// or the ends of short runs mapped one by one) made a 32x2048x7x7 inference 12x slower.
     fn streams<T>(self, elements: usize) -> bool {
         let size = std::mem::size_of::<T>();
         matches!(self, Plan::Runs { s, .. } if s.saturating_mul(size) >= 64)
@@ -466,6 +465,8 @@ where
         Plan::of(shape, layout),
         Par::for_work(g.len(), shape.c, parallel::REDUCE_MAP),
     );
+    let mut g = g;
+    g.stream = plan.streams::<T>(3 * g.len());
     dispatch(
         Isa::current(),
         BackwardJob {

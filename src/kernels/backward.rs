@@ -8,6 +8,7 @@
 
 use super::buffers::{aligned_arrays, Grad};
 use super::lanes::{load_tile, load_upto, Lanes};
+use super::normalize::{map_runs, RunIo, RunMap};
 use super::stats::{block_len, fold_pieces, runs_per_block, Reduce, MAX_CHAIN, MAX_WIDTH, TILE};
 use crate::element::Element;
 use std::ops::Range;
@@ -74,11 +75,11 @@ pub(crate) fn fill_back<T: Element>(
 }
 
 /// Independent accumulators per sum.
-const UNROLL: usize = 4;
+pub(crate) const UNROLL: usize = 4;
 
 /// `Σ dy` and `Σ dy * (x - hi)` in lanes; padding lanes have `dy = 0` and add nothing.
 #[derive(Clone, Copy)]
-struct GradLanes<L: Lanes> {
+pub(crate) struct GradLanes<L: Lanes> {
     hi: L::Elem,
     hv: L,
     dy: L,
@@ -115,6 +116,28 @@ impl<L: Lanes> Reduce<L> for GradLanes<L> {
             ..self
         }
     }
+    #[inline(always)]
+    fn empty(&self) -> Self {
+        Self::around(self.hi)
+    }
+    #[inline(always)]
+    fn sums(&self) -> [f64; 2] {
+        [self.dy.sum().to_f64(), self.dy_xc.sum().to_f64()]
+    }
+}
+
+impl<L: Lanes> GradLanes<L> {
+    /// No sums yet, around `hi`.
+    #[inline(always)]
+    pub fn around(hi: L::Elem) -> Self {
+        let zero = L::splat(L::Elem::ZERO);
+        GradLanes {
+            hi,
+            hv: L::splat(hi),
+            dy: zero,
+            dy_xc: zero,
+        }
+    }
 }
 
 /// The sums of a block of `count` pieces `piece(i) = (x, dy)` around `hi`, [`UNROLL`]
@@ -126,18 +149,8 @@ fn block_sums<'a, L: Lanes>(
     piece: &impl Fn(usize) -> (&'a [L::Elem], &'a [L::Elem]),
     hi: L::Elem,
 ) -> GradSums {
-    let zero = L::splat(L::Elem::ZERO);
-    let init = GradLanes {
-        hi,
-        hv: L::splat(hi),
-        dy: zero,
-        dy_xc: zero,
-    };
-    let r = fold_pieces::<L, _, UNROLL>(count, piece, init);
-    let sums = GradSums {
-        dy: r.dy.sum().to_f64(),
-        dy_xc: r.dy_xc.sum().to_f64(),
-    };
+    let [dy, dy_xc] = fold_pieces::<L, _, UNROLL>(count, piece, GradLanes::around(hi)).sums();
+    let sums = GradSums { dy, dy_xc };
     if sums.dy.is_finite() && sums.dy_xc.is_finite() {
         return sums;
     }
@@ -154,7 +167,11 @@ fn block_sums<'a, L: Lanes>(
 /// sums overflow the element type. Non-finite inputs stay non-finite.
 #[cold]
 #[inline(never)]
-fn sums_f64<T: Element>(n: usize, pair: impl Fn(usize) -> (T, T), center: f64) -> GradSums {
+pub(crate) fn sums_f64<T: Element>(
+    n: usize,
+    pair: impl Fn(usize) -> (T, T),
+    center: f64,
+) -> GradSums {
     let mut out = GradSums::default();
     for i in 0..n {
         let (x, dy) = pair(i);
@@ -315,46 +332,93 @@ impl<L: Lanes> BackLanes<L> {
     }
 }
 
+impl<L: Lanes> RunMap<L, (L, L)> for BackLanes<L> {
+    #[inline(always)]
+    fn map(&self, (x, dy): (L, L)) -> L {
+        self.dx(x, dy)
+    }
+}
+
+impl<L: Lanes> RunIo<L> for Grad<'_, L::Elem> {
+    type In = (L, L);
+    #[inline(always)]
+    fn read(&self, i: usize) -> (L, L) {
+        let w = L::WIDTH;
+        (L::load(&self.x[i..i + w]), L::load(&self.dy[i..i + w]))
+    }
+    #[inline(always)]
+    fn write(&mut self, i: usize, v: L, stream: bool) {
+        let out = &mut self.dx[i..i + L::WIDTH];
+        if stream {
+            v.store_stream(out)
+        } else {
+            v.store(out)
+        }
+    }
+    #[inline(always)]
+    fn map_whole<M: RunMap<L, (L, L)>>(&mut self, at: usize, len: usize, f: &M) {
+        let w = L::WIDTH;
+        let x = self.x[at..at + len].chunks_exact(w);
+        let dy = self.dy[at..at + len].chunks_exact(w);
+        let dx = self.dx[at..at + len].chunks_exact_mut(w);
+        let vectors = x.zip(dy).zip(dx);
+        if self.stream {
+            for ((x, dy), out) in vectors {
+                f.map((L::load(x), L::load(dy))).store_stream(out);
+            }
+        } else {
+            for ((x, dy), out) in vectors {
+                f.map((L::load(x), L::load(dy))).store(out);
+            }
+        }
+    }
+    #[inline(always)]
+    fn streams(&self) -> bool {
+        self.stream
+    }
+    #[inline(always)]
+    fn output_at(&self, i: usize) -> *const L::Elem {
+        self.dx[i..].as_ptr()
+    }
+}
+
 /// `dx` for consecutive runs of `s` values (NCHW), run `r` with `params(r)`.
 #[inline(always)]
 pub(crate) fn backward_runs<L: Lanes>(
     g: &mut Grad<'_, L::Elem>,
     s: usize,
-    mut params: impl FnMut(usize) -> BackAffine<L::Elem>,
+    params: impl FnMut(usize) -> BackAffine<L::Elem>,
 ) {
     let runs = g.dx.len().checked_div(s).unwrap_or(0);
-    for r in 0..runs {
-        backward_run::<L>(g, r * s, s, &params(r));
-    }
+    backward_group::<L>(g, 0, s, runs, params);
 }
 
-/// `dx` for the `s` values of `g` from `start`, with `p`: whole vectors without per-vector
-/// bounds checks, then the partial tail.
+/// `dx` for the `count` consecutive runs of `s` values of `g` from `start`, run `j` with
+/// `params(j)` (called once per run, in order): [`map_runs`] when runs are at least a vector
+/// long.
 #[inline(always)]
-pub(crate) fn backward_run<L: Lanes>(
+pub(crate) fn backward_group<L: Lanes>(
     g: &mut Grad<'_, L::Elem>,
     start: usize,
     s: usize,
-    p: &BackAffine<L::Elem>,
+    count: usize,
+    mut params: impl FnMut(usize) -> BackAffine<L::Elem>,
 ) {
-    let w = L::WIDTH;
-    let f = BackLanes::<L>::splat(*p);
-    let (x, dy, dx) = (
-        &g.x[start..start + s],
-        &g.dy[start..start + s],
-        &mut g.dx[start..start + s],
-    );
-    let full = s - s % w;
-    let inputs = x.chunks_exact(w).zip(dy.chunks_exact(w));
-    for ((xv, dv), out) in inputs.zip(dx.chunks_exact_mut(w)) {
-        f.dx(L::load(xv), L::load(dv)).store(out);
+    if s >= L::WIDTH {
+        map_runs::<L, _, _>(g, start, s, count, |j| BackLanes::<L>::splat(params(j)));
+        if g.stream {
+            super::store_fence();
+        }
+        return;
     }
-    if full < s {
+    for j in 0..count {
+        let at = start + j * s;
+        let f = BackLanes::<L>::splat(params(j));
         let v = f.dx(
-            L::load_partial(&x[full..], L::Elem::ZERO),
-            L::load_partial(&dy[full..], L::Elem::ZERO),
+            L::load_partial(&g.x[at..at + s], L::Elem::ZERO),
+            L::load_partial(&g.dy[at..at + s], L::Elem::ZERO),
         );
-        v.store_partial(&mut dx[full..]);
+        v.store_partial(&mut g.dx[at..at + s]);
     }
 }
 

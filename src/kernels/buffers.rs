@@ -39,7 +39,7 @@ pub(crate) trait Buffers<T: Element>: Span {
     }
     /// `out[start + j * WIDTH ..][..WIDTH] = f.apply_at(j, in[..same])` for the `len / WIDTH`
     /// whole vectors from `start` (`len` a multiple of `WIDTH`): one bounds check for the
-    /// span, none per vector.
+    /// span, none per vector; streaming stores when streaming is on.
     fn map_vectors<L: Lanes<Elem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>);
 }
 
@@ -101,8 +101,14 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
     fn map_vectors<L: Lanes<Elem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>) {
         let x = self.x[start..start + len].chunks_exact(L::WIDTH);
         let y = self.y[start..start + len].chunks_exact_mut(L::WIDTH);
-        for (j, (x, y)) in x.zip(y).enumerate() {
-            f.apply_at(j, L::load(x)).store(y);
+        if self.stream {
+            for (j, (x, y)) in x.zip(y).enumerate() {
+                f.apply_at(j, L::load(x)).store_stream(y);
+            }
+        } else {
+            for (j, (x, y)) in x.zip(y).enumerate() {
+                f.apply_at(j, L::load(x)).store(y);
+            }
         }
     }
     #[inline(always)]
@@ -190,6 +196,8 @@ pub(crate) struct Grad<'a, T> {
     pub x: &'a [T],
     pub dy: &'a [T],
     pub dx: &'a mut [T],
+    /// Streaming stores for `dx` (see [`super::normalize::map_runs`]).
+    pub stream: bool,
 }
 
 impl<T: Element> Span for Grad<'_, T> {
@@ -202,16 +210,19 @@ impl<T: Element> Span for Grad<'_, T> {
         let (xa, xb) = self.x.split_at(mid);
         let (da, db) = self.dy.split_at(mid);
         let (oa, ob) = self.dx.split_at_mut(mid);
+        let stream = self.stream;
         (
             Grad {
                 x: xa,
                 dy: da,
                 dx: oa,
+                stream,
             },
             Grad {
                 x: xb,
                 dy: db,
                 dx: ob,
+                stream,
             },
         )
     }

@@ -12,21 +12,21 @@
 //! the divisions and square roots of one channel overlap those of the next), then the maps.
 //! With one image, channels that fit in L1 go in sub-groups of one statistics block.
 
-use super::backward::{grad_sums_runs, BackAffine, GradSums};
+use super::backward::{
+    backward_group, grad_sums_runs, sums_f64, BackAffine, GradLanes, GradSums, UNROLL,
+};
 use super::buffers::{Buffers, Grad};
 use super::lanes::Lanes;
 use super::normalize::{normalize_group, Affine};
-use super::stats::{block_len, moments_each, moments_runs};
+use super::stats::{
+    block_f64, block_len, fold_pieces, moments_each, PivotedSum, Reduce, ShiftedSums, ACCUMULATORS,
+    MAX_CHAIN,
+};
+use crate::element::Element;
 use crate::moments::Moments;
-use std::mem::size_of;
 
 /// The most channels in a group: their parameters live on the stack.
 pub(crate) const GROUP: usize = 64;
-
-/// Runs at least this long, in groups of several channels, are reduced span by span (one
-/// statistics block per run, merged); shorter ones, or a channel alone, channel by channel,
-/// several runs of a channel to a block.
-const SPAN_ORDER_BYTES: usize = 2048;
 
 /// The span of image `i` (every slot is filled by the caller).
 #[inline(always)]
@@ -40,6 +40,87 @@ fn span<B>(spans: &mut [Option<B>], i: usize) -> &mut B {
 #[inline(always)]
 fn sub_group<L: Lanes>(s: usize) -> usize {
     (block_len::<L>() / s.max(1)).clamp(1, GROUP)
+}
+
+/// Reduces each of the `centres.len() <= GROUP` channels of a group over its runs of `s`
+/// values in `n` image spans, run `j` of span `i` being `piece(i, j)`, into `out[j]`: span by
+/// span (memory order), a run at a time into `K` accumulators that are then added to the
+/// channel's own, whose lanes move to `f64` every few spans (each lane adds at most
+/// [`MAX_CHAIN`] values). `centres[j]` is channel `j`'s reduction with no sums yet. One
+/// horizontal sum per channel, not one per run: a 7x7 run is 49 values.
+#[inline(always)]
+fn fold_spans<'a, L: Lanes, A: Reduce<L> + 'a, const K: usize>(
+    n: usize,
+    s: usize,
+    piece: &impl Fn(usize, usize) -> A::Piece<'a>,
+    centres: &[A],
+    out: &mut [[f64; 2]],
+) {
+    let count = centres.len().min(GROUP);
+    let Some(&first) = centres.first() else {
+        return;
+    };
+    let per_run = s.div_ceil(L::WIDTH).div_ceil(K) + 1;
+    let per_flush = (MAX_CHAIN / per_run).max(1);
+    let mut acc = [first; GROUP];
+    out[..count].fill([0.0; 2]);
+    let mut i = 0;
+    while i < n {
+        let spans = i..(i + per_flush).min(n);
+        for (a, c) in acc.iter_mut().zip(&centres[..count]) {
+            *a = c.empty();
+        }
+        for i in spans.clone() {
+            for (j, a) in acc[..count].iter_mut().enumerate() {
+                let run = fold_pieces::<L, A, K>(1, &|_| piece(i, j), a.empty());
+                *a = a.merge(run);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc[..count]) {
+            let [u, v] = a.sums();
+            *o = [o[0] + u, o[1] + v];
+        }
+        i = spans.end;
+    }
+}
+
+/// The moments of each of the `out.len() <= GROUP` channels of a group over `spans.len() > 1`
+/// image spans, as [`super::stats`]'s blocks compute them but with the whole channel as the
+/// block (the group fits in L2): sums around each channel's first value give its rounded
+/// mean `k`, then sums around `k`, both read span by span ([`fold_spans`]).
+#[inline(always)]
+fn group_moments<L: Lanes, B: Buffers<L::Elem>>(
+    spans: &[Option<B>],
+    s: usize,
+    out: &mut [Moments],
+) {
+    let (n, count) = (spans.len(), out.len().min(GROUP));
+    let run = |i: usize, j: usize| {
+        let x = spans[i].as_ref().expect("every image's span").input();
+        &x[j * s..][..s]
+    };
+    let zero = L::Elem::ZERO;
+    let mut pivots = [PivotedSum::<L>::around(zero); GROUP];
+    for (j, p) in pivots[..count].iter_mut().enumerate() {
+        *p = PivotedSum::around(run(0, j)[0]);
+    }
+    let mut sums = [[0.0; 2]; GROUP];
+    fold_spans::<L, _, ACCUMULATORS>(n, s, &run, &pivots[..count], &mut sums);
+    let values = n * s;
+    let mut shifted = [ShiftedSums::<L>::around(zero); GROUP];
+    for j in 0..count {
+        let p = run(0, j)[0].to_f64();
+        shifted[j] = ShiftedSums::around(L::Elem::from_f64(p + sums[j][0] / values as f64));
+    }
+    fold_spans::<L, _, ACCUMULATORS>(n, s, &run, &shifted[..count], &mut sums);
+    for (j, o) in out[..count].iter_mut().enumerate() {
+        let [s1, s2] = sums[j];
+        *o = if s1.is_finite() && s2.is_finite() {
+            Moments::from_shifted_sums(values as u64, shifted[j].k.to_f64(), s1, s2)
+        } else {
+            block_f64(n, |i| run(i, j))
+        };
+    }
 }
 
 /// Training's forward pass over a group of `out.len() <= GROUP` channels of `s` values per
@@ -67,27 +148,7 @@ pub(crate) fn train_channels<L: Lanes, B: Buffers<L::Elem>>(
             normalize_group::<L, B>(buf, at * s, s, &params[..moments.len()]);
         }
     } else {
-        if out.len() > 1 && s * size_of::<L::Elem>() >= SPAN_ORDER_BYTES {
-            let mut part = [Moments::EMPTY; GROUP];
-            out.fill(Moments::EMPTY);
-            for i in 0..spans.len() {
-                let x = span(spans, i).input();
-                let part = &mut part[..out.len()];
-                moments_each::<L>(x, s, part);
-                for (o, m) in out.iter_mut().zip(part.iter()) {
-                    *o = o.merge(*m);
-                }
-            }
-        } else {
-            let n = spans.len();
-            for (j, o) in out.iter_mut().enumerate() {
-                let run = |i: usize| {
-                    let x = spans[i].as_ref().expect("every image's span").input();
-                    &x[j * s..][..s]
-                };
-                *o = moments_runs::<L>(n, s, run);
-            }
-        }
+        group_moments::<L, B>(spans, s, out);
         for (j, (p, m)) in params.iter_mut().zip(out.iter()).enumerate() {
             *p = finish(first + j, m);
         }
@@ -122,31 +183,38 @@ pub(crate) fn backward_channels<L: Lanes>(
         *c = center(first + j);
     }
     // One image: sub-groups that fit in L1; more: the whole group, span by span.
-    let sub = if spans.len() == 1 {
-        sub_group::<L>(s)
-    } else {
-        GROUP
-    };
+    let n = spans.len();
+    let sub = if n == 1 { sub_group::<L>(s) } else { GROUP };
     for (g, sums) in out.chunks_mut(sub).enumerate() {
         let at = g * sub;
-        if spans.len() > 1 && s * size_of::<L::Elem>() < SPAN_ORDER_BYTES {
-            // Short runs: channel by channel, all images' runs in blocks.
+        if n == 1 {
+            let grad = span(spans, 0);
             for (j, o) in sums.iter_mut().enumerate() {
                 let k = (at + j) * s;
-                let run = |i: usize| {
-                    let grad = spans[i].as_ref().expect("every image's span");
-                    (&grad.x[k..k + s], &grad.dy[k..k + s])
-                };
-                *o = grad_sums_runs::<L>(spans.len(), s, run, centers[at + j]);
+                let (x, dy) = (&grad.x[k..k + s], &grad.dy[k..k + s]);
+                *o = grad_sums_runs::<L>(1, s, |_| (x, dy), centers[at + j]);
             }
         } else {
-            sums.fill(GradSums::default());
-            for i in 0..spans.len() {
-                let grad = span(spans, i);
-                for (j, o) in sums.iter_mut().enumerate() {
-                    let k = (at + j) * s;
-                    let (x, dy) = (&grad.x[k..k + s], &grad.dy[k..k + s]);
-                    *o = o.add(grad_sums_runs::<L>(1, s, |_| (x, dy), centers[at + j]));
+            let run = |i: usize, j: usize| {
+                let grad = spans[i].as_ref().expect("every image's span");
+                let k = (at + j) * s;
+                (&grad.x[k..k + s], &grad.dy[k..k + s])
+            };
+            let mut lanes = [GradLanes::around(L::Elem::ZERO); GROUP];
+            for (l, &c) in lanes.iter_mut().zip(&centers[at..at + sums.len()]) {
+                *l = GradLanes::around(c);
+            }
+            let mut total = [[0.0; 2]; GROUP];
+            fold_spans::<L, _, UNROLL>(n, s, &run, &lanes[..sums.len()], &mut total);
+            for (j, (o, [dy, dy_xc])) in sums.iter_mut().zip(total).enumerate() {
+                *o = GradSums { dy, dy_xc };
+                if !(dy.is_finite() && dy_xc.is_finite()) {
+                    // Sums beyond the element type's range: this channel again in f64.
+                    let centre = centers[at + j].to_f64();
+                    *o = (0..n).fold(GradSums::default(), |acc, i| {
+                        let (x, dy) = run(i, j);
+                        acc.add(sums_f64(s, |e| (x[e], dy[e]), centre))
+                    });
                 }
             }
         }
@@ -154,10 +222,8 @@ pub(crate) fn backward_channels<L: Lanes>(
             *p = finish(first + at + j, *o);
         }
         for i in 0..spans.len() {
-            let grad = span(spans, i);
-            for (j, p) in params[..sums.len()].iter().enumerate() {
-                super::backward::backward_run::<L>(grad, (at + j) * s, s, p);
-            }
+            let p = &params[..sums.len()];
+            backward_group::<L>(span(spans, i), at * s, s, p.len(), |j| p[j]);
         }
     }
 }

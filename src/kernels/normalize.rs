@@ -56,7 +56,7 @@ impl<T: Element> ChannelAffine<'_, T> {
 
 /// [`Affine`] in lanes: `(v - hi) * scale + shift`.
 #[derive(Clone, Copy)]
-struct AffineLanes<L> {
+pub(crate) struct AffineLanes<L> {
     hi: L,
     scale: L,
     shift: L,
@@ -124,7 +124,7 @@ pub(crate) fn normalize_runs<L: Lanes, B: Buffers<L::Elem>>(
 ) {
     let runs = buf.len().checked_div(s).unwrap_or(0);
     if s >= L::WIDTH {
-        map_runs::<L, B, _>(buf, 0, s, runs, |r| AffineLanes::splat(&affine(r)));
+        map_runs::<L, _, _>(&mut Io(buf), 0, s, runs, |r| AffineLanes::splat(&affine(r)));
     } else {
         for r in 0..runs {
             normalize_short::<L, B>(buf, r * s, s, &affine(r));
@@ -135,17 +135,88 @@ pub(crate) fn normalize_runs<L: Lanes, B: Buffers<L::Elem>>(
     }
 }
 
-/// Maps the `count` consecutive runs of `s >= WIDTH` values of `buf` from `start`, run `j`
+/// What [`map_runs`] maps: vectors of input (one tensor, or `x` and `dy`) to vectors of
+/// output, at the same index.
+pub(crate) trait RunIo<L: Lanes> {
+    /// The input at one index: a vector, or one of each input tensor.
+    type In: Copy;
+    /// The input vector(s) at `i`.
+    fn read(&self, i: usize) -> Self::In;
+    /// Writes the output vector at `i`, streaming if `stream` and the address is aligned.
+    fn write(&mut self, i: usize, v: L, stream: bool);
+    /// Maps the `len / WIDTH` whole vectors from `at` with `f`, without per-vector bounds
+    /// checks, streaming if [`streams`](Self::streams).
+    fn map_whole<M: RunMap<L, Self::In>>(&mut self, at: usize, len: usize, f: &M);
+    /// Whether the output is written with streaming stores.
+    fn streams(&self) -> bool;
+    /// The output from `i` on (for its alignment).
+    fn output_at(&self, i: usize) -> *const L::Elem;
+}
+
+/// A [`Buffers`] as [`RunIo`].
+pub(crate) struct Io<'a, B>(pub &'a mut B);
+
+impl<L: Lanes, B: Buffers<L::Elem>> RunIo<L> for Io<'_, B> {
+    type In = L;
+    #[inline(always)]
+    fn read(&self, i: usize) -> L {
+        self.0.load(i)
+    }
+    #[inline(always)]
+    fn write(&mut self, i: usize, v: L, stream: bool) {
+        if stream {
+            self.0.put(i, v)
+        } else {
+            self.0.store(i, v)
+        }
+    }
+    #[inline(always)]
+    fn map_whole<M: RunMap<L, L>>(&mut self, at: usize, len: usize, f: &M) {
+        self.0.map_vectors(at, len, &Whole(f))
+    }
+    #[inline(always)]
+    fn streams(&self) -> bool {
+        self.0.streaming()
+    }
+    #[inline(always)]
+    fn output_at(&self, i: usize) -> *const L::Elem {
+        self.0.output()[i..].as_ptr()
+    }
+}
+
+/// A run's map as a [`MapAt`] (the same for every vector).
+struct Whole<'a, M>(&'a M);
+
+impl<L: Lanes, M: RunMap<L, L>> MapAt<L> for Whole<'_, M> {
+    #[inline(always)]
+    fn apply_at(&self, _: usize, v: L) -> L {
+        self.0.map(v)
+    }
+}
+
+/// One run's map in lanes: input vector(s) to an output vector.
+pub(crate) trait RunMap<L: Lanes, In>: Copy {
+    fn map(&self, v: In) -> L;
+}
+
+impl<L: Lanes> RunMap<L, L> for AffineLanes<L> {
+    #[inline(always)]
+    fn map(&self, v: L) -> L {
+        MapLanes::apply(self, v)
+    }
+}
+
+/// Maps the `count` consecutive runs of `s >= WIDTH` values of `io` from `start`, run `j`
 /// with `f(j)` (called once per run, in order), in whole vectors laid over the span without
 /// regard to where runs end: a vector that straddles runs `j` and `j + 1` takes each lane from
 /// its run's map ([`Lanes::splice`]). One loop for the span, with no per-run tail, and every
-/// output line written whole, so that streaming stores ([`Buffers::put`]) pay even for runs
-/// of 49 values. The last vector, when the span is not a whole number of them, overlaps its
-/// predecessor and is computed from the input as it was before the span was written (in
-/// place too, every element is mapped once from its original value).
+/// output line written whole, so that streaming stores pay even for runs of 49 values. The
+/// last vector, when the span is not a whole number of them, overlaps its predecessor and is
+/// computed from the input as it was before the span was written (in place too, every
+/// element is mapped once from its original value).
 #[inline(always)]
-pub(crate) fn map_runs<L: Lanes, B: Buffers<L::Elem>, M: MapLanes<L> + Copy>(
-    buf: &mut B,
+pub(crate) fn map_runs<L: Lanes, I: RunIo<L>, M: RunMap<L, I::In>>(
+    io: &mut I,
     start: usize,
     s: usize,
     count: usize,
@@ -155,15 +226,16 @@ pub(crate) fn map_runs<L: Lanes, B: Buffers<L::Elem>, M: MapLanes<L> + Copy>(
     if count == 0 || s < w {
         return;
     }
-    let last = buf.load::<L>(start + len - w);
+    let stream = io.streams();
+    let last = io.read(start + len - w);
     let mut cur = f(0);
     // With streaming stores, one plain vector up to the first aligned output address.
     let mut p = 0;
-    if buf.streaming() {
-        let head = buf.output()[start..].as_ptr().align_offset(size_of::<L>());
+    if stream {
+        let head = io.output_at(start).align_offset(size_of::<L>());
         if head > 0 && head < w {
-            let v = cur.apply(buf.load::<L>(start));
-            buf.store(start, v);
+            let v = cur.map(io.read(start));
+            io.write(start, v, false);
             p = head;
         }
     }
@@ -171,20 +243,18 @@ pub(crate) fn map_runs<L: Lanes, B: Buffers<L::Elem>, M: MapLanes<L> + Copy>(
     let mut next = if count > 1 { f(1) } else { cur };
     loop {
         // The whole vectors of run `j`.
-        let stop = end.min(len);
-        while p + w <= stop {
-            let v = cur.apply(buf.load::<L>(start + p));
-            buf.put(start + p, v);
-            p += w;
-        }
+        let whole = (end.min(len) - p.min(end)) / w * w;
+        io.map_whole(start + p, whole, &cur);
+        p += whole;
         if p + w > len {
             break;
         }
         if p < end {
             // The vector across the end of run `j`; runs are at least a vector long, so it
             // ends within run `j + 1`.
-            let v = buf.load::<L>(start + p);
-            buf.put(start + p, cur.apply(v).splice(end - p, next.apply(v)));
+            let v = io.read(start + p);
+            let out = cur.map(v).splice(end - p, next.map(v));
+            io.write(start + p, out, stream);
             p += w;
         }
         j += 1;
@@ -195,7 +265,7 @@ pub(crate) fn map_runs<L: Lanes, B: Buffers<L::Elem>, M: MapLanes<L> + Copy>(
         }
     }
     if p < len {
-        buf.store(start + len - w, cur.apply(last));
+        io.write(start + len - w, cur.map(last), false);
     }
 }
 
@@ -209,7 +279,7 @@ pub(crate) fn normalize_group<L: Lanes, B: Buffers<L::Elem>>(
     params: &[Affine<L::Elem>],
 ) {
     if s >= L::WIDTH {
-        map_runs::<L, B, _>(buf, start, s, params.len(), |j| {
+        map_runs::<L, _, _>(&mut Io(buf), start, s, params.len(), |j| {
             AffineLanes::splat(&params[j])
         });
     } else {

@@ -16,7 +16,7 @@ use std::ops::Range;
 const BLOCK_BYTES: usize = 16 * 1024;
 
 /// Independent accumulators of the NCHW reductions.
-const ACCUMULATORS: usize = 4;
+pub(crate) const ACCUMULATORS: usize = 4;
 
 /// The most values one f32 accumulator lane adds one after the other before its sum is moved
 /// to f64: the rounding error of such a chain grows with its length.
@@ -53,6 +53,10 @@ pub(crate) trait Reduce<L: Lanes>: Copy {
     fn load_tail(&self, piece: Self::Piece<'_>, at: usize) -> Self::V;
     fn step(self, v: Self::V) -> Self;
     fn merge(self, other: Self) -> Self;
+    /// The same reduction (same centre) with its sums at zero.
+    fn empty(&self) -> Self;
+    /// Its two sums (the second 0 where there is one), added up across lanes, in `f64`.
+    fn sums(&self) -> [f64; 2];
 }
 
 /// A piece of a block: a slice, or two of equal length read side by side.
@@ -92,7 +96,7 @@ impl<T> Piece for (&[T], &[T]) {
 
 /// `Σ (x - p)`; padding lanes hold `p`.
 #[derive(Clone, Copy)]
-struct PivotedSum<L: Lanes> {
+pub(crate) struct PivotedSum<L: Lanes> {
     p: L::Elem,
     pv: L,
     sum: L,
@@ -100,7 +104,7 @@ struct PivotedSum<L: Lanes> {
 
 impl<L: Lanes> PivotedSum<L> {
     #[inline(always)]
-    fn around(p: L::Elem) -> Self {
+    pub fn around(p: L::Elem) -> Self {
         PivotedSum {
             p,
             pv: L::splat(p),
@@ -134,12 +138,20 @@ impl<L: Lanes> Reduce<L> for PivotedSum<L> {
             ..self
         }
     }
+    #[inline(always)]
+    fn empty(&self) -> Self {
+        Self::around(self.p)
+    }
+    #[inline(always)]
+    fn sums(&self) -> [f64; 2] {
+        [self.sum.sum().to_f64(), 0.0]
+    }
 }
 
 /// `Σ (x - k)` and `Σ (x - k)²`; padding lanes hold `k`.
 #[derive(Clone, Copy)]
-struct ShiftedSums<L: Lanes> {
-    k: L::Elem,
+pub(crate) struct ShiftedSums<L: Lanes> {
+    pub k: L::Elem,
     kv: L,
     s1: L,
     s2: L,
@@ -147,7 +159,7 @@ struct ShiftedSums<L: Lanes> {
 
 impl<L: Lanes> ShiftedSums<L> {
     #[inline(always)]
-    fn around(k: L::Elem) -> Self {
+    pub fn around(k: L::Elem) -> Self {
         let zero = L::splat(L::Elem::ZERO);
         ShiftedSums {
             k,
@@ -185,6 +197,14 @@ impl<L: Lanes> Reduce<L> for ShiftedSums<L> {
             s2: self.s2.add(o.s2),
             ..self
         }
+    }
+    #[inline(always)]
+    fn empty(&self) -> Self {
+        Self::around(self.k)
+    }
+    #[inline(always)]
+    fn sums(&self) -> [f64; 2] {
+        [self.s1.sum().to_f64(), self.s2.sum().to_f64()]
     }
 }
 
@@ -315,7 +335,7 @@ pub(crate) fn moments_each<L: Lanes>(x: &[L::Elem], s: usize, out: &mut [Moments
 /// spread nears 1e19). Non-finite inputs stay non-finite.
 #[cold]
 #[inline(never)]
-fn block_f64<'a, T: Element>(count: usize, piece: impl Fn(usize) -> &'a [T]) -> Moments {
+pub(crate) fn block_f64<'a, T: Element>(count: usize, piece: impl Fn(usize) -> &'a [T]) -> Moments {
     let (mut n, mut total) = (0usize, 0.0);
     for i in 0..count {
         for &v in piece(i) {
