@@ -25,6 +25,13 @@ pub(crate) const MAX_CHAIN: usize = 128;
 /// Vectors of channels an NHWC tile keeps in registers: 4 accumulators each of 3 kinds.
 pub(crate) const TILE: usize = 4;
 
+/// Rows of the first block of an NHWC reduction, the one read twice (later blocks are read
+/// once, around the running mean): few, because rows a multiple of 4 KiB apart (1024 f32
+/// channels and more) fall in the same L1 sets, so that 128 of them would be evicted before
+/// the second read. Measured on Zen 5: NHWC statistics of 1x2048x7x7 and 1x1024x14x14 1.3x
+/// faster than with 128 rows, BatchNorm1d 256x1024 1.2x, larger shapes unchanged.
+const FIRST_ROWS: usize = 8;
+
 /// The widest vector any [`Lanes`] has (AVX-512 `f32`: 16), for spilling lanes to the stack.
 pub(crate) const MAX_WIDTH: usize = 64;
 
@@ -473,10 +480,11 @@ impl PivotSums {
 /// (zeroed, one per column; [`PivotSums::moments`] turns them into moments): NHWC data,
 /// vectorized across channels (lane `j` holds channel `c0 + j`).
 ///
-/// In blocks of [`MAX_CHAIN`] rows (each lane adds its channel's rows one after the other);
-/// within a block each tile of channels is reduced like [`block`] (a pivoted sum for the block
-/// mean `k`, then sums around `k`, the tile's rows still in L1), with accumulators in
-/// registers.
+/// In blocks of [`MAX_CHAIN`] rows (each lane adds its channel's rows one after the other),
+/// the first of [`FIRST_ROWS`]; within a block each tile of channels is reduced by [`tile`]
+/// (the first block like [`block`]: a pivoted sum for the block mean `k`, then sums around
+/// `k`, the tile's rows still in L1; later ones once, around the running mean), with
+/// accumulators in registers.
 #[inline(always)]
 pub(crate) fn moments_rows<L: Lanes>(
     x: &[L::Elem],
@@ -492,8 +500,9 @@ pub(crate) fn moments_rows<L: Lanes>(
     let acc = &mut acc[..cols.len()];
     let mut r0 = rows.start;
     while r0 < rows.end {
-        let block = r0..(r0 + MAX_CHAIN).min(rows.end);
         let seen = r0 - rows.start;
+        let len = if seen == 0 { FIRST_ROWS } else { MAX_CHAIN };
+        let block = r0..(r0 + len).min(rows.end);
         // The block in memory order, so that the tiles below (which read it a column strip at
         // a time) find it in cache rather than each pulling scattered lines from memory.
         stream_in::<L>(x, c, block.clone(), cols.clone());
