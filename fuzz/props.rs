@@ -1,7 +1,12 @@
 //! Property checks shared by the cargo-fuzz targets (`fuzz_targets/`) and the corpus replay
 //! test (`tests/fuzz_corpus.rs`, stable Rust): arbitrary bytes decode into a shape, a layout,
-//! layer parameters and data biased toward the hard cases, and each check panics when a
-//! property fails.
+//! layer parameters and data biased toward the hard cases; each operation runs on every
+//! instruction set this CPU has, on the calling thread and in a 3-thread pool with every
+//! tensor parallel and streaming; and each `check_*` panics when a property fails.
+//!
+//! Running and verifying are separate (`run_*`, `verify_*`), so that a test can hand the
+//! verifiers deliberately wrong results and see them rejected: every property is a check that
+//! can fail.
 //!
 //! The bounds, against the float64 two-pass reference of the same f32 values (the README's
 //! accuracy section explains them):
@@ -9,12 +14,15 @@
 //! - batch variance within `2e-5` of itself, where it is above `1e-30` (below, the squares of
 //!   the deviations are subnormal in f32 and lose their precision);
 //! - output within `1e-5 * (1 + |y|)`;
-//! - a channel with a non-finite input comes out NaN, and a value whose distance from its
-//!   channel's mean does not fit in f32 (values of both signs near `f32::MAX`) may come out
-//!   NaN or infinite; no other channel or value may.
+//! - a channel with a non-finite input comes out NaN (and, in backward, its `dx` and
+//!   `dweight`); a value whose distance from its channel's mean does not fit in f32 (values of
+//!   both signs near `f32::MAX`) may come out NaN or infinite; no other channel or value may.
 #![allow(dead_code)]
 
-use batchnorm::{oracle, with_isa, with_parallel_threshold, BatchNorm, Isa, Layout, Shape};
+use batchnorm::{
+    oracle, with_isa, with_parallel_threshold, with_stream_threshold, BatchNorm, Error, Gradients,
+    Isa, Layout, Moments, SavedStats, Shape,
+};
 use std::sync::OnceLock;
 
 /// A decoded case.
@@ -101,12 +109,14 @@ pub fn decode(data: &[u8]) -> Option<Case> {
         at: 0,
         state: seed | 1,
     };
-    let n = 1 + b.byte() as usize % 7;
-    let c = 1 + b.byte() as usize % 11;
+    let (mut n, mut c) = (1 + b.byte() as usize % 7, 1 + b.byte() as usize % 11);
     let mut s = 1 + b.byte() as usize % 40;
     let flags = b.byte();
-    if flags & 0x80 != 0 {
-        s *= 97; // channels longer than a statistics block
+    if flags & 0xC0 == 0xC0 {
+        // Channels longer than a statistics block (up to 7760 values), in a quarter of the
+        // cases and with few of them, so that a case stays cheap: at most 23,280 values.
+        s *= 97;
+        (n, c) = (1 + n % 2, 1 + c % 3);
     }
     let layout = if flags & 1 == 0 {
         Layout::Nchw
@@ -149,253 +159,455 @@ pub fn decode(data: &[u8]) -> Option<Case> {
     })
 }
 
-/// Runs `f` on the default instruction set and the scalar one, on the calling thread and in a
-/// 3-thread pool with every tensor parallel.
-pub fn on_paths(mut f: impl FnMut(&str) + Send) {
+/// What a verifier says: nothing, or the property that failed.
+pub type Verdict = Result<(), String>;
+
+/// Fails the verdict with the message when `cond` is false.
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+/// The paths every operation runs on: each instruction set this CPU has, on the calling
+/// thread (`false`) and in a 3-thread pool with every tensor parallel and every output
+/// streamed (`true`).
+pub fn paths() -> Vec<(Isa, bool)> {
+    Isa::available()
+        .into_iter()
+        .flat_map(|isa| [(isa, false), (isa, true)])
+        .collect()
+}
+
+/// Runs `f` on one path; a failure is labelled with it.
+pub fn on_path((isa, threads): (Isa, bool), f: impl FnOnce() -> Verdict + Send) -> Verdict {
     static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
     let pool = POOL.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
-            .unwrap()
+            .expect("thread pool")
     });
-    for isa in [Isa::best(), Isa::Scalar] {
-        with_isa(isa, || f(&format!("{isa:?}")));
+    if threads {
         pool.install(|| {
             with_isa(isa, || {
-                with_parallel_threshold(0, || f(&format!("{isa:?}, 3 threads")))
+                with_parallel_threshold(0, || with_stream_threshold(0, f))
             })
-        });
+        })
+        .map_err(|e| format!("{isa:?}, 3 threads: {e}"))
+    } else {
+        with_isa(isa, f).map_err(|e| format!("{isa:?}: {e}"))
     }
 }
 
-/// What the reference says about channel `c`: whether the kernels must get it right.
-struct Channel {
-    mean: f64,
-    var: f64,
-    /// Finite values whose distances from the mean fit in f32 with room to spare.
-    representable: bool,
+/// Runs `f` on every path ([`paths`]) when `which` is `None` (the corpus replay), else on
+/// path `which % paths().len()` (a fuzz target, which picks it from its input: one path an
+/// execution keeps a case cheap, and the fuzzer sees each path's coverage as its own).
+pub fn on_paths(which: Option<usize>, mut f: impl FnMut() -> Verdict + Send) -> Verdict {
+    let all = paths();
+    match which {
+        Some(k) => on_path(all[k % all.len()], f),
+        None => all.into_iter().try_for_each(|p| on_path(p, &mut f)),
+    }
 }
 
-fn channels(case: &Case) -> Vec<Channel> {
+/// The path a fuzz target runs an input on: from its last byte.
+pub fn path_of(data: &[u8]) -> Option<usize> {
+    data.last().map(|&b| b as usize)
+}
+
+/// What the reference says about a channel.
+#[derive(Clone, Debug)]
+pub struct Channel {
+    pub mean: f64,
+    pub var: f64,
+    /// Every input value finite.
+    pub finite: bool,
+}
+
+/// The reference statistics of every channel.
+pub fn channels(case: &Case) -> Vec<Channel> {
     let Case {
         shape, layout, x, ..
     } = case;
     oracle::mean_var(x, *shape, *layout)
         .into_iter()
         .enumerate()
-        .map(|(c, (mean, var))| {
-            let values = oracle::channel(x, *shape, *layout, c);
-            let spread = values.iter().map(|v| (v - mean).abs()).fold(0.0, f64::max);
-            Channel {
-                mean,
-                var,
-                representable: values.iter().all(|v| v.is_finite()) && spread < 1e38,
-            }
+        .map(|(c, (mean, var))| Channel {
+            mean,
+            var,
+            finite: indices(*shape, *layout, c).all(|i| x[i].is_finite()),
         })
         .collect()
+}
+
+/// The indices of channel `c`'s values.
+fn indices(shape: Shape, layout: Layout, c: usize) -> impl Iterator<Item = usize> {
+    (0..shape.n).flat_map(move |n| (0..shape.spatial).map(move |s| shape.index(layout, n, c, s)))
 }
 
 fn close(got: f64, want: f64, tol: f64) -> bool {
     (got - want).abs() <= tol
 }
 
-/// Training's forward pass: errors only where they must be, statistics and outputs within the
-/// bounds, non-finite values confined, in-place identical to out-of-place.
-pub fn check_forward_train(data: &[u8]) {
-    let Some(case) = decode(data) else { return };
+/// The bits of each value, every NaN as the same one: a NaN's payload is not specified (the
+/// compiler may commute the operands of an addition or multiplication, and x86 propagates the
+/// first operand's payload), so two correct results may differ there.
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter()
+        .map(|x| {
+            if x.is_nan() {
+                f32::NAN.to_bits()
+            } else {
+                x.to_bits()
+            }
+        })
+        .collect()
+}
+
+/// Whether the values at `x[i]` has a distance from the channel mean that f32 holds with room
+/// to spare (beyond it, the centred value may overflow: NaN or infinite outputs are allowed).
+fn centrable(x: f32, r: &Channel) -> bool {
+    (x as f64 - r.mean).abs() < 1e38
+}
+
+/// One call of training's forward pass, out of place and in place, with the moments of `x`.
+#[derive(Clone, Debug)]
+pub struct TrainRun {
+    pub saved: Result<SavedStats<f32>, Error>,
+    pub y: Vec<f32>,
+    /// The layer after the call.
+    pub layer: BatchNorm<f32>,
+    pub moments: Vec<Moments>,
+    pub in_place: Vec<f32>,
+    pub in_place_saved: Option<SavedStats<f32>>,
+}
+
+pub fn run_forward_train(case: &Case) -> TrainRun {
     let Case {
         shape,
         layout,
         ref layer,
         ref x,
         ..
-    } = case;
-    let refs = channels(&case);
-    let want = oracle::forward_train(layer, x, shape, layout);
-    on_paths(|path| {
-        let mut bn = layer.clone();
-        let mut y = vec![0.0f32; x.len()];
-        let result = bn.forward_train(x, &mut y, shape, layout);
-        if shape.n * shape.spatial < 2 {
-            assert!(result.is_err(), "{path}: training on one value per channel");
-            assert_eq!(
-                format!("{bn:?}"),
-                format!("{layer:?}"),
-                "{path}: refused call changed the layer"
-            );
-            return;
-        }
-        let saved = result.unwrap_or_else(|e| panic!("{path}: {e}"));
-        let moments = batchnorm::moments(x, shape, layout).unwrap();
-        for (c, r) in refs.iter().enumerate() {
-            let values = oracle::channel(&y, shape, layout, c);
-            if !r.representable {
-                continue;
-            }
-            let m = moments[c];
-            let std = r.var.sqrt();
-            assert!(
-                close(m.mean, r.mean, 1e-5 * std + 1e-12 * r.mean.abs()),
-                "{path}: mean of {c}: {} vs {}",
-                m.mean,
-                r.mean
-            );
-            if r.var > 1e-30 {
-                assert!(
-                    close(m.variance(), r.var, 2e-5 * r.var),
-                    "{path}: variance of {c}: {:e} vs {:e}",
-                    m.variance(),
-                    r.var
+    } = *case;
+    let mut bn = layer.clone();
+    let mut y = vec![0.0f32; x.len()];
+    let saved = bn.forward_train(x, &mut y, shape, layout);
+    let mut in_place = x.clone();
+    let in_place_saved = layer
+        .clone()
+        .forward_train_in_place(&mut in_place, shape, layout)
+        .ok();
+    TrainRun {
+        saved,
+        y,
+        layer: bn,
+        moments: batchnorm::moments(x, shape, layout).unwrap_or_default(),
+        in_place,
+        in_place_saved,
+    }
+}
+
+/// Training's forward pass: refused only where it must be (and then the layer untouched),
+/// statistics and outputs within the bounds, non-finite values confined, in place identical to
+/// out of place.
+pub fn verify_forward_train(
+    case: &Case,
+    refs: &[Channel],
+    want: &oracle::Train,
+    got: &TrainRun,
+) -> Verdict {
+    let Case {
+        shape,
+        layout,
+        ref layer,
+        ref x,
+        ..
+    } = *case;
+    if shape.n * shape.spatial < 2 {
+        ensure!(got.saved.is_err(), "training on one value per channel");
+        ensure!(
+            format!("{:?}", got.layer) == format!("{layer:?}"),
+            "refused call changed the layer"
+        );
+        return Ok(());
+    }
+    let saved = got.saved.as_ref().map_err(|e| format!("refused: {e}"))?;
+    let (len, c) = (x.len(), shape.c);
+    ensure!(
+        got.y.len() == len && got.in_place.len() == len,
+        "output lengths"
+    );
+    ensure!(
+        saved.mean.len() == c && saved.invstd.len() == c,
+        "saved lengths"
+    );
+    ensure!(got.moments.len() == c, "moments length");
+    for (c, r) in refs.iter().enumerate() {
+        if !r.finite {
+            for i in indices(shape, layout, c) {
+                ensure!(
+                    got.y[i].is_nan(),
+                    "channel {c} has a non-finite input, y[{i}] = {}",
+                    got.y[i]
                 );
             }
-            let saved_mean = saved.mean[c] as f64;
-            // Rounding to f32: half an ulp, which for subnormals is absolute.
-            let rounding = r.mean.abs() * f32::EPSILON as f64 + f32::from_bits(1) as f64;
-            assert!(
-                close(saved_mean, r.mean, 1e-5 * std + rounding),
-                "{path}: saved mean of {c}: {saved_mean} vs {} (var {:e})",
+            continue;
+        }
+        let m = got.moments[c];
+        let std = r.var.sqrt();
+        ensure!(
+            close(m.mean, r.mean, 1e-5 * std + 1e-12 * r.mean.abs()),
+            "mean of {c}: {} vs {}",
+            m.mean,
+            r.mean
+        );
+        if r.var > 1e-30 {
+            ensure!(
+                close(m.variance(), r.var, 2e-5 * r.var),
+                "variance of {c}: {:e} vs {:e}",
+                m.variance(),
+                r.var
+            );
+        }
+        let saved_mean = saved.mean[c] as f64;
+        // Rounding to f32: half an ulp, which for subnormals is absolute.
+        let rounding = r.mean.abs() * f32::EPSILON as f64 + f32::from_bits(1) as f64;
+        ensure!(
+            close(saved_mean, r.mean, 1e-5 * std + rounding),
+            "saved mean of {c}: {saved_mean} vs {} (var {:e})",
+            r.mean,
+            r.var
+        );
+        if r.var > 1e-30 || layer.eps > 0.0 {
+            for i in indices(shape, layout, c).filter(|&i| centrable(x[i], r)) {
+                let (g, w) = (got.y[i] as f64, want.y[i]);
+                ensure!(
+                    close(g, w, 1e-5 * (1.0 + w.abs())),
+                    "y[{i}] of channel {c}: {g} vs {w}"
+                );
+            }
+            let rm = want.running_mean[c];
+            ensure!(
+                // The batch mean's bound, plus rounding of the running value.
+                close(
+                    got.layer.running_mean[c] as f64,
+                    rm,
+                    1e-5 * (std + 1.0 + rm.abs())
+                ),
+                "running mean of {c}: {} vs {rm} (batch mean {}, var {:e})",
+                got.layer.running_mean[c],
                 r.mean,
                 r.var
             );
-            let wanted = oracle::channel(&want.y, shape, layout, c);
-            if r.var > 1e-30 || layer.eps > 0.0 {
-                for (i, (g, w)) in values.iter().zip(&wanted).enumerate() {
-                    assert!(
-                        close(*g, *w, 1e-5 * (1.0 + w.abs())),
-                        "{path}: y[{i}] of channel {c}: {g} vs {w}"
-                    );
-                }
-                assert!(
-                    close(
-                        bn.running_mean[c] as f64,
-                        want.running_mean[c],
-                        // The batch mean's bound, plus rounding of the running value.
-                        1e-5 * (std + 1.0 + want.running_mean[c].abs())
-                    ),
-                    "{path}: running mean of {c}: {} vs {} (batch mean {}, var {:e})",
-                    bn.running_mean[c],
-                    want.running_mean[c],
-                    r.mean,
-                    r.var
+            let rv = want.running_var[c];
+            let got_rv = got.layer.running_var[c];
+            if rv > f32::MAX as f64 {
+                ensure!(
+                    got_rv.is_infinite(),
+                    "running var of {c} beyond f32: {got_rv}"
                 );
-                let rv = want.running_var[c];
-                if rv > f32::MAX as f64 {
-                    assert!(
-                        bn.running_var[c].is_infinite(),
-                        "{path}: running var of {c} beyond f32"
-                    );
-                } else if r.var > 1e-30 || rv > 1e-30 {
-                    assert!(
-                        close(bn.running_var[c] as f64, rv, 2e-5 * (1e-30 + rv.abs())),
-                        "{path}: running var of {c}: {} vs {rv}",
-                        bn.running_var[c]
-                    );
-                }
+            } else if r.var > 1e-30 || rv > 1e-30 {
+                ensure!(
+                    close(got_rv as f64, rv, 2e-5 * (1e-30 + rv.abs())),
+                    "running var of {c}: {got_rv} vs {rv}"
+                );
             }
         }
-        let mut in_place = layer.clone();
-        let mut xy = x.clone();
-        let saved2 = in_place
-            .forward_train_in_place(&mut xy, shape, layout)
-            .unwrap();
-        assert!(bits(&xy) == bits(&y), "{path}: in-place training differs");
-        assert_eq!(format!("{saved2:?}"), format!("{saved:?}"));
-    });
+    }
+    ensure!(
+        bits(&got.in_place) == bits(&got.y),
+        "in-place training differs"
+    );
+    ensure!(
+        format!("{:?}", got.in_place_saved.as_ref()) == format!("{:?}", Some(saved)),
+        "in-place saved statistics differ"
+    );
+    Ok(())
 }
 
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-/// Inference: out-of-place and in-place identical bit for bit, for the layer and for the folded
-/// scale and shift; the layer's output within the bound of the oracle where it is finite.
-pub fn check_forward_eval(data: &[u8]) {
+/// Every path ([`on_paths`]) or the one `which` picks.
+pub fn check_forward_train(data: &[u8], which: Option<usize>) {
     let Some(case) = decode(data) else { return };
+    let refs = channels(&case);
+    let want = oracle::forward_train(&case.layer, &case.x, case.shape, case.layout);
+    on_paths(which, || {
+        verify_forward_train(&case, &refs, &want, &run_forward_train(&case))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// One call of inference, out of place and in place, and of the folded scale and shift.
+#[derive(Clone, Debug)]
+pub struct EvalRun {
+    pub y: Vec<f32>,
+    pub in_place: Vec<f32>,
+    pub folded: Vec<f32>,
+    pub folded_in_place: Vec<f32>,
+}
+
+pub fn run_forward_eval(case: &Case) -> EvalRun {
     let Case {
         shape,
         layout,
         ref layer,
         ref x,
         ..
-    } = case;
-    let want = oracle::forward_eval(layer, x, shape, layout);
-    let (scale, shift) = layer.scale_shift().unwrap();
-    on_paths(|path| {
-        let mut y = vec![0.0f32; x.len()];
-        layer.forward_eval(x, &mut y, shape, layout).unwrap();
-        let mut xy = x.clone();
-        layer.forward_eval_in_place(&mut xy, shape, layout).unwrap();
-        assert!(bits(&xy) == bits(&y), "{path}: in-place inference differs");
-        for (i, (g, w)) in y.iter().zip(&want).enumerate() {
-            if x[i].is_finite() && w.is_finite() && w.abs() < 1e30 {
-                assert!(
-                    close(*g as f64, *w, 1e-5 * (1.0 + w.abs())),
-                    "{path}: y[{i}] {g} vs {w}"
-                );
-            }
-        }
-        let mut folded = vec![0.0f32; x.len()];
-        batchnorm::apply_scale_shift(x, &mut folded, &scale, &shift, shape, layout).unwrap();
-        let mut xy = x.clone();
-        batchnorm::apply_scale_shift_in_place(&mut xy, &scale, &shift, shape, layout).unwrap();
-        assert!(
-            bits(&xy) == bits(&folded),
-            "{path}: in-place folded inference differs"
-        );
-    });
+    } = *case;
+    let (scale, shift) = layer.scale_shift().expect("finite parameters");
+    let mut y = vec![0.0f32; x.len()];
+    layer.forward_eval(x, &mut y, shape, layout).expect("eval");
+    let mut in_place = x.clone();
+    layer
+        .forward_eval_in_place(&mut in_place, shape, layout)
+        .expect("eval in place");
+    let mut folded = vec![0.0f32; x.len()];
+    batchnorm::apply_scale_shift(x, &mut folded, &scale, &shift, shape, layout).expect("apply");
+    let mut folded_in_place = x.clone();
+    batchnorm::apply_scale_shift_in_place(&mut folded_in_place, &scale, &shift, shape, layout)
+        .expect("apply in place");
+    EvalRun {
+        y,
+        in_place,
+        folded,
+        folded_in_place,
+    }
 }
 
-/// The moments of the two halves of a batch, merged, equal the moments of the whole.
-pub fn check_moments_merge(data: &[u8]) {
+/// Inference: out of place and in place identical, for the layer and for the folded scale and
+/// shift; the layer's output within the bound of the oracle where it is finite, NaN where the
+/// input is.
+pub fn verify_forward_eval(case: &Case, want: &[f64], got: &EvalRun) -> Verdict {
+    let x = &case.x;
+    ensure!(
+        got.y.len() == x.len() && got.in_place.len() == x.len(),
+        "output lengths"
+    );
+    ensure!(
+        got.folded.len() == x.len() && got.folded_in_place.len() == x.len(),
+        "folded lengths"
+    );
+    ensure!(
+        bits(&got.in_place) == bits(&got.y),
+        "in-place inference differs"
+    );
+    for (i, (g, w)) in got.y.iter().zip(want).enumerate() {
+        if x[i].is_nan() {
+            ensure!(g.is_nan(), "y[{i}] = {g} from a NaN input");
+        } else if x[i].is_finite() && w.is_finite() && w.abs() < 1e30 {
+            ensure!(
+                close(*g as f64, *w, 1e-5 * (1.0 + w.abs())),
+                "y[{i}] {g} vs {w}"
+            );
+        }
+    }
+    ensure!(
+        bits(&got.folded_in_place) == bits(&got.folded),
+        "in-place folded inference differs"
+    );
+    Ok(())
+}
+
+/// Every path ([`on_paths`]) or the one `which` picks.
+pub fn check_forward_eval(data: &[u8], which: Option<usize>) {
     let Some(case) = decode(data) else { return };
+    let want = oracle::forward_eval(&case.layer, &case.x, case.shape, case.layout);
+    on_paths(which, || {
+        verify_forward_eval(&case, &want, &run_forward_eval(&case))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The moments of the whole batch and of its two parts (cut along N).
+#[derive(Clone, Debug)]
+pub struct MergeRun {
+    pub whole: Vec<Moments>,
+    pub parts: [Vec<Moments>; 2],
+}
+
+pub fn run_moments_merge(case: &Case) -> MergeRun {
     let Case {
         shape,
         layout,
         ref x,
         cut,
         ..
-    } = case;
-    let refs = channels(&case);
+    } = *case;
     // Both layouts keep a sample's values together, so a cut along N splits the buffer.
-    let per_sample = shape.c * shape.spatial;
-    let (a, b) = x.split_at(cut * per_sample);
+    let (a, b) = x.split_at(cut * shape.c * shape.spatial);
     let sa = Shape::new(cut, shape.c, shape.spatial);
     let sb = Shape::new(shape.n - cut, shape.c, shape.spatial);
-    on_paths(|path| {
-        let whole = batchnorm::moments(x, shape, layout).unwrap();
-        let ma = batchnorm::moments(a, sa, layout).unwrap();
-        let mb = batchnorm::moments(b, sb, layout).unwrap();
-        for c in 0..shape.c {
-            let merged = ma[c].merge(mb[c]);
-            assert_eq!(merged.count, whole[c].count);
-            let r = &refs[c];
-            if !r.representable {
-                continue;
-            }
-            let std = r.var.sqrt();
-            assert!(
-                close(
-                    merged.mean,
-                    whole[c].mean,
-                    2e-5 * std + 1e-12 * r.mean.abs()
-                ),
-                "{path}: merged mean of {c}"
-            );
-            if r.var > 1e-30 {
-                assert!(
-                    close(merged.variance(), whole[c].variance(), 4e-5 * r.var),
-                    "{path}: merged variance of {c}"
-                );
-            }
-        }
-    });
+    let moments = |x, s| batchnorm::moments(x, s, layout).expect("moments");
+    MergeRun {
+        whole: moments(x, shape),
+        parts: [moments(a, sa), moments(b, sb)],
+    }
 }
 
-/// The backward pass against the oracle, with the tolerances of `tests/backward.rs`: relative
-/// to the terms that are summed, since the results may cancel.
-pub fn check_backward(data: &[u8]) {
+/// The moments of the two parts of a batch, merged, equal the moments of the whole.
+pub fn verify_moments_merge(case: &Case, refs: &[Channel], got: &MergeRun) -> Verdict {
+    let c = case.shape.c;
+    ensure!(got.whole.len() == c, "moments length");
+    ensure!(
+        got.parts.iter().all(|p| p.len() == c),
+        "part moments length"
+    );
+    for (c, r) in refs.iter().enumerate() {
+        let merged = got.parts[0][c].merge(got.parts[1][c]);
+        let whole = got.whole[c];
+        ensure!(merged.count == whole.count, "merged count of {c}");
+        if !r.finite {
+            continue;
+        }
+        let std = r.var.sqrt();
+        ensure!(
+            close(merged.mean, whole.mean, 2e-5 * std + 1e-12 * r.mean.abs()),
+            "merged mean of {c}: {} vs {}",
+            merged.mean,
+            whole.mean
+        );
+        if r.var > 1e-30 {
+            ensure!(
+                close(merged.variance(), whole.variance(), 4e-5 * r.var),
+                "merged variance of {c}: {:e} vs {:e}",
+                merged.variance(),
+                whole.variance()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Every path ([`on_paths`]) or the one `which` picks.
+pub fn check_moments_merge(data: &[u8], which: Option<usize>) {
     let Some(case) = decode(data) else { return };
+    let refs = channels(&case);
+    on_paths(which, || {
+        verify_moments_merge(&case, &refs, &run_moments_merge(&case))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// One call of the backward pass, with the saved statistics it was given.
+#[derive(Clone, Debug)]
+pub struct BackwardRun {
+    pub dx: Vec<f32>,
+    pub grads: Gradients<f32>,
+}
+
+/// The saved statistics of training's forward pass on `case` (on the current path).
+pub fn saved_stats(case: &Case) -> SavedStats<f32> {
+    let mut y = vec![0.0f32; case.x.len()];
+    case.layer
+        .clone()
+        .forward_train(&case.x, &mut y, case.shape, case.layout)
+        .expect("training")
+}
+
+pub fn run_backward(case: &Case, saved: &SavedStats<f32>) -> BackwardRun {
     let Case {
         shape,
         layout,
@@ -403,66 +615,110 @@ pub fn check_backward(data: &[u8]) {
         ref x,
         ref dy,
         ..
-    } = case;
-    if shape.n * shape.spatial < 2 {
+    } = *case;
+    let mut dx = vec![0.0f32; x.len()];
+    let grads = layer
+        .backward(x, dy, saved, &mut dx, shape, layout)
+        .expect("backward");
+    BackwardRun { dx, grads }
+}
+
+/// The backward pass against the oracle, with the tolerances of `tests/backward.rs`: relative
+/// to the terms that are summed, since the results may cancel; a channel with a non-finite
+/// input gets NaN gradients.
+pub fn verify_backward(
+    case: &Case,
+    refs: &[Channel],
+    saved: &SavedStats<f32>,
+    want: &oracle::Backward,
+    got: &BackwardRun,
+) -> Verdict {
+    let Case {
+        shape,
+        layout,
+        ref layer,
+        ref x,
+        ref dy,
+        ..
+    } = *case;
+    ensure!(got.dx.len() == x.len(), "dx length");
+    ensure!(
+        got.grads.weight.len() == shape.c && got.grads.bias.len() == shape.c,
+        "gradient lengths"
+    );
+    let m = (shape.n * shape.spatial) as f64;
+    for (c, r) in refs.iter().enumerate() {
+        if !r.finite {
+            ensure!(
+                got.grads.weight[c].is_nan(),
+                "dweight of non-finite channel {c}"
+            );
+            for i in indices(shape, layout, c) {
+                ensure!(
+                    got.dx[i].is_nan(),
+                    "dx[{i}] of non-finite channel {c}: {}",
+                    got.dx[i]
+                );
+            }
+            continue;
+        }
+        let is = saved.invstd[c] as f64;
+        let spread = indices(shape, layout, c).all(|i| centrable(x[i], r));
+        if !spread || !is.is_finite() || r.var <= 1e-30 {
+            continue;
+        }
+        let mean = saved.mean[c] as f64;
+        let (mut sum_dy, mut sum_dy_xhat) = (0.0, 0.0);
+        for i in indices(shape, layout, c) {
+            let d = dy[i] as f64;
+            sum_dy += d.abs();
+            sum_dy_xhat += (d * (x[i] as f64 - mean) * is).abs();
+        }
+        let (db, dw) = (got.grads.bias[c] as f64, got.grads.weight[c] as f64);
+        ensure!(
+            close(db, want.bias[c], 1e-5 * (1.0 + sum_dy)),
+            "dbias of {c}: {db} vs {}",
+            want.bias[c]
+        );
+        ensure!(
+            close(dw, want.weight[c], 1e-5 * (1.0 + sum_dy_xhat)),
+            "dweight of {c}: {dw} vs {}",
+            want.weight[c]
+        );
+        let w = layer.weight[c] as f64;
+        for i in indices(shape, layout, c) {
+            let xhat = (x[i] as f64 - mean) * is;
+            let scale = (w * is * dy[i] as f64).abs()
+                + (w * is / m * xhat * want.weight[c]).abs()
+                + (w * is / m * want.bias[c]).abs();
+            let (g, wv) = (got.dx[i] as f64, want.dx[i]);
+            ensure!(
+                close(g, wv, 1e-5 * (1.0 + scale)),
+                "dx[{i}] of {c}: {g} vs {wv}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Every path ([`on_paths`]) or the one `which` picks.
+pub fn check_backward(data: &[u8], which: Option<usize>) {
+    let Some(case) = decode(data) else { return };
+    if case.shape.n * case.shape.spatial < 2 {
         return;
     }
     let refs = channels(&case);
-    let mut y = vec![0.0f32; x.len()];
-    let saved = layer
-        .clone()
-        .forward_train(x, &mut y, shape, layout)
-        .unwrap();
-    let want = oracle::backward(layer, x, dy, &saved, shape, layout);
-    let m = (shape.n * shape.spatial) as f64;
-    on_paths(|path| {
-        let mut dx = vec![0.0f32; x.len()];
-        let g = layer
-            .backward(x, dy, &saved, &mut dx, shape, layout)
-            .unwrap();
-        for (c, r) in refs.iter().enumerate() {
-            let is = saved.invstd[c] as f64;
-            if !r.representable || !is.is_finite() || r.var <= 1e-30 {
-                continue;
-            }
-            let (xs, ds) = (
-                oracle::channel(x, shape, layout, c),
-                oracle::channel(dy, shape, layout, c),
-            );
-            let mean = saved.mean[c] as f64;
-            let sum_dy: f64 = ds.iter().map(|d| d.abs()).sum();
-            let sum_dy_xhat: f64 = xs
-                .iter()
-                .zip(&ds)
-                .map(|(v, d)| (d * (v - mean) * is).abs())
-                .sum();
-            assert!(
-                close(g.bias[c] as f64, want.bias[c], 1e-5 * (1.0 + sum_dy)),
-                "{path}: dbias of {c}"
-            );
-            assert!(
-                close(
-                    g.weight[c] as f64,
-                    want.weight[c],
-                    1e-5 * (1.0 + sum_dy_xhat)
-                ),
-                "{path}: dweight of {c}"
-            );
-            let w = layer.weight[c] as f64;
-            let got = oracle::channel(&dx, shape, layout, c);
-            let wanted = oracle::channel(&want.dx, shape, layout, c);
-            for (i, ((gv, wv), (v, d))) in
-                got.iter().zip(&wanted).zip(xs.iter().zip(&ds)).enumerate()
-            {
-                let xhat = (v - mean) * is;
-                let scale = (w * is * d).abs()
-                    + (w * is / m * xhat * want.weight[c]).abs()
-                    + (w * is / m * want.bias[c]).abs();
-                assert!(
-                    close(*gv, *wv, 1e-5 * (1.0 + scale)),
-                    "{path}: dx[{i}] of {c}: {gv} vs {wv}"
-                );
-            }
-        }
-    });
+    let saved = saved_stats(&case);
+    let want = oracle::backward(
+        &case.layer,
+        &case.x,
+        &case.dy,
+        &saved,
+        case.shape,
+        case.layout,
+    );
+    on_paths(which, || {
+        verify_backward(&case, &refs, &saved, &want, &run_backward(&case, &saved))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
 }

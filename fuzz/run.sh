@@ -1,16 +1,44 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for SECONDS each (default 60) on nightly Rust, installing cargo-fuzz
-# first if it is missing. Each target starts from its committed seed corpus (copied, so the
-# corpus stays small); a failing input is saved under fuzz/artifacts/<target>/ and the run
-# fails. Add such an input to fuzz/corpus/<target>/ with its fix: `cargo test` replays it.
+# Runs the fuzz targets on nightly Rust, installing cargo-fuzz first if it is missing.
+#
+#   fuzz/run.sh [SECONDS] [TARGET...]
+#
+# Every target (or those named) for SECONDS each (default 60), from a copy of its committed
+# seed corpus, so the corpus stays as committed (CI). A failing input is saved under
+# fuzz/artifacts/<target>/ and the run fails: add it to fuzz/corpus/<target>/ with its fix, and
+# `cargo test` replays it on every path. Each execution runs its case on one path (instruction
+# set and threads) that the input's last byte picks; the replay runs every path.
+#
+# Environment:
+#   FUZZ_SANITIZER=none  no AddressSanitizer and no comparison tracing: several times the
+#                        executions per second, for long campaigns (the unsafe code is covered
+#                        by Miri and by the sanitized runs of CI). Default: address.
+#   FUZZ_KEEP=1          fuzz into the committed corpus itself and minimize it afterwards
+#                        (`cargo fuzz cmin`): a campaign whose corpus is to be committed.
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-60}
+shift || true
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(forward_train forward_eval moments_merge backward)
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
-for target in forward_train forward_eval moments_merge backward; do
-    work=$(mktemp -d)
-    cp corpus/"$target"/* "$work"/
+build=()
+if [ "${FUZZ_SANITIZER:-address}" = none ]; then
+    build=(-s none --no-trace-compares)
+fi
+for target in "${targets[@]}"; do
+    if [ -n "${FUZZ_KEEP:-}" ]; then
+        work=corpus/"$target"
+    else
+        work=$(mktemp -d)
+        cp corpus/"$target"/* "$work"/
+    fi
     echo "fuzzing $target for ${secs}s"
-    cargo +nightly fuzz run "$target" "$work" -- -max_total_time="$secs" -rss_limit_mb=4096 -print_final_stats=1
-    rm -rf "$work"
+    cargo +nightly fuzz run "${build[@]}" "$target" "$work" -- \
+        -max_total_time="$secs" -rss_limit_mb=4096 -print_final_stats=1
+    if [ -n "${FUZZ_KEEP:-}" ]; then
+        cargo +nightly fuzz cmin "${build[@]}" "$target" "$work"
+    else
+        rm -rf "$work"
+    fi
 done

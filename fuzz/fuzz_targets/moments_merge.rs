@@ -1,7 +1,7 @@
-//! Fuzz target: the `moments_merge` properties of `props.rs` on arbitrary bytes.
+//! Fuzz target: the `moments_merge` properties of `props.rs` on arbitrary bytes, on the path (instruction set, threads) its last byte picks.
 #![no_main]
 
 #[path = "../props.rs"]
 mod props;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| props::check_moments_merge(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| props::check_moments_merge(data, props::path_of(data)));
