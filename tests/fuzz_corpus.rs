@@ -54,12 +54,15 @@ fn plain_case(layout_flag: u8) -> props::Case {
     props::decode(&[2, 4, 16, layout_flag, 6, 0, 0, 0, 1, 2, 3, 4]).expect("a case")
 }
 
+/// A named way to make a result wrong.
+type Corruption<'a, R> = (&'a str, &'a dyn Fn(&mut R));
+
 /// Asserts that `verify` accepts `good` and rejects each corruption of it.
 fn rejects<R: Clone>(
     what: &str,
     good: &R,
     verify: impl Fn(&R) -> props::Verdict,
-    corruptions: &[(&str, &dyn Fn(&mut R))],
+    corruptions: &[Corruption<'_, R>],
 ) {
     if let Err(e) = verify(good) {
         panic!("{what}: the right result rejected: {e}");
