@@ -3,6 +3,7 @@
 //! threshold or without the `rayon` feature.
 
 use crate::kernels::buffers::Span;
+use crate::kernels::Restore;
 use std::cell::Cell;
 
 /// Calls with less work than this run on the calling thread: below it, waking other threads
@@ -112,25 +113,31 @@ fn cache_sizes() -> Vec<(u32, usize)> {
     .collect()
 }
 
+/// The work from which a call goes parallel: [`with_parallel_threshold`]'s, else
+/// [`DEFAULT_PARALLEL_THRESHOLD`].
+pub(crate) fn parallel_threshold() -> usize {
+    THRESHOLD
+        .with(|t| t.get())
+        .unwrap_or(DEFAULT_PARALLEL_THRESHOLD)
+}
+
 /// Runs `f` with outputs of at least `bytes` bytes written by streaming stores (0: all of
-/// them), for tests that must reach that path and for tuning.
+/// them), for tests that must reach that path and for tuning. Per thread, restored when `f`
+/// returns or panics (see [`crate::with_isa`] for what that means with thread pools).
 #[doc(hidden)]
 pub fn with_stream_threshold<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
-    let old = STREAM_THRESHOLD.with(|t| t.replace(Some(bytes)));
-    let r = f();
-    STREAM_THRESHOLD.with(|t| t.set(old));
-    r
+    let _restore = Restore::set(&STREAM_THRESHOLD, Some(bytes));
+    f()
 }
 
 /// Runs `f` with calls made from this thread going parallel from `min_len` elements on instead
 /// of [`DEFAULT_PARALLEL_THRESHOLD`]. For tests that must reach the parallel paths with small
-/// tensors, and for tuning; results do not depend on it beyond rounding.
+/// tensors, and for tuning; results do not depend on it beyond rounding. Per thread, restored
+/// when `f` returns or panics (see [`crate::with_isa`] for what that means with thread pools).
 #[doc(hidden)]
 pub fn with_parallel_threshold<R>(min_len: usize, f: impl FnOnce() -> R) -> R {
-    let old = THRESHOLD.with(|t| t.replace(Some(min_len)));
-    let r = f();
-    THRESHOLD.with(|t| t.set(old));
-    r
+    let _restore = Restore::set(&THRESHOLD, Some(min_len));
+    f()
 }
 
 /// The threading decisions of one call, taken once at its start on the calling thread.
@@ -146,9 +153,7 @@ impl Par {
     /// The decision for a call of `cost` over `len` elements in `c` channels.
     pub fn for_work(len: usize, c: usize, cost: Cost) -> Par {
         let threads = threads();
-        let min = THRESHOLD
-            .with(|t| t.get())
-            .unwrap_or(DEFAULT_PARALLEL_THRESHOLD);
+        let min = parallel_threshold();
         let work = len
             .saturating_mul(cost.per_element)
             .saturating_add(c.saturating_mul(cost.per_channel));

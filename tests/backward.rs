@@ -9,6 +9,8 @@ use proptest::prelude::*;
 
 /// Asserts `|got - want| <= tol * (1 + scale)` element by element.
 fn close<T: Element>(got: &[T], want: &[f64], scale: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    assert_eq!(scale.len(), want.len(), "{what}: scales");
     for (i, ((g, w), s)) in got.iter().zip(want).zip(scale).enumerate() {
         let g = g.to_f64();
         assert!(
@@ -123,6 +125,7 @@ proptest! {
 fn loss(bn: &BatchNorm<f64>, x: &[f64], g: &[f64], shape: Shape, layout: Layout) -> f64 {
     let mut y = vec![0.0; x.len()];
     bn.clone().forward_train(x, &mut y, shape, layout).unwrap();
+    assert_eq!(y.len(), g.len(), "loss weights");
     y.iter().zip(g).map(|(a, b)| a * b).sum()
 }
 

@@ -89,6 +89,7 @@ fn check_eval<T: Element>(shape: Shape, layout: Layout, seed: u64) {
         let terms = oracle::map(&x, shape, layout, |c, v| {
             (v * scale[c].to_f64()).abs() + shift[c].to_f64().abs()
         });
+        assert_eq!(y.len(), want_folded.len(), "folded y: length, {path}");
         for (i, ((g, w), t)) in y.iter().zip(&want_folded).zip(&terms).enumerate() {
             let err = (g.to_f64() - w).abs();
             assert!(err <= tol * (1.0 + t), "folded y[{i}] {g:?} vs {w}, {path}");
@@ -105,6 +106,7 @@ fn check_moments<T: Element>(shape: Shape, layout: Layout, seed: u64) {
     let want = oracle::mean_var(&x, shape, layout);
     on_every_path(|path| {
         let got = batchnorm::moments(&x, shape, layout).unwrap();
+        assert_eq!(got.len(), want.len(), "moments: channels, {path}");
         for (c, (m, (mean, var))) in got.iter().zip(&want).enumerate() {
             assert_eq!(m.count as usize, shape.n * shape.spatial);
             // The moments are f64 but computed from f32 partial sums: the mean's error is
@@ -156,4 +158,13 @@ proptest! {
     fn moments_f64(shape in shape(), layout in layout(), seed: u64) {
         check_moments::<f64>(shape, layout, seed);
     }
+}
+
+/// The instruction sets `BATCHNORM_TEST_ISA` names are detected (else this fails, as does
+/// every test that runs on every path), and the tests run on each of them.
+#[test]
+fn required_instruction_sets_are_tested() {
+    let isas = common::test_isas();
+    assert!(isas.contains(&batchnorm::Isa::Scalar));
+    assert!(isas.contains(&batchnorm::Isa::best()));
 }

@@ -88,14 +88,45 @@ impl Isa {
         }
     }
 
-    /// The instruction set called `name` (see [`Isa::name`]).
+    /// The instruction set called `name` (see [`Isa::name`]), in any case: `AVX512` is
+    /// `avx512`.
     pub fn from_name(name: &str) -> Option<Isa> {
-        Isa::ALL.into_iter().find(|i| i.name() == name.trim())
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name().eq_ignore_ascii_case(name.trim()))
+    }
+
+    /// The instruction set the environment variable `BATCHNORM_ISA` asks for: `Ok(None)` when
+    /// it is unset or empty, an error that says why when it names no instruction set or one
+    /// this CPU lacks.
+    pub fn from_env() -> Result<Option<Isa>, String> {
+        Isa::from_setting(std::env::var("BATCHNORM_ISA").ok())
+    }
+
+    /// [`Isa::from_env`] of the variable's value.
+    fn from_setting(value: Option<String>) -> Result<Option<Isa>, String> {
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        if value.trim().is_empty() {
+            return Ok(None);
+        }
+        let names = Isa::ALL.map(Isa::name).join(", ");
+        match Isa::from_name(&value) {
+            None => Err(format!(
+                "BATCHNORM_ISA={value:?} names no instruction set (one of {names})"
+            )),
+            Some(isa) if !isa.is_available() => Err(format!(
+                "BATCHNORM_ISA={value:?}: this CPU lacks {}",
+                isa.name()
+            )),
+            Some(isa) => Ok(Some(isa)),
+        }
     }
 
     /// The instruction set a call made now from this thread uses: the one [`with_isa`] set,
-    /// else the environment variable `BATCHNORM_ISA` (read once) if it names an available
-    /// one, else [`Isa::best`].
+    /// else the one `BATCHNORM_ISA` names ([`Isa::from_env`], read once; a name that is
+    /// unknown or unavailable is reported once on stderr and ignored), else [`Isa::best`].
     pub fn current() -> Isa {
         Isa::forced().unwrap_or_else(Isa::best)
     }
@@ -107,10 +138,10 @@ impl Isa {
         }
         static FROM_ENV: OnceLock<Option<Isa>> = OnceLock::new();
         *FROM_ENV.get_or_init(|| {
-            std::env::var("BATCHNORM_ISA")
-                .ok()
-                .and_then(|v| Isa::from_name(&v))
-                .filter(|i| i.is_available())
+            Isa::from_env().unwrap_or_else(|e| {
+                eprintln!("batchnorm: {e}; using {}", Isa::best().name());
+                None
+            })
         })
     }
 
@@ -136,13 +167,39 @@ thread_local! {
 
 /// Runs `f` with every call made from this thread using `isa` (for tests and benchmarks; the
 /// threads a call spreads its work to follow the calling thread's choice). An instruction set
-/// this CPU lacks is replaced by [`Isa::best`].
+/// this CPU lacks is replaced by [`Isa::best`]. The previous choice is restored when `f`
+/// returns or panics.
+///
+/// The choice belongs to the calling thread: work that `f` hands to another thread is not
+/// covered. In particular `with_isa(isa, || pool.install(|| bn.forward_eval(..)))` runs the
+/// call on one of `pool`'s threads with the default instruction set; put `with_isa` inside:
+/// `pool.install(|| with_isa(isa, || bn.forward_eval(..)))`.
 pub fn with_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
     let isa = if isa.is_available() { isa } else { Isa::best() };
-    let old = OVERRIDE.with(|o| o.replace(Some(isa)));
-    let r = f();
-    OVERRIDE.with(|o| o.set(old));
-    r
+    let _restore = Restore::set(&OVERRIDE, Some(isa));
+    f()
+}
+
+/// Sets a thread-local `Cell` and puts its old value back when dropped, so that an override
+/// does not outlive its scope, even when the scope panics.
+pub(crate) struct Restore<T: Copy + 'static> {
+    key: &'static std::thread::LocalKey<Cell<T>>,
+    old: T,
+}
+
+impl<T: Copy + 'static> Restore<T> {
+    pub fn set(key: &'static std::thread::LocalKey<Cell<T>>, value: T) -> Self {
+        Restore {
+            key,
+            old: key.with(|c| c.replace(value)),
+        }
+    }
+}
+
+impl<T: Copy + 'static> Drop for Restore<T> {
+    fn drop(&mut self) {
+        self.key.with(|c| c.set(self.old));
+    }
 }
 
 /// Orders this thread's streaming stores ([`Lanes::store_stream`]) before whatever follows:
@@ -255,6 +312,9 @@ macro_rules! impl_kernels {
                 len: usize,
                 run: impl Fn(usize) -> &'a [$t],
             ) -> $crate::moments::Moments {
+                /// # Safety
+                /// The CPU must have the instruction set of the lane type `L` (its kernels
+                /// value exists only after detection).
                 #[$attr]
                 unsafe fn entry<'a, L: $crate::kernels::lanes::Lanes>(
                     count: usize,
@@ -276,6 +336,9 @@ macro_rules! impl_kernels {
                 cols: ::std::ops::Range<usize>,
                 acc: &mut [$crate::kernels::stats::PivotSums],
             ) {
+                /// # Safety
+                /// The CPU must have the instruction set of the lane type `L` (its kernels
+                /// value exists only after detection).
                 #[$attr]
                 unsafe fn entry<L: $crate::kernels::lanes::Lanes>(
                     x: &[L::Elem],
@@ -296,6 +359,9 @@ macro_rules! impl_kernels {
                 s: usize,
                 affine: impl FnMut(usize) -> $crate::kernels::normalize::Affine<$t>,
             ) {
+                /// # Safety
+                /// The CPU must have the instruction set of the lane type `L` (its kernels
+                /// value exists only after detection).
                 #[$attr]
                 unsafe fn entry<L: $crate::kernels::lanes::Lanes, B: $crate::kernels::buffers::Buffers<L::Elem>>(
                     buf: &mut B,
@@ -309,6 +375,9 @@ macro_rules! impl_kernels {
             }
 
             fn normalize_rows<B: $crate::kernels::buffers::Buffers<$t>>(self, buf: &mut B, c: usize, p: &$crate::kernels::normalize::ChannelAffine<'_, $t>) {
+                /// # Safety
+                /// The CPU must have the instruction set of the lane type `L` (its kernels
+                /// value exists only after detection).
                 #[$attr]
                 unsafe fn entry<L: $crate::kernels::lanes::Lanes, B: $crate::kernels::buffers::Buffers<L::Elem>>(
                     buf: &mut B,
@@ -328,6 +397,9 @@ macro_rules! impl_kernels {
                 run: impl Fn(usize) -> (&'a [$t], &'a [$t]),
                 hi: $t,
             ) -> $crate::kernels::backward::GradSums {
+                /// # Safety
+                /// The CPU must have the instruction set of the lane type `L` (its kernels
+                /// value exists only after detection).
                 #[$attr]
                 unsafe fn entry<'a, L: $crate::kernels::lanes::Lanes>(
                     count: usize,
@@ -374,6 +446,9 @@ macro_rules! impl_kernels {
                 s: usize,
                 params: impl FnMut(usize) -> $crate::kernels::backward::BackAffine<$t>,
             ) {
+                /// # Safety
+                /// The CPU must have the instruction set of the lane type `L` (its kernels
+                /// value exists only after detection).
                 #[$attr]
                 unsafe fn entry<L: $crate::kernels::lanes::Lanes>(
                     g: &mut $crate::kernels::buffers::Grad<'_, L::Elem>,
@@ -387,6 +462,9 @@ macro_rules! impl_kernels {
             }
 
             fn backward_rows(self, g: &mut $crate::kernels::buffers::Grad<'_, $t>, c: usize, p: &$crate::kernels::backward::ChannelBack<'_, $t>) {
+                /// # Safety
+                /// The CPU must have the instruction set of the lane type `L` (its kernels
+                /// value exists only after detection).
                 #[$attr]
                 unsafe fn entry<L: $crate::kernels::lanes::Lanes>(g: &mut $crate::kernels::buffers::Grad<'_, L::Elem>, c: usize, p: &$crate::kernels::backward::ChannelBack<'_, L::Elem>) {
                     $crate::kernels::backward::backward_rows::<L>(g, c, p)
@@ -403,6 +481,9 @@ macro_rules! impl_kernels {
                 finish: &impl Fn(usize, &$crate::moments::Moments) -> $crate::kernels::normalize::Affine<$t>,
                 out: &mut [$crate::moments::Moments],
             ) {
+                /// # Safety
+                /// The CPU must have the instruction set of the lane type `L` (its kernels
+                /// value exists only after detection).
                 #[$attr]
                 unsafe fn entry<L: $crate::kernels::lanes::Lanes, B: $crate::kernels::buffers::Buffers<L::Elem>>(
                     buf: &mut [Option<B>],
@@ -498,6 +579,10 @@ mod tests {
             v.mul_add(L::splat(e(3.0)), L::splat(e(1.0))).sum(),
             e(3.0 * total + w as f64)
         );
+        for k in 0..=w {
+            let spliced = L::splat(e(1.0)).splice(k, L::splat(e(2.0)));
+            assert_eq!(spliced.sum(), e((k + 2 * (w - k)) as f64), "splice at {k}");
+        }
         for n in 0..w {
             let loaded = L::load_partial(&src[..n], e(-1.0));
             let want: f64 = (1..=n).map(|i| i as f64).sum::<f64>() - (w - n) as f64;
@@ -538,10 +623,61 @@ mod tests {
     fn isa_names_round_trip() {
         for isa in super::Isa::ALL {
             assert_eq!(super::Isa::from_name(isa.name()), Some(isa));
+            let upper = isa.name().to_ascii_uppercase();
+            assert_eq!(super::Isa::from_name(&format!(" {upper} ")), Some(isa));
         }
         assert!(super::Isa::available().contains(&super::Isa::best()));
         for isa in super::Isa::available() {
             assert_eq!(super::with_isa(isa, super::Isa::current), isa);
         }
+    }
+
+    /// `BATCHNORM_ISA`'s value: unset or empty is no choice, a known and available name (in
+    /// any case) is that instruction set, anything else an error that names the problem.
+    #[test]
+    fn isa_from_environment_value() {
+        use super::Isa;
+        assert_eq!(Isa::from_setting(None), Ok(None));
+        assert_eq!(Isa::from_setting(Some(" ".into())), Ok(None));
+        assert_eq!(
+            Isa::from_setting(Some("Scalar".into())),
+            Ok(Some(Isa::Scalar))
+        );
+        let unknown = Isa::from_setting(Some("avx-512".into())).unwrap_err();
+        assert!(unknown.contains("names no instruction set"), "{unknown}");
+        for isa in Isa::ALL {
+            let got = Isa::from_setting(Some(isa.name().to_uppercase()));
+            if isa.is_available() {
+                assert_eq!(got, Ok(Some(isa)));
+            } else {
+                assert!(got.unwrap_err().contains("lacks"));
+            }
+        }
+    }
+
+    /// An override ends with its scope, also when the scope panics.
+    #[test]
+    fn overrides_restored_after_a_panic() {
+        use super::{with_isa, Isa};
+        use crate::parallel::{parallel_threshold, stream_threshold};
+        let (isa, threshold, stream) = (Isa::current(), parallel_threshold(), stream_threshold());
+        let panicked = std::panic::catch_unwind(|| {
+            with_isa(Isa::Scalar, || {
+                crate::with_parallel_threshold(3, || {
+                    crate::with_stream_threshold(5, || {
+                        assert_eq!(
+                            (Isa::current(), parallel_threshold(), stream_threshold()),
+                            (Isa::Scalar, 3, 5)
+                        );
+                        panic!("inside the overrides")
+                    })
+                })
+            })
+        });
+        assert!(panicked.is_err());
+        assert_eq!(
+            (Isa::current(), parallel_threshold(), stream_threshold()),
+            (isa, threshold, stream)
+        );
     }
 }

@@ -41,6 +41,24 @@ impl Rng {
     }
 }
 
+/// The instruction sets the tests run on: every one this CPU has. `BATCHNORM_TEST_ISA` (names
+/// separated by commas, e.g. `avx512` or `avx2,avx512`) makes every test that runs on them
+/// fail when one of those instruction sets is not detected, so that a CI machine with it can
+/// insist on its being tested (as matrixmultiply's `MMTEST_FEATURE`).
+pub fn test_isas() -> Vec<Isa> {
+    if let Ok(names) = std::env::var("BATCHNORM_TEST_ISA") {
+        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let isa = Isa::from_name(name)
+                .unwrap_or_else(|| panic!("BATCHNORM_TEST_ISA: no instruction set {name:?}"));
+            assert!(
+                isa.is_available(),
+                "BATCHNORM_TEST_ISA={names}: this CPU lacks {name}, which must be tested"
+            );
+        }
+    }
+    Isa::available()
+}
+
 /// Runs `f` on every available instruction set, each on the calling thread and in a 3-thread
 /// pool with the parallel threshold at 0 (so even tiny tensors take the parallel paths: the
 /// channel-split and the fused ones, depending on the channel count). `f` gets a label for
@@ -53,7 +71,7 @@ pub fn on_every_path(mut f: impl FnMut(&str) + Send) {
             .build()
             .expect("thread pool")
     });
-    for isa in Isa::available() {
+    for isa in test_isas() {
         with_isa(isa, || f(&format!("{isa:?}, calling thread")));
         pool.install(|| {
             with_isa(isa, || {

@@ -18,79 +18,137 @@ pub struct F32x8(__m256);
 pub struct F64x4(__m256d);
 
 /// Lanes `i < n` all ones (32-bit lanes).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[inline(always)]
 unsafe fn mask32(n: usize) -> __m256i {
-    _mm256_cmpgt_epi32(
-        _mm256_set1_epi32(n as i32),
-        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-    )
+    // SAFETY: AVX2 and FMA detected (the caller's contract); no memory is accessed.
+    unsafe {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
 }
 
 /// Lanes `i < n` all ones (64-bit lanes).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[inline(always)]
 unsafe fn mask64(n: usize) -> __m256i {
-    _mm256_cmpgt_epi64(_mm256_set1_epi64x(n as i64), _mm256_setr_epi64x(0, 1, 2, 3))
+    // SAFETY: AVX2 and FMA detected (the caller's contract); no memory is accessed.
+    unsafe { _mm256_cmpgt_epi64(_mm256_set1_epi64x(n as i64), _mm256_setr_epi64x(0, 1, 2, 3)) }
 }
 
 /// Sum of the 8 lanes: halves, then pairs.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[inline(always)]
 unsafe fn hsum_ps(v: __m256) -> f32 {
-    let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)))
+    // SAFETY: AVX2 and FMA detected (the caller's contract); no memory is accessed.
+    unsafe {
+        let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+        _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)))
+    }
 }
 
 /// Sum of the 4 lanes: halves, then the pair.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[inline(always)]
 unsafe fn hsum_pd(v: __m256d) -> f64 {
-    let x = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
-    _mm_cvtsd_f64(_mm_add_sd(x, _mm_unpackhi_pd(x, x)))
+    // SAFETY: AVX2 and FMA detected (the caller's contract); no memory is accessed.
+    unsafe {
+        let x = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
+        _mm_cvtsd_f64(_mm_add_sd(x, _mm_unpackhi_pd(x, x)))
+    }
 }
 
 /// The first `s.len() < 8` lanes from `s`, the others `fill`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `s` must be shorter than a vector (the mask covers its
+/// `s.len()` elements and nothing beyond).
 #[inline(always)]
 unsafe fn load_partial_ps(s: &[f32], fill: f32) -> __m256 {
-    let m = mask32(s.len());
-    _mm256_blendv_ps(
-        _mm256_set1_ps(fill),
-        _mm256_maskload_ps(s.as_ptr(), m),
-        _mm256_castsi256_ps(m),
-    )
+    // SAFETY: AVX2 and FMA detected (the caller's contract); the mask limits the access to
+    // `s.len()` elements of `s`.
+    unsafe {
+        let m = mask32(s.len());
+        _mm256_blendv_ps(
+            _mm256_set1_ps(fill),
+            _mm256_maskload_ps(s.as_ptr(), m),
+            _mm256_castsi256_ps(m),
+        )
+    }
 }
 
 /// Writes the first `s.len() < 8` lanes of `v` to `s`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `s` must be shorter than a vector (the mask covers its
+/// `s.len()` elements and nothing beyond).
 #[inline(always)]
 unsafe fn store_partial_ps(s: &mut [f32], v: __m256) {
-    _mm256_maskstore_ps(s.as_mut_ptr(), mask32(s.len()), v)
+    // SAFETY: AVX2 and FMA detected (the caller's contract); the mask limits the access to
+    // `s.len()` elements of `s`.
+    unsafe { _mm256_maskstore_ps(s.as_mut_ptr(), mask32(s.len()), v) }
 }
 
 /// The first `s.len() < 4` lanes from `s`, the others `fill`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `s` must be shorter than a vector (the mask covers its
+/// `s.len()` elements and nothing beyond).
 #[inline(always)]
 unsafe fn load_partial_pd(s: &[f64], fill: f64) -> __m256d {
-    let m = mask64(s.len());
-    _mm256_blendv_pd(
-        _mm256_set1_pd(fill),
-        _mm256_maskload_pd(s.as_ptr(), m),
-        _mm256_castsi256_pd(m),
-    )
+    // SAFETY: AVX2 and FMA detected (the caller's contract); the mask limits the access to
+    // `s.len()` elements of `s`.
+    unsafe {
+        let m = mask64(s.len());
+        _mm256_blendv_pd(
+            _mm256_set1_pd(fill),
+            _mm256_maskload_pd(s.as_ptr(), m),
+            _mm256_castsi256_pd(m),
+        )
+    }
 }
 
 /// Writes the first `s.len() < 4` lanes of `v` to `s`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `s` must be shorter than a vector (the mask covers its
+/// `s.len()` elements and nothing beyond).
 #[inline(always)]
 unsafe fn store_partial_pd(s: &mut [f64], v: __m256d) {
-    _mm256_maskstore_pd(s.as_mut_ptr(), mask64(s.len()), v)
+    // SAFETY: AVX2 and FMA detected (the caller's contract); the mask limits the access to
+    // `s.len()` elements of `s`.
+    unsafe { _mm256_maskstore_pd(s.as_mut_ptr(), mask64(s.len()), v) }
 }
 
 /// Lanes `i < k` from `a`, the others from `b`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[inline(always)]
 unsafe fn splice_ps(k: usize, a: __m256, b: __m256) -> __m256 {
-    _mm256_blendv_ps(b, a, _mm256_castsi256_ps(mask32(k)))
+    // SAFETY: AVX2 and FMA detected (the caller's contract); no memory is accessed.
+    unsafe { _mm256_blendv_ps(b, a, _mm256_castsi256_ps(mask32(k))) }
 }
 
 /// Lanes `i < k` from `a`, the others from `b`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[inline(always)]
 unsafe fn splice_pd(k: usize, a: __m256d, b: __m256d) -> __m256d {
-    _mm256_blendv_pd(b, a, _mm256_castsi256_pd(mask64(k)))
+    // SAFETY: AVX2 and FMA detected (the caller's contract); no memory is accessed.
+    unsafe { _mm256_blendv_pd(b, a, _mm256_castsi256_pd(mask64(k))) }
 }
 
 x86_lanes!(F32x8, f32, 8;

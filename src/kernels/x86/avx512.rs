@@ -24,39 +24,71 @@ fn mask(n: usize) -> u32 {
 }
 
 /// The first `s.len() < 16` lanes from `s`, the others `fill`.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `s` must be shorter than a vector (the mask covers its
+/// `s.len()` elements and nothing beyond).
 #[inline(always)]
 unsafe fn load_partial_ps(s: &[f32], fill: f32) -> __m512 {
-    _mm512_mask_loadu_ps(_mm512_set1_ps(fill), mask(s.len()) as __mmask16, s.as_ptr())
+    // SAFETY: AVX-512F detected (the caller's contract); the mask limits the access to
+    // `s.len()` elements of `s`.
+    unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(fill), mask(s.len()) as __mmask16, s.as_ptr()) }
 }
 
 /// Writes the first `s.len() < 16` lanes of `v` to `s`.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `s` must be shorter than a vector (the mask covers its
+/// `s.len()` elements and nothing beyond).
 #[inline(always)]
 unsafe fn store_partial_ps(s: &mut [f32], v: __m512) {
-    _mm512_mask_storeu_ps(s.as_mut_ptr(), mask(s.len()) as __mmask16, v)
+    // SAFETY: AVX-512F detected (the caller's contract); the mask limits the access to
+    // `s.len()` elements of `s`.
+    unsafe { _mm512_mask_storeu_ps(s.as_mut_ptr(), mask(s.len()) as __mmask16, v) }
 }
 
 /// The first `s.len() < 8` lanes from `s`, the others `fill`.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `s` must be shorter than a vector (the mask covers its
+/// `s.len()` elements and nothing beyond).
 #[inline(always)]
 unsafe fn load_partial_pd(s: &[f64], fill: f64) -> __m512d {
-    _mm512_mask_loadu_pd(_mm512_set1_pd(fill), mask(s.len()) as __mmask8, s.as_ptr())
+    // SAFETY: AVX-512F detected (the caller's contract); the mask limits the access to
+    // `s.len()` elements of `s`.
+    unsafe { _mm512_mask_loadu_pd(_mm512_set1_pd(fill), mask(s.len()) as __mmask8, s.as_ptr()) }
 }
 
 /// Writes the first `s.len() < 8` lanes of `v` to `s`.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `s` must be shorter than a vector (the mask covers its
+/// `s.len()` elements and nothing beyond).
 #[inline(always)]
 unsafe fn store_partial_pd(s: &mut [f64], v: __m512d) {
-    _mm512_mask_storeu_pd(s.as_mut_ptr(), mask(s.len()) as __mmask8, v)
+    // SAFETY: AVX-512F detected (the caller's contract); the mask limits the access to
+    // `s.len()` elements of `s`.
+    unsafe { _mm512_mask_storeu_pd(s.as_mut_ptr(), mask(s.len()) as __mmask8, v) }
 }
 
 /// Lanes `i < k` from `a`, the others from `b`.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
 #[inline(always)]
 unsafe fn splice_ps(k: usize, a: __m512, b: __m512) -> __m512 {
-    _mm512_mask_blend_ps(mask(k) as __mmask16, b, a)
+    // SAFETY: AVX-512F detected (the caller's contract); no memory is accessed.
+    unsafe { _mm512_mask_blend_ps(mask(k) as __mmask16, b, a) }
 }
 
 /// Lanes `i < k` from `a`, the others from `b`.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
 #[inline(always)]
 unsafe fn splice_pd(k: usize, a: __m512d, b: __m512d) -> __m512d {
-    _mm512_mask_blend_pd(mask(k) as __mmask8, b, a)
+    // SAFETY: AVX-512F detected (the caller's contract); no memory is accessed.
+    unsafe { _mm512_mask_blend_pd(mask(k) as __mmask8, b, a) }
 }
 
 x86_lanes!(F32x16, f32, 16;
