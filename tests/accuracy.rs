@@ -82,6 +82,7 @@ fn naive_variance(values: &[f64]) -> f64 {
 /// the f64 reference for offsets of 1e4 to 1e6 standard deviations, on every path and layout;
 /// the naive f32 formula misses the variance bound by orders of magnitude on the same data.
 #[test]
+#[cfg_attr(miri, ignore = "too large for Miri's interpreter")]
 fn huge_offset_tiny_spread() {
     let shape = Shape::new(8, 3, 1000);
     for ratio in [1e4, 1e5, 1e6] {
@@ -104,6 +105,7 @@ fn huge_offset_tiny_spread() {
 /// A channel that holds NaN or an infinity becomes NaN; the other channels are exactly what
 /// they would be without it, on every path and layout.
 #[test]
+#[cfg_attr(miri, ignore = "too large for Miri's interpreter")]
 fn non_finite_values_stay_in_their_channel() {
     let shape = Shape::new(3, 11, 9);
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
@@ -149,6 +151,7 @@ fn non_finite_values_stay_in_their_channel() {
 /// Subnormal inputs and a constant channel: the variance underflows or is zero, eps takes
 /// over, and the output matches the reference (zero).
 #[test]
+#[cfg_attr(miri, ignore = "too large for Miri's interpreter")]
 fn subnormals_and_constant_channels() {
     let shape = Shape::new(4, 5, 13);
     let mut rng = Rng::new(11);
@@ -196,6 +199,7 @@ fn zero_eps_constant_channel_is_nan() {
 /// statistics kernels redo those blocks in f64, and the channel comes out right (its variance,
 /// about 1e77, only exists in f64, but `invstd` and the output fit in f32).
 #[test]
+#[cfg_attr(miri, ignore = "too large for Miri's interpreter")]
 fn variance_beyond_f32_range() {
     let shape = Shape::new(4, 3, 5);
     for layout in [Layout::Nchw, Layout::Nhwc] {
@@ -230,6 +234,7 @@ fn variance_beyond_f32_range() {
 /// block's mean strays more than a standard deviation from it). The variance stays within
 /// 2e-5 and the output within 1e-5 * (1 + |y|) of the f64 reference, on every path and layout.
 #[test]
+#[cfg_attr(miri, ignore = "too large for Miri's interpreter")]
 fn drifting_means_across_images() {
     let shape = Shape::new(5, 7, 97);
     let std = 0.5;

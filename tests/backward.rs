@@ -108,7 +108,7 @@ fn check<T: Element>(shape: Shape, layout: Layout, seed: u64) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(common::config(96))]
 
     #[test]
     fn backward_f32(shape in shape(), layout in layout(), seed: u64) {
@@ -131,6 +131,7 @@ fn loss(bn: &BatchNorm<f64>, x: &[f64], g: &[f64], shape: Shape, layout: Layout)
 
 /// dx, dweight and dbias match central differences of `L = Σ y * g` (so `dy = g`).
 #[test]
+#[cfg_attr(miri, ignore = "too large for Miri's interpreter")]
 fn finite_differences() {
     for (shape, layout) in [
         (Shape::new(3, 2, 5), Layout::Nchw),
@@ -248,6 +249,7 @@ fn bad_input() {
 
 /// A NaN in one channel's dy makes that channel's gradients NaN and no other's.
 #[test]
+#[cfg_attr(miri, ignore = "too large for Miri's interpreter")]
 fn non_finite_confined() {
     let shape = Shape::new(3, 5, 7);
     for layout in [Layout::Nchw, Layout::Nhwc] {
@@ -277,6 +279,7 @@ fn non_finite_confined() {
 /// finite and right (within 1e-5 of the terms summed), on every path and layout, for one image
 /// (channels in L1) and several (channel groups read image by image).
 #[test]
+#[cfg_attr(miri, ignore = "too large for Miri's interpreter")]
 fn sums_beyond_f32_range() {
     for shape in [Shape::new(4, 3, 37), Shape::new(1, 3, 37)] {
         for layout in [Layout::Nchw, Layout::Nhwc] {

@@ -1,6 +1,8 @@
 //! Every kind of bad input returns its `Err`, leaves the layer and the output untouched, and
 //! nothing panics, whatever the shape and lengths.
 
+mod common;
+
 use batchnorm::{BatchNorm, Error, Layout, Shape};
 use proptest::prelude::*;
 
@@ -288,6 +290,8 @@ fn messages_say_what_was_expected_and_given() {
 }
 
 proptest! {
+    #![proptest_config(common::config(256))]
+
     /// Arbitrary shapes (huge ones included), lengths, parameters and layouts: every call
     /// returns, none panics, and a refused call changes nothing.
     #[test]

@@ -30,21 +30,25 @@ fn replay(target: &str, check: fn(&[u8], Option<usize>)) {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "reads the corpus from disk")]
 fn forward_train_corpus() {
     replay("forward_train", props::check_forward_train);
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "reads the corpus from disk")]
 fn forward_eval_corpus() {
     replay("forward_eval", props::check_forward_eval);
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "reads the corpus from disk")]
 fn moments_merge_corpus() {
     replay("moments_merge", props::check_moments_merge);
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "reads the corpus from disk")]
 fn backward_corpus() {
     replay("backward", props::check_backward);
 }

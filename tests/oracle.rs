@@ -127,7 +127,7 @@ fn check_moments<T: Element>(shape: Shape, layout: Layout, seed: u64) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(common::config(128))]
 
     #[test]
     fn train_f32(shape in shape(), layout in layout(), seed: u64) {

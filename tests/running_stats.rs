@@ -115,6 +115,7 @@ fn chained<T: Element>(momentum: Option<f64>, unbiased: bool, layout: Layout) {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "too large for Miri's interpreter")]
 fn chained_against_oracle() {
     for momentum in [Some(0.1), Some(0.75), None] {
         for unbiased in [true, false] {

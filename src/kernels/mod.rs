@@ -207,11 +207,14 @@ impl<T: Copy + 'static> Drop for Restore<T> {
 /// rayon hands its results to another thread.
 #[inline(always)]
 pub(crate) fn store_fence() {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     // SAFETY: SSE is part of the x86-64 baseline; a fence has no other requirement.
     unsafe {
         std::arch::x86_64::_mm_sfence()
     };
+    // Miri lacks the instruction (and runs no streaming store): the portable fence, stronger.
+    #[cfg(miri)]
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
 }
 
 /// The leaf operations of every driver.

@@ -139,7 +139,17 @@ pub fn layout() -> impl Strategy<Value = Layout> {
 /// Training shapes: mostly small ones (every tail and split case: odd channel counts, counts
 /// that are no multiple of a vector width, N = 1, spatial = 1), sometimes channels of thousands
 /// of values (several statistics blocks), sometimes rows of hundreds of channels.
-pub fn shape() -> impl Strategy<Value = Shape> {
+pub fn shape() -> BoxedStrategy<Shape> {
+    if cfg!(miri) {
+        // Miri interprets every operation: small shapes, still odd sizes and both paths of
+        // rows (NCHW runs, NHWC and BatchNorm1d rows) and a channel longer than a vector.
+        return (1usize..4, 1usize..6, 1usize..24)
+            .prop_map(|(n, c, s)| Shape::new(n, c, s))
+            .prop_filter("training needs two values per channel", |s| {
+                s.n * s.spatial >= 2
+            })
+            .boxed();
+    }
     prop_oneof![
         4 => (1usize..6, 1usize..20, 1usize..40),
         1 => (1usize..3, 1usize..4, 1usize..6000),
@@ -151,4 +161,22 @@ pub fn shape() -> impl Strategy<Value = Shape> {
     .prop_filter("training needs two values per channel", |s| {
         s.n * s.spatial >= 2
     })
+    .boxed()
+}
+
+/// Proptest's configuration with `cases` cases natively; under Miri, which interprets every
+/// operation, two cases and no failure files (it runs isolated from the file system).
+pub fn config(cases: u32) -> ProptestConfig {
+    if cfg!(miri) {
+        ProptestConfig {
+            cases: 2,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    } else {
+        ProptestConfig {
+            cases,
+            ..ProptestConfig::default()
+        }
+    }
 }
