@@ -95,4 +95,34 @@ fn main() {
         }
         println!("| {ratio:.0e} | {} | {} |", row[0], row[1]);
     }
+
+    println!(
+        "\nLargest output error of inference, |y - y_ref| / (1 + |y_ref|), 8 x 16 x 4096 values \
+         whose running statistics are their own (outputs of order 1): forward_eval, and the \
+         folded form engines use (scale_shift, then apply_scale_shift):\n"
+    );
+    println!("| offset/std | forward_eval | folded: y = x * scale + shift |");
+    println!("|---|---|---|");
+    for &ratio in &[1.0, 1e2, 1e4, 1e5, 1e6, 1e7] {
+        let layout = Layout::Nchw;
+        let x = data(shape.numel().unwrap(), ratio, 9);
+        let mut bn = BatchNorm::<f32>::new(shape.c);
+        for (c, (mean, var)) in oracle::mean_var(&x, shape, layout).into_iter().enumerate() {
+            bn.running_mean[c] = mean as f32;
+            bn.running_var[c] = var as f32;
+        }
+        let want = oracle::forward_eval(&bn, &x, shape, layout);
+        let err = |y: &[f32]| {
+            y.iter()
+                .zip(&want)
+                .map(|(&g, &w)| (g as f64 - w).abs() / (1.0 + w.abs()))
+                .fold(0.0, f64::max)
+        };
+        let mut y = vec![0.0f32; x.len()];
+        bn.forward_eval(&x, &mut y, shape, layout).unwrap();
+        let eval = err(&y);
+        let (scale, shift) = bn.scale_shift().unwrap();
+        batchnorm::apply_scale_shift(&x, &mut y, &scale, &shift, shape, layout).unwrap();
+        println!("| {ratio:.0e} | {eval:.1e} | {:.1e} |", err(&y));
+    }
 }
