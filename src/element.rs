@@ -83,6 +83,10 @@ pub trait Element:
 {
     /// Zero.
     const ZERO: Self;
+    /// Below this mean square (`Σ d² / n`), squared deviations computed in this type are
+    /// subnormal and lose their precision: the smallest normal over the precision, `2^-103`
+    /// for `f32`. The statistics redo such blocks in `f64` ([`tiny_squares`]).
+    const TINY_SQUARE: f64;
     /// Widens to `f64` (exact).
     fn to_f64(self) -> f64;
     /// Rounds an `f64` to the nearest value of this type.
@@ -91,6 +95,7 @@ pub trait Element:
 
 impl Element for f32 {
     const ZERO: f32 = 0.0;
+    const TINY_SQUARE: f64 = (f32::MIN_POSITIVE / f32::EPSILON) as f64;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self as f64
@@ -103,6 +108,7 @@ impl Element for f32 {
 
 impl Element for f64 {
     const ZERO: f64 = 0.0;
+    const TINY_SQUARE: f64 = f64::MIN_POSITIVE / f64::EPSILON;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self
@@ -111,4 +117,14 @@ impl Element for f64 {
     fn from_f64(v: f64) -> f64 {
         v
     }
+}
+
+/// Whether shifted sums `s1`, `s2` of `n` values of type `T` need redoing in `f64`: not finite
+/// (squares beyond `T`'s range, or a non-finite input, which stays non-finite), or a mean
+/// square so small that the squares were subnormal in `T` (deviations below about `1e-19` in
+/// `f32`). A block whose values are all equal also lands here (its sums are 0); the `f64`
+/// path returns it at once.
+#[inline(always)]
+pub(crate) fn tiny_squares<T: Element>(n: usize, s1: f64, s2: f64) -> bool {
+    !(s1.is_finite() && s2.is_finite() && s2 >= n as f64 * T::TINY_SQUARE)
 }

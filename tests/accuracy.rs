@@ -255,3 +255,73 @@ fn drifting_means_across_images() {
         check_both_layouts(&nchw, shape, 2e-5, &format!("drift {drift}"));
     }
 }
+
+/// Deviations far below 1e-19, whose squares are subnormal or zero in f32: the statistics redo
+/// such blocks in f64, so that with eps = 0 (the normalization then scales by up to 1e38) the
+/// variance stays within 2e-5 and the output within 1e-5 * (1 + |y|), in both layouts, for one
+/// image (channels in L1), several (channel groups) and long channels.
+#[test]
+#[cfg_attr(miri, ignore = "too large for Miri's interpreter")]
+fn tiny_variances_with_zero_eps() {
+    for shape in [Shape::new(1, 5, 49), Shape::new(6, 5, 33), Shape::new(2, 3, 3000)] {
+        for (offset, spread) in [(0.0, 1e-30), (1e-25, 1e-33), (-3e-36, 1e-37), (1.0, 0.0)] {
+            let mut rng = Rng::new(23);
+            let nchw: Vec<f32> = rng.data(shape.numel().unwrap(), offset, spread);
+            for layout in [Layout::Nchw, Layout::Nhwc] {
+                let x = relayout(&nchw, shape, layout);
+                let reference = oracle::mean_var(&x, shape, layout);
+                let mut bn = BatchNorm::<f32>::new(shape.c);
+                bn.eps = 0.0;
+                let want = oracle::forward_train(&bn, &x, shape, layout);
+                let what = format!("{shape:?} {layout:?} offset {offset:e} spread {spread:e}");
+                on_every_path(|path| {
+                    let moments = batchnorm::moments(&x, shape, layout).unwrap();
+                    for (c, m) in moments.iter().enumerate() {
+                        let var = reference[c].1;
+                        assert!(
+                            (m.variance() - var).abs() <= 2e-5 * var,
+                            "{what}, {path}: variance of {c}: {:e} vs {var:e}",
+                            m.variance()
+                        );
+                    }
+                    if spread == 0.0 {
+                        return; // eps = 0 on constant channels: NaN, as tested elsewhere
+                    }
+                    let mut y = vec![0.0f32; x.len()];
+                    bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
+                    assert_close(&y, &want.y, 1e-5, &format!("y, {what}, {path}"));
+                });
+            }
+        }
+    }
+}
+
+/// Below a variance of about 1e-77, `1 / sqrt(var)` exceeds f32's range: with eps = 0, the
+/// saved `invstd` is infinite and every output of the channel non-finite (infinite or NaN: the
+/// scale and the shift that absorbs the mean's rounding are both infinite), while the
+/// statistics themselves stay right and the running statistics finite.
+#[test]
+fn invstd_beyond_f32_is_infinite() {
+    // Subnormals of 164, -100, 5 and -70 units of 2^-149: mean -0.25 units (0 in f32),
+    // variance about 1.7e-86.
+    let x = [2.3e-43f32, -1.4e-43, 7e-45, -9.8e-44];
+    let shape = Shape::new(1, 1, 4);
+    let reference = oracle::mean_var(&x, shape, Layout::Nchw)[0];
+    assert!(reference.1 > 1e-87 && reference.1 < 1e-85);
+    on_every_path(|path| {
+        let m = batchnorm::moments(&x, shape, Layout::Nchw).unwrap()[0];
+        assert!(
+            (m.variance() - reference.1).abs() <= 2e-5 * reference.1,
+            "{path}: variance {:e} vs {:e}",
+            m.variance(),
+            reference.1
+        );
+        let mut bn = BatchNorm::<f32>::new(1);
+        bn.eps = 0.0;
+        let mut y = [0.0f32; 4];
+        let saved = bn.forward_train(&x, &mut y, shape, Layout::Nchw).unwrap();
+        assert_eq!(saved.invstd[0], f32::INFINITY, "{path}");
+        assert!(y.iter().all(|v| !v.is_finite()), "{path}: {y:?}");
+        assert!(bn.running_var[0].is_finite() && bn.running_mean[0].is_finite());
+    });
+}

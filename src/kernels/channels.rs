@@ -22,7 +22,7 @@ use super::stats::{
     block_f64, block_len, fold_pieces, moments_each, PivotedSum, Reduce, ShiftedSums, ACCUMULATORS,
     MAX_CHAIN,
 };
-use crate::element::Element;
+use crate::element::{tiny_squares, Element};
 use crate::moments::Moments;
 
 /// The most channels in a group: their parameters live on the stack.
@@ -115,10 +115,10 @@ fn group_moments<L: Lanes, B: Buffers<L::Elem>>(
     fold_spans::<L, _, ACCUMULATORS>(n, s, &run, &shifted[..count], &mut sums);
     for (j, o) in out[..count].iter_mut().enumerate() {
         let [s1, s2] = sums[j];
-        *o = if s1.is_finite() && s2.is_finite() {
-            Moments::from_shifted_sums(values as u64, shifted[j].k.to_f64(), s1, s2)
-        } else {
+        *o = if tiny_squares::<L::Elem>(values, s1, s2) {
             block_f64(n, |i| run(i, j))
+        } else {
+            Moments::from_shifted_sums(values as u64, shifted[j].k.to_f64(), s1, s2)
         };
     }
 }

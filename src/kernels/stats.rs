@@ -8,7 +8,7 @@
 //! ([`Moments::from_shifted_sums`]). Blocks merge in `f64` with Chan's formula.
 
 use super::lanes::{load_tile, load_upto, Lanes};
-use crate::element::Element;
+use crate::element::{tiny_squares, Element};
 use crate::moments::Moments;
 use std::ops::Range;
 
@@ -300,7 +300,7 @@ fn block<'a, L: Lanes>(count: usize, piece: impl Fn(usize) -> &'a [L::Elem]) -> 
     let k = L::Elem::from_f64(p.to_f64() + sum.sum.sum().to_f64() / n as f64);
     let r = fold_pieces::<L, _, ACCUMULATORS>(count, &piece, ShiftedSums::around(k));
     let (s1, s2) = (r.s1.sum().to_f64(), r.s2.sum().to_f64());
-    if !(s1.is_finite() && s2.is_finite()) {
+    if tiny_squares::<L::Elem>(n, s1, s2) {
         return block_f64(count, piece);
     }
     Moments::from_shifted_sums(n as u64, k.to_f64(), s1, s2)
@@ -329,20 +329,30 @@ pub(crate) fn moments_each<L: Lanes>(x: &[L::Elem], s: usize, out: &mut [Moments
         let k = o.mean;
         let (a, b) = shifted_sums::<L>(run, L::Elem::from_f64(k));
         let (a, b) = (a.to_f64(), b.to_f64());
-        *o = if a.is_finite() && b.is_finite() {
-            Moments::from_shifted_sums(s as u64, k, a, b)
-        } else {
+        *o = if tiny_squares::<L::Elem>(s, a, b) {
             block_f64(1, |_| run)
+        } else {
+            Moments::from_shifted_sums(s as u64, k, a, b)
         };
     }
 }
 
 /// The moments of a block in plain `f64`, two passes: the rare path for blocks whose sums
 /// overflow the element type (squared deviations beyond f32's range come from values whose
-/// spread nears 1e19). Non-finite inputs stay non-finite.
+/// spread nears 1e19) or whose squares are below its normal range (deviations below about
+/// 1e-19 in f32), and for constant blocks, whose sums are 0 (answered without the passes).
+/// Non-finite inputs stay non-finite.
 #[cold]
 #[inline(never)]
 pub(crate) fn block_f64<'a, T: Element>(count: usize, piece: impl Fn(usize) -> &'a [T]) -> Moments {
+    // A constant block (zeros, say) also has sums of 0: no need to read it twice more.
+    let first = (0..count).find_map(|i| piece(i).first().copied());
+    if let Some(v) = first.filter(|v| v.to_f64().is_finite()) {
+        if (0..count).all(|i| piece(i).iter().all(|&x| x == v)) {
+            let n = (0..count).map(|i| piece(i).len()).sum::<usize>();
+            return Moments::from_shifted_sums(n as u64, v.to_f64(), 0.0, 0.0);
+        }
+    }
     let (mut n, mut total) = (0usize, 0.0);
     for i in 0..count {
         for &v in piece(i) {
@@ -549,10 +559,11 @@ fn tile_one_pass<L: Lanes, const K: usize>(
         s1[j].store(&mut a[j * w..]);
         s2[j].store(&mut b[j * w..]);
     }
-    // (Σd)² / n <= Σd² / 2 says (mean - pivot)² <= variance: NaN and infinities fail it too.
+    // (Σd)² / n <= Σd² / 2 says (mean - pivot)² <= variance: NaN and infinities fail it too,
+    // as do squares too small for the element type.
     let safe = a[..width].iter().zip(&b[..width]).all(|(&a, &b)| {
         let (a, b) = (a.to_f64(), b.to_f64());
-        2.0 * a * a <= nb * b && b.is_finite()
+        2.0 * a * a <= nb * b && !tiny_squares::<L::Elem>(rows.len(), a, b)
     });
     if !safe {
         return false;
@@ -646,8 +657,9 @@ fn tile<L: Lanes, const K: usize>(
         let chans = &mut acc[j * w..][..lanes];
         for (i, ps) in chans.iter_mut().enumerate() {
             let (mut k, mut a, mut b) = (k[i].to_f64(), a[i].to_f64(), b[i].to_f64());
-            if !(a.is_finite() && b.is_finite()) {
-                // Sums beyond the element type's range: this channel's block again in f64.
+            if tiny_squares::<L::Elem>(rows.len(), a, b) {
+                // Sums beyond the element type's range, or squares below it: this channel's
+                // block again in f64.
                 let ch = c0 + j * w + i;
                 let column = |r: usize| &x[r * c + ch..r * c + ch + 1];
                 let m = block_f64(rows.len(), |r| column(rows.start + r));
