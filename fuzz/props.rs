@@ -214,6 +214,11 @@ pub fn on_paths(which: Option<usize>, mut f: impl FnMut() -> Verdict + Send) -> 
     }
 }
 
+/// [`on_paths`], panicking on a failure (what a fuzz target reports).
+fn each_path(which: Option<usize>, f: impl FnMut() -> Verdict + Send) {
+    on_paths(which, f).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// The path a fuzz target runs an input on: from its last byte.
 pub fn path_of(data: &[u8]) -> Option<usize> {
     data.last().map(|&b| b as usize)
@@ -230,16 +235,14 @@ pub struct Channel {
 
 /// The reference statistics of every channel.
 pub fn channels(case: &Case) -> Vec<Channel> {
-    let Case {
-        shape, layout, x, ..
-    } = case;
-    oracle::mean_var(x, *shape, *layout)
+    let (shape, layout, x) = (case.shape, case.layout, &case.x);
+    oracle::mean_var(x, shape, layout)
         .into_iter()
         .enumerate()
         .map(|(c, (mean, var))| Channel {
             mean,
             var,
-            finite: indices(*shape, *layout, c).all(|i| x[i].is_finite()),
+            finite: indices(shape, layout, c).all(|i| x[i].is_finite()),
         })
         .collect()
 }
@@ -247,6 +250,38 @@ pub fn channels(case: &Case) -> Vec<Channel> {
 /// The indices of channel `c`'s values.
 fn indices(shape: Shape, layout: Layout, c: usize) -> impl Iterator<Item = usize> {
     (0..shape.n).flat_map(move |n| (0..shape.spatial).map(move |s| shape.index(layout, n, c, s)))
+}
+
+/// Every value of channel `c` of `v` NaN: the channel has a non-finite input.
+fn channel_nan(v: &[f32], shape: Shape, layout: Layout, c: usize, what: &str) -> Verdict {
+    for i in indices(shape, layout, c) {
+        ensure!(
+            v[i].is_nan(),
+            "{what}[{i}] of channel {c}, which has a non-finite input: {}",
+            v[i]
+        );
+    }
+    Ok(())
+}
+
+/// Moments `m` against the mean and variance `want` of a channel whose reference is `r`: the
+/// mean within `1e-5` standard deviations (plus `1e-12` of its magnitude), the variance within
+/// `2e-5` of itself, both bounds times `slack`.
+fn moments_close(what: &str, m: Moments, want: (f64, f64), r: &Channel, slack: f64) -> Verdict {
+    let tol = slack * (1e-5 * r.var.sqrt() + 1e-12 * r.mean.abs());
+    ensure!(
+        close(m.mean, want.0, tol),
+        "{what}: mean {} vs {}",
+        m.mean,
+        want.0
+    );
+    let var = m.variance();
+    ensure!(
+        close(var, want.1, slack * 2e-5 * r.var),
+        "{what}: variance {var:e} vs {:e}",
+        want.1
+    );
+    Ok(())
 }
 
 fn close(got: f64, want: f64, tol: f64) -> bool {
@@ -287,13 +322,7 @@ pub struct TrainRun {
 }
 
 pub fn run_forward_train(case: &Case) -> TrainRun {
-    let Case {
-        shape,
-        layout,
-        ref layer,
-        ref x,
-        ..
-    } = *case;
+    let (shape, layout, layer, x) = (case.shape, case.layout, &case.layer, &case.x);
     let mut bn = layer.clone();
     let mut y = vec![0.0f32; x.len()];
     let saved = bn.forward_train(x, &mut y, shape, layout);
@@ -321,13 +350,7 @@ pub fn verify_forward_train(
     want: &oracle::Train,
     got: &TrainRun,
 ) -> Verdict {
-    let Case {
-        shape,
-        layout,
-        ref layer,
-        ref x,
-        ..
-    } = *case;
+    let (shape, layout, layer, x) = (case.shape, case.layout, &case.layer, &case.x);
     if shape.n * shape.spatial < 2 {
         ensure!(got.saved.is_err(), "training on one value per channel");
         ensure!(
@@ -349,29 +372,17 @@ pub fn verify_forward_train(
     ensure!(got.moments.len() == c, "moments length");
     for (c, r) in refs.iter().enumerate() {
         if !r.finite {
-            for i in indices(shape, layout, c) {
-                ensure!(
-                    got.y[i].is_nan(),
-                    "channel {c} has a non-finite input, y[{i}] = {}",
-                    got.y[i]
-                );
-            }
+            channel_nan(&got.y, shape, layout, c, "y")?;
             continue;
         }
-        let m = got.moments[c];
         let std = r.var.sqrt();
-        ensure!(
-            close(m.mean, r.mean, 1e-5 * std + 1e-12 * r.mean.abs()),
-            "mean of {c}: {} vs {}",
-            m.mean,
-            r.mean
-        );
-        ensure!(
-            close(m.variance(), r.var, 2e-5 * r.var),
-            "variance of {c}: {:e} vs {:e}",
-            m.variance(),
-            r.var
-        );
+        moments_close(
+            &format!("channel {c}"),
+            got.moments[c],
+            (r.mean, r.var),
+            r,
+            1.0,
+        )?;
         let saved_mean = saved.mean[c] as f64;
         // Rounding to f32: half an ulp, which for subnormals is absolute.
         let rounding = r.mean.abs() * f32::EPSILON as f64 + f32::from_bits(1) as f64;
@@ -436,10 +447,9 @@ pub fn check_forward_train(data: &[u8], which: Option<usize>) {
     let Some(case) = decode(data) else { return };
     let refs = channels(&case);
     let want = oracle::forward_train(&case.layer, &case.x, case.shape, case.layout);
-    on_paths(which, || {
+    each_path(which, || {
         verify_forward_train(&case, &refs, &want, &run_forward_train(&case))
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    });
 }
 
 /// One call of inference, out of place and in place, and of the folded scale and shift.
@@ -452,13 +462,7 @@ pub struct EvalRun {
 }
 
 pub fn run_forward_eval(case: &Case) -> EvalRun {
-    let Case {
-        shape,
-        layout,
-        ref layer,
-        ref x,
-        ..
-    } = *case;
+    let (shape, layout, layer, x) = (case.shape, case.layout, &case.layer, &case.x);
     let (scale, shift) = layer.scale_shift().expect("finite parameters");
     let mut y = vec![0.0f32; x.len()];
     layer.forward_eval(x, &mut y, shape, layout).expect("eval");
@@ -517,10 +521,9 @@ pub fn verify_forward_eval(case: &Case, want: &[f64], got: &EvalRun) -> Verdict 
 pub fn check_forward_eval(data: &[u8], which: Option<usize>) {
     let Some(case) = decode(data) else { return };
     let want = oracle::forward_eval(&case.layer, &case.x, case.shape, case.layout);
-    on_paths(which, || {
+    each_path(which, || {
         verify_forward_eval(&case, &want, &run_forward_eval(&case))
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    });
 }
 
 /// The moments of the whole batch and of its two parts (cut along N).
@@ -531,13 +534,7 @@ pub struct MergeRun {
 }
 
 pub fn run_moments_merge(case: &Case) -> MergeRun {
-    let Case {
-        shape,
-        layout,
-        ref x,
-        cut,
-        ..
-    } = *case;
+    let (shape, layout, x, cut) = (case.shape, case.layout, &case.x, case.cut);
     // Both layouts keep a sample's values together, so a cut along N splits the buffer.
     let (a, b) = x.split_at(cut * shape.c * shape.spatial);
     let sa = Shape::new(cut, shape.c, shape.spatial);
@@ -564,21 +561,8 @@ pub fn verify_moments_merge(case: &Case, refs: &[Channel], got: &MergeRun) -> Ve
         if !r.finite {
             continue;
         }
-        let std = r.var.sqrt();
-        ensure!(
-            close(merged.mean, whole.mean, 2e-5 * std + 1e-12 * r.mean.abs()),
-            "merged mean of {c}: {} vs {}",
-            merged.mean,
-            whole.mean
-        );
-        {
-            ensure!(
-                close(merged.variance(), whole.variance(), 4e-5 * r.var),
-                "merged variance of {c}: {:e} vs {:e}",
-                merged.variance(),
-                whole.variance()
-            );
-        }
+        let want = (whole.mean, whole.variance());
+        moments_close(&format!("merged channel {c}"), merged, want, r, 2.0)?;
     }
     Ok(())
 }
@@ -587,10 +571,9 @@ pub fn verify_moments_merge(case: &Case, refs: &[Channel], got: &MergeRun) -> Ve
 pub fn check_moments_merge(data: &[u8], which: Option<usize>) {
     let Some(case) = decode(data) else { return };
     let refs = channels(&case);
-    on_paths(which, || {
+    each_path(which, || {
         verify_moments_merge(&case, &refs, &run_moments_merge(&case))
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    });
 }
 
 /// One call of the backward pass, with the saved statistics it was given.
@@ -610,14 +593,7 @@ pub fn saved_stats(case: &Case) -> SavedStats<f32> {
 }
 
 pub fn run_backward(case: &Case, saved: &SavedStats<f32>) -> BackwardRun {
-    let Case {
-        shape,
-        layout,
-        ref layer,
-        ref x,
-        ref dy,
-        ..
-    } = *case;
+    let (shape, layout, layer, x, dy) = (case.shape, case.layout, &case.layer, &case.x, &case.dy);
     let mut dx = vec![0.0f32; x.len()];
     let grads = layer
         .backward(x, dy, saved, &mut dx, shape, layout)
@@ -635,14 +611,7 @@ pub fn verify_backward(
     want: &oracle::Backward,
     got: &BackwardRun,
 ) -> Verdict {
-    let Case {
-        shape,
-        layout,
-        ref layer,
-        ref x,
-        ref dy,
-        ..
-    } = *case;
+    let (shape, layout, layer, x, dy) = (case.shape, case.layout, &case.layer, &case.x, &case.dy);
     ensure!(got.dx.len() == x.len(), "dx length");
     ensure!(
         got.grads.weight.len() == shape.c && got.grads.bias.len() == shape.c,
@@ -655,13 +624,7 @@ pub fn verify_backward(
                 got.grads.weight[c].is_nan(),
                 "dweight of non-finite channel {c}"
             );
-            for i in indices(shape, layout, c) {
-                ensure!(
-                    got.dx[i].is_nan(),
-                    "dx[{i}] of non-finite channel {c}: {}",
-                    got.dx[i]
-                );
-            }
+            channel_nan(&got.dx, shape, layout, c, "dx")?;
             continue;
         }
         let is = saved.invstd[c] as f64;
@@ -719,8 +682,7 @@ pub fn check_backward(data: &[u8], which: Option<usize>) {
         case.shape,
         case.layout,
     );
-    on_paths(which, || {
+    each_path(which, || {
         verify_backward(&case, &refs, &saved, &want, &run_backward(&case, &saved))
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    });
 }

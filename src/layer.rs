@@ -179,27 +179,16 @@ impl<T: Element> BatchNorm<T> {
         check_len("saved.invstd", shape.c, saved.invstd.len())?;
         let m = shape.per_channel() as f64;
         let invstd = |c: usize| saved.invstd[c].to_f64();
-        let sums = exec::backward(
-            Grad {
-                x,
-                dy,
-                dx,
-                stream: false,
-            },
-            shape,
-            layout,
-            &saved.mean,
-            |c, s| {
-                let (w, is) = (self.weight[c].to_f64(), invstd(c));
-                let dweight = s.dy_xc * is;
-                BackAffine {
-                    hi: saved.mean[c],
-                    a: T::from_f64(w * is),
-                    b: T::from_f64(-w * is * is * dweight / m),
-                    c: T::from_f64(-w * is * s.dy / m),
-                }
-            },
-        );
+        let sums = exec::backward(Grad::new(x, dy, dx), shape, layout, &saved.mean, |c, s| {
+            let (w, is) = (self.weight[c].to_f64(), invstd(c));
+            let dweight = s.dy_xc * is;
+            BackAffine {
+                hi: saved.mean[c],
+                a: T::from_f64(w * is),
+                b: T::from_f64(-w * is * is * dweight / m),
+                c: T::from_f64(-w * is * s.dy / m),
+            }
+        });
         Ok(gradients(&sums, invstd))
     }
 
@@ -217,12 +206,7 @@ impl<T: Element> BatchNorm<T> {
         self.check_backward(x, dy, dx, shape)?;
         let invstd = |c: usize| self.running_invstd(c);
         let sums = exec::backward(
-            Grad {
-                x,
-                dy,
-                dx,
-                stream: false,
-            },
+            Grad::new(x, dy, dx),
             shape,
             layout,
             &self.running_mean,

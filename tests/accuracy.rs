@@ -263,7 +263,11 @@ fn drifting_means_across_images() {
 #[test]
 #[cfg_attr(miri, ignore = "too large for Miri's interpreter")]
 fn tiny_variances_with_zero_eps() {
-    for shape in [Shape::new(1, 5, 49), Shape::new(6, 5, 33), Shape::new(2, 3, 3000)] {
+    for shape in [
+        Shape::new(1, 5, 49),
+        Shape::new(6, 5, 33),
+        Shape::new(2, 3, 3000),
+    ] {
         for (offset, spread) in [(0.0, 1e-30), (1e-25, 1e-33), (-3e-36, 1e-37), (1.0, 0.0)] {
             let mut rng = Rng::new(23);
             let nchw: Vec<f32> = rng.data(shape.numel().unwrap(), offset, spread);

@@ -200,6 +200,18 @@ pub(crate) struct Grad<'a, T> {
     pub stream: bool,
 }
 
+impl<'a, T> Grad<'a, T> {
+    /// The buffers, with plain stores (the plan may turn streaming on).
+    pub fn new(x: &'a [T], dy: &'a [T], dx: &'a mut [T]) -> Self {
+        Grad {
+            x,
+            dy,
+            dx,
+            stream: false,
+        }
+    }
+}
+
 impl<T: Element> Span for Grad<'_, T> {
     #[inline(always)]
     fn len(&self) -> usize {

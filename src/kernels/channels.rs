@@ -118,7 +118,7 @@ fn group_moments<L: Lanes, B: Buffers<L::Elem>>(
         *o = if tiny_squares::<L::Elem>(values, s1, s2) {
             block_f64(n, |i| run(i, j))
         } else {
-            Moments::from_shifted_sums(values as u64, shifted[j].k.to_f64(), s1, s2)
+            Moments::from_shifted_sums(values as u64, shifted[j].centre.to_f64(), s1, s2)
         };
     }
 }

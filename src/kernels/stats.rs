@@ -101,83 +101,37 @@ impl<T> Piece for (&[T], &[T]) {
     }
 }
 
-/// `Σ (x - p)`; padding lanes hold `p`.
+/// `Σ (x - c)`, and with `SQUARES` also `Σ (x - c)²`, around a centre `c`; padding lanes hold
+/// `c` and so add nothing. The statistics' first read is [`PivotedSum`] (around the block's
+/// first value), their second [`ShiftedSums`] (around the block's rounded mean).
 #[derive(Clone, Copy)]
-pub(crate) struct PivotedSum<L: Lanes> {
-    p: L::Elem,
-    pv: L,
-    sum: L,
-}
-
-impl<L: Lanes> PivotedSum<L> {
-    #[inline(always)]
-    pub fn around(p: L::Elem) -> Self {
-        PivotedSum {
-            p,
-            pv: L::splat(p),
-            sum: L::splat(L::Elem::ZERO),
-        }
-    }
-}
-
-impl<L: Lanes> Reduce<L> for PivotedSum<L> {
-    type Piece<'a> = &'a [L::Elem];
-    type V = L;
-    #[inline(always)]
-    fn load(x: &[L::Elem], at: usize) -> L {
-        L::load(&x[at..])
-    }
-    #[inline(always)]
-    fn load_tail(&self, x: &[L::Elem], at: usize) -> L {
-        L::load_partial(&x[at..], self.p)
-    }
-    #[inline(always)]
-    fn step(self, v: L) -> Self {
-        PivotedSum {
-            sum: self.sum.add(v.sub(self.pv)),
-            ..self
-        }
-    }
-    #[inline(always)]
-    fn merge(self, o: Self) -> Self {
-        PivotedSum {
-            sum: self.sum.add(o.sum),
-            ..self
-        }
-    }
-    #[inline(always)]
-    fn empty(&self) -> Self {
-        Self::around(self.p)
-    }
-    #[inline(always)]
-    fn sums(&self) -> [f64; 2] {
-        [self.sum.sum().to_f64(), 0.0]
-    }
-}
-
-/// `Σ (x - k)` and `Σ (x - k)²`; padding lanes hold `k`.
-#[derive(Clone, Copy)]
-pub(crate) struct ShiftedSums<L: Lanes> {
-    pub k: L::Elem,
-    kv: L,
+pub(crate) struct Centred<L: Lanes, const SQUARES: bool> {
+    pub centre: L::Elem,
+    cv: L,
     s1: L,
     s2: L,
 }
 
-impl<L: Lanes> ShiftedSums<L> {
+/// `Σ (x - p)` around a pivot `p`.
+pub(crate) type PivotedSum<L> = Centred<L, false>;
+/// `Σ (x - k)` and `Σ (x - k)²` around `k`.
+pub(crate) type ShiftedSums<L> = Centred<L, true>;
+
+impl<L: Lanes, const SQUARES: bool> Centred<L, SQUARES> {
+    /// No sums yet, around `centre`.
     #[inline(always)]
-    pub fn around(k: L::Elem) -> Self {
+    pub fn around(centre: L::Elem) -> Self {
         let zero = L::splat(L::Elem::ZERO);
-        ShiftedSums {
-            k,
-            kv: L::splat(k),
+        Centred {
+            centre,
+            cv: L::splat(centre),
             s1: zero,
             s2: zero,
         }
     }
 }
 
-impl<L: Lanes> Reduce<L> for ShiftedSums<L> {
+impl<L: Lanes, const SQUARES: bool> Reduce<L> for Centred<L, SQUARES> {
     type Piece<'a> = &'a [L::Elem];
     type V = L;
     #[inline(always)]
@@ -186,32 +140,37 @@ impl<L: Lanes> Reduce<L> for ShiftedSums<L> {
     }
     #[inline(always)]
     fn load_tail(&self, x: &[L::Elem], at: usize) -> L {
-        L::load_partial(&x[at..], self.k)
+        L::load_partial(&x[at..], self.centre)
     }
     #[inline(always)]
     fn step(self, v: L) -> Self {
-        let d = v.sub(self.kv);
-        ShiftedSums {
+        let d = v.sub(self.cv);
+        Centred {
             s1: self.s1.add(d),
-            s2: d.mul_add(d, self.s2),
+            s2: if SQUARES {
+                d.mul_add(d, self.s2)
+            } else {
+                self.s2
+            },
             ..self
         }
     }
     #[inline(always)]
     fn merge(self, o: Self) -> Self {
-        ShiftedSums {
+        Centred {
             s1: self.s1.add(o.s1),
-            s2: self.s2.add(o.s2),
+            s2: if SQUARES { self.s2.add(o.s2) } else { self.s2 },
             ..self
         }
     }
     #[inline(always)]
     fn empty(&self) -> Self {
-        Self::around(self.k)
+        Self::around(self.centre)
     }
     #[inline(always)]
     fn sums(&self) -> [f64; 2] {
-        [self.s1.sum().to_f64(), self.s2.sum().to_f64()]
+        let s2 = if SQUARES { self.s2.sum().to_f64() } else { 0.0 };
+        [self.s1.sum().to_f64(), s2]
     }
 }
 
@@ -263,19 +222,16 @@ pub(crate) fn runs_per_block<L: Lanes, const K: usize>(len: usize, block: usize)
     (block / len.max(1)).min(MAX_CHAIN / per_accumulator).max(1)
 }
 
-/// `Σ (x - p)` in lanes.
+/// `Σ (x - p)`, summed in lanes.
 #[inline(always)]
-fn pivoted_sum<L: Lanes>(x: &[L::Elem], p: L::Elem) -> L::Elem {
-    fold_pieces::<L, _, ACCUMULATORS>(1, &|_| x, PivotedSum::around(p))
-        .sum
-        .sum()
+fn pivoted_sum<L: Lanes>(x: &[L::Elem], p: L::Elem) -> f64 {
+    fold_pieces::<L, _, ACCUMULATORS>(1, &|_| x, PivotedSum::around(p)).sums()[0]
 }
 
-/// `(Σ (x - k), Σ (x - k)²)` in lanes.
+/// `[Σ (x - k), Σ (x - k)²]`, summed in lanes.
 #[inline(always)]
-fn shifted_sums<L: Lanes>(x: &[L::Elem], k: L::Elem) -> (L::Elem, L::Elem) {
-    let r = fold_pieces::<L, _, ACCUMULATORS>(1, &|_| x, ShiftedSums::around(k));
-    (r.s1.sum(), r.s2.sum())
+fn shifted_sums<L: Lanes>(x: &[L::Elem], k: L::Elem) -> [f64; 2] {
+    fold_pieces::<L, _, ACCUMULATORS>(1, &|_| x, ShiftedSums::around(k)).sums()
 }
 
 /// The moments of a block made of `count` pieces, piece `i` being `piece(i)` (together they
@@ -297,9 +253,8 @@ fn block<'a, L: Lanes>(count: usize, piece: impl Fn(usize) -> &'a [L::Elem]) -> 
         return Moments::EMPTY;
     };
     let sum = fold_pieces::<L, _, ACCUMULATORS>(count, &piece, PivotedSum::around(p));
-    let k = L::Elem::from_f64(p.to_f64() + sum.sum.sum().to_f64() / n as f64);
-    let r = fold_pieces::<L, _, ACCUMULATORS>(count, &piece, ShiftedSums::around(k));
-    let (s1, s2) = (r.s1.sum().to_f64(), r.s2.sum().to_f64());
+    let k = L::Elem::from_f64(p.to_f64() + sum.sums()[0] / n as f64);
+    let [s1, s2] = fold_pieces::<L, _, ACCUMULATORS>(count, &piece, ShiftedSums::around(k)).sums();
     if tiny_squares::<L::Elem>(n, s1, s2) {
         return block_f64(count, piece);
     }
@@ -322,13 +277,12 @@ pub(crate) fn moments_each<L: Lanes>(x: &[L::Elem], s: usize, out: &mut [Moments
     // First read: each run's rounded mean `k`, kept in `mean` until the second read.
     for (o, run) in out.iter_mut().zip(x.chunks_exact(s)) {
         let p = run[0];
-        let k = p.to_f64() + pivoted_sum::<L>(run, p).to_f64() * inv;
+        let k = p.to_f64() + pivoted_sum::<L>(run, p) * inv;
         o.mean = L::Elem::from_f64(k).to_f64();
     }
     for (o, run) in out.iter_mut().zip(x.chunks_exact(s)) {
         let k = o.mean;
-        let (a, b) = shifted_sums::<L>(run, L::Elem::from_f64(k));
-        let (a, b) = (a.to_f64(), b.to_f64());
+        let [a, b] = shifted_sums::<L>(run, L::Elem::from_f64(k));
         *o = if tiny_squares::<L::Elem>(s, a, b) {
             block_f64(1, |_| run)
         } else {
