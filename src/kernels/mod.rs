@@ -528,6 +528,8 @@ macro_rules! impl_kernels {
         }
     };
 }
+// The x86 instruction sets use it from their module; elsewhere only `Lanewise` below does.
+#[cfg(target_arch = "x86_64")]
 pub(crate) use impl_kernels;
 
 impl_kernels!(impl[L: Lanes] Kernels<L::Elem> for Lanewise<L>, lanes L, entry #[inline(always)]);
