@@ -85,8 +85,14 @@ pub trait Element:
     const ZERO: Self;
     /// Below this mean square (`Σ d² / n`), squared deviations computed in this type are
     /// subnormal and lose their precision: the smallest normal over the precision, `2^-103`
-    /// for `f32`. The statistics redo such blocks in `f64` ([`tiny_squares`]).
+    /// for `f32`. The statistics redo such blocks in `f64`, or with the deviations scaled by
+    /// [`TINY_SCALE`](Self::TINY_SCALE) ([`tiny_squares`]). 0 for `f64`, which has no wider
+    /// type to redo them in.
     const TINY_SQUARE: f64;
+    /// A power of two that lifts the smallest deviation's square into the normal range and
+    /// keeps the squares of a block below [`TINY_SQUARE`](Self::TINY_SQUARE) finite: `2^86`
+    /// for `f32` (`(2^-149 * 2^86)² = 2^-126`).
+    const TINY_SCALE: f64;
     /// Widens to `f64` (exact).
     fn to_f64(self) -> f64;
     /// Rounds an `f64` to the nearest value of this type.
@@ -96,6 +102,7 @@ pub trait Element:
 impl Element for f32 {
     const ZERO: f32 = 0.0;
     const TINY_SQUARE: f64 = (f32::MIN_POSITIVE / f32::EPSILON) as f64;
+    const TINY_SCALE: f64 = (1u128 << 86) as f64;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self as f64
@@ -108,7 +115,8 @@ impl Element for f32 {
 
 impl Element for f64 {
     const ZERO: f64 = 0.0;
-    const TINY_SQUARE: f64 = f64::MIN_POSITIVE / f64::EPSILON;
+    const TINY_SQUARE: f64 = 0.0;
+    const TINY_SCALE: f64 = 1.0;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self

@@ -302,7 +302,9 @@ pub(crate) fn block_f64<'a, T: Element>(count: usize, piece: impl Fn(usize) -> &
     // A constant block (zeros, say) also has sums of 0: no need to read it twice more.
     let first = (0..count).find_map(|i| piece(i).first().copied());
     if let Some(v) = first.filter(|v| v.to_f64().is_finite()) {
-        if (0..count).all(|i| piece(i).iter().all(|&x| x == v)) {
+        // Without an early exit, so that the comparison is vectorized.
+        let same = |p: &[T]| p.iter().fold(true, |all, &x| all & (x == v));
+        if (0..count).all(|i| same(piece(i))) {
             let n = (0..count).map(|i| piece(i).len()).sum::<usize>();
             return Moments::from_shifted_sums(n as u64, v.to_f64(), 0.0, 0.0);
         }
@@ -539,14 +541,31 @@ fn tile_sums<L: Lanes, const K: usize>(
     width: usize,
     centers: &[L; K],
 ) -> ([L; K], [L; K]) {
+    tile_sums_scaled::<L, K, false>(x, c, rows, c0, width, centers)
+}
+
+/// [`tile_sums`] with the deviations multiplied by [`Element::TINY_SCALE`] when `SCALED`
+/// (exact: a power of two), for the channels whose squares fell below the element type's
+/// normal range; a constant channel gives 0, any other a positive sum.
+#[inline(always)]
+fn tile_sums_scaled<L: Lanes, const K: usize, const SCALED: bool>(
+    x: &[L::Elem],
+    c: usize,
+    rows: Range<usize>,
+    c0: usize,
+    width: usize,
+    centers: &[L; K],
+) -> ([L; K], [L; K]) {
     let w = L::WIDTH;
     let left = |j: usize| width - (j * w).min(width);
     let zero = L::splat(L::Elem::ZERO);
+    let scale = L::splat(L::Elem::from_f64(L::Elem::TINY_SCALE));
     let (mut s1, mut s2) = ([zero; K], [zero; K]);
     for r in rows {
         for j in 0..K {
             let v = load_upto::<L>(x, r * c + c0 + j * w, left(j));
             let d = v.sub(centers[j]);
+            let d = if SCALED { d.mul(scale) } else { d };
             s1[j] = s1[j].add(d);
             s2[j] = d.mul_add(d, s2[j]);
         }
@@ -602,18 +621,40 @@ fn tile<L: Lanes, const K: usize>(
     let (s1, s2) = tile_sums::<L, K>(x, c, rows.clone(), c0, width, &means);
     let nb = nb as f64;
     let e = L::Elem::ZERO;
+    let (mut k, mut a, mut b) = ([e; MAX_WIDTH], [e; MAX_WIDTH], [e; MAX_WIDTH]);
     for j in 0..K {
-        let (mut k, mut a, mut b) = ([e; MAX_WIDTH], [e; MAX_WIDTH], [e; MAX_WIDTH]);
-        means[j].store(&mut k);
-        s1[j].store(&mut a);
-        s2[j].store(&mut b);
+        means[j].store(&mut k[j * w..]);
+        s1[j].store(&mut a[j * w..]);
+        s2[j].store(&mut b[j * w..]);
+    }
+    // Squares below the element type's normal range (constant channels included: their sums
+    // are 0): a third read, vectorized, with the deviations scaled up by a power of two.
+    let tiny = |i: usize| {
+        let (a, b) = (a[i].to_f64(), b[i].to_f64());
+        a.is_finite() && b.is_finite() && tiny_squares::<L::Elem>(rows.len(), a, b)
+    };
+    let (mut sa, mut sb) = ([e; MAX_WIDTH], [e; MAX_WIDTH]);
+    if (0..width).any(tiny) {
+        let (s1, s2) = tile_sums_scaled::<L, K, true>(x, c, rows.clone(), c0, width, &means);
+        for j in 0..K {
+            s1[j].store(&mut sa[j * w..]);
+            s2[j].store(&mut sb[j * w..]);
+        }
+    }
+    let unscale = 1.0 / L::Elem::TINY_SCALE;
+    for j in 0..K {
         let lanes = w.min(left(j));
         let chans = &mut acc[j * w..][..lanes];
         for (i, ps) in chans.iter_mut().enumerate() {
-            let (mut k, mut a, mut b) = (k[i].to_f64(), a[i].to_f64(), b[i].to_f64());
-            if tiny_squares::<L::Elem>(rows.len(), a, b) {
-                // Sums beyond the element type's range, or squares below it: this channel's
-                // block again in f64.
+            let at = j * w + i;
+            let (mut k, mut a, mut b) = (k[at].to_f64(), a[at].to_f64(), b[at].to_f64());
+            if tiny(at) {
+                (a, b) = (
+                    sa[at].to_f64() * unscale,
+                    sb[at].to_f64() * unscale * unscale,
+                );
+            } else if tiny_squares::<L::Elem>(rows.len(), a, b) {
+                // Sums beyond the element type's range: this channel's block again in f64.
                 let ch = c0 + j * w + i;
                 let column = |r: usize| &x[r * c + ch..r * c + ch + 1];
                 let m = block_f64(rows.len(), |r| column(rows.start + r));
