@@ -508,7 +508,7 @@ fn tile_one_pass<L: Lanes, const K: usize>(
         *m = L::Elem::from_f64(ps.p + ps.s1 / seen as f64);
     }
     let pivots = load_tile::<L, K>(&means, 0, width);
-    let (s1, s2) = tile_sums::<L, K>(x, c, rows.clone(), c0, width, &pivots);
+    let (s1, s2) = tile_sums::<L, K, false>(x, c, rows.clone(), c0, width, &pivots);
     let nb = rows.len() as f64;
     let (mut a, mut b) = ([e; MAX_WIDTH], [e; MAX_WIDTH]);
     for j in 0..K {
@@ -531,24 +531,12 @@ fn tile_one_pass<L: Lanes, const K: usize>(
 }
 
 /// `Σ (x - k)` and `Σ (x - k)²` over rows `rows` of the channels `c0 .. c0 + width`, `k`
-/// being `centers` (vector `j` for the channels from `c0 + j * WIDTH`).
+/// being `centers` (vector `j` for the channels from `c0 + j * WIDTH`); with `SCALED`, the
+/// deviations multiplied by [`Element::TINY_SCALE`] (exact: a power of two), for the channels
+/// whose squares fell below the element type's normal range (a constant channel gives 0, any
+/// other a positive sum).
 #[inline(always)]
-fn tile_sums<L: Lanes, const K: usize>(
-    x: &[L::Elem],
-    c: usize,
-    rows: Range<usize>,
-    c0: usize,
-    width: usize,
-    centers: &[L; K],
-) -> ([L; K], [L; K]) {
-    tile_sums_scaled::<L, K, false>(x, c, rows, c0, width, centers)
-}
-
-/// [`tile_sums`] with the deviations multiplied by [`Element::TINY_SCALE`] when `SCALED`
-/// (exact: a power of two), for the channels whose squares fell below the element type's
-/// normal range; a constant channel gives 0, any other a positive sum.
-#[inline(always)]
-fn tile_sums_scaled<L: Lanes, const K: usize, const SCALED: bool>(
+fn tile_sums<L: Lanes, const K: usize, const SCALED: bool>(
     x: &[L::Elem],
     c: usize,
     rows: Range<usize>,
@@ -618,7 +606,7 @@ fn tile<L: Lanes, const K: usize>(
         means[j] = sums[j].mul_add(inv, pivots[j]);
     }
     // Second read, from cache: sums around the block mean.
-    let (s1, s2) = tile_sums::<L, K>(x, c, rows.clone(), c0, width, &means);
+    let (s1, s2) = tile_sums::<L, K, false>(x, c, rows.clone(), c0, width, &means);
     let nb = nb as f64;
     let e = L::Elem::ZERO;
     let (mut k, mut a, mut b) = ([e; MAX_WIDTH], [e; MAX_WIDTH], [e; MAX_WIDTH]);
@@ -635,7 +623,7 @@ fn tile<L: Lanes, const K: usize>(
     };
     let (mut sa, mut sb) = ([e; MAX_WIDTH], [e; MAX_WIDTH]);
     if (0..width).any(tiny) {
-        let (s1, s2) = tile_sums_scaled::<L, K, true>(x, c, rows.clone(), c0, width, &means);
+        let (s1, s2) = tile_sums::<L, K, true>(x, c, rows.clone(), c0, width, &means);
         for j in 0..K {
             s1[j].store(&mut sa[j * w..]);
             s2[j].store(&mut sb[j * w..]);
