@@ -391,11 +391,14 @@ pub(crate) fn backward_runs<L: Lanes>(
 ) {
     let runs = g.dx.len().checked_div(s).unwrap_or(0);
     backward_group::<L>(g, 0, s, runs, params);
+    if g.stream {
+        super::store_fence();
+    }
 }
 
 /// `dx` for the `count` consecutive runs of `s` values of `g` from `start`, run `j` with
 /// `params(j)` (called once per run, in order): [`map_runs`] when runs are at least a vector
-/// long.
+/// long. The caller fences streaming stores ([`super::store_fence`]) once it is done.
 #[inline(always)]
 pub(crate) fn backward_group<L: Lanes>(
     g: &mut Grad<'_, L::Elem>,
@@ -406,9 +409,6 @@ pub(crate) fn backward_group<L: Lanes>(
 ) {
     if s >= L::WIDTH {
         map_runs::<L, _, _>(g, start, s, count, |j| BackLanes::<L>::splat(params(j)));
-        if g.stream {
-            super::store_fence();
-        }
         return;
     }
     for j in 0..count {

@@ -226,4 +226,7 @@ pub(crate) fn backward_channels<L: Lanes>(
             backward_group::<L>(span(spans, i), at * s, s, p.len(), |j| p[j]);
         }
     }
+    if spans.iter().any(|g| g.as_ref().is_some_and(|g| g.stream)) {
+        super::store_fence();
+    }
 }
