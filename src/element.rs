@@ -1,24 +1,23 @@
-//! The element types the kernels run on.
+//! The types of tensors ([`Data`]) and of parameters and arithmetic ([`Element`]).
 
+use crate::kernels::lanes::{Lanes, Stored};
+use crate::kernels::simd::Simd;
+use half::{bf16, f16};
 use std::fmt::Debug;
 use std::ops::{Add, Mul, Sub};
 
 mod private {
-    use crate::kernels::lanes::Lanes;
+    /// Seals [`Data`](super::Data) and [`Element`](super::Element): the kernels rely on IEEE
+    /// semantics and on the lane types each type names.
+    pub trait Sealed {}
 
-    /// Seals [`Element`](super::Element) and names each type's SIMD lanes, where no user can
-    /// reach them: a lane type of an instruction set this CPU lacks must not be constructible
-    /// from safe code.
-    pub trait Sealed: Sized {
-        /// `wide`'s portable vector (`f32x8`, `f64x4`).
-        type Wide: Lanes<Elem = Self>;
-        /// AVX2 + FMA vector of 256 bits.
-        #[cfg(target_arch = "x86_64")]
-        type Avx2: Lanes<Elem = Self>;
-        /// AVX-512F vector of 512 bits.
-        #[cfg(target_arch = "x86_64")]
-        type Avx512: Lanes<Elem = Self>;
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
 
+    /// Per-thread scratch storage of parameter arrays.
+    pub trait Scratch: Sized {
         /// Runs `f` on this thread's scratch vector of this type (a fresh one if it is
         /// already in use further up the stack).
         fn with_scratch<R>(f: impl FnOnce(&mut Vec<Self>) -> R) -> R;
@@ -41,45 +40,53 @@ mod private {
         r
     }
 
-    impl Sealed for f32 {
-        type Wide = wide::f32x8;
-        #[cfg(target_arch = "x86_64")]
-        type Avx2 = crate::kernels::x86::avx2::F32x8;
-        #[cfg(target_arch = "x86_64")]
-        type Avx512 = crate::kernels::x86::avx512::F32x16;
+    impl Scratch for f32 {
         fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
             borrow(&SCRATCH_F32, f)
         }
     }
 
-    impl Sealed for f64 {
-        type Wide = wide::f64x4;
-        #[cfg(target_arch = "x86_64")]
-        type Avx2 = crate::kernels::x86::avx2::F64x4;
-        #[cfg(target_arch = "x86_64")]
-        type Avx512 = crate::kernels::x86::avx512::F64x8;
+    impl Scratch for f64 {
         fn with_scratch<R>(f: impl FnOnce(&mut Vec<f64>) -> R) -> R {
             borrow(&SCRATCH_F64, f)
         }
     }
 }
 
-/// A floating-point element type: `f32` and `f64` now (half types, computed in `f32`, later).
+/// A tensor element type: `f32` and `f64` compute in themselves; [`half::f16`] and
+/// [`half::bf16`] are stored as 16 bits and computed in `f32` (their [`Param`](Self::Param)),
+/// converted in registers on load and rounded once, to nearest even, on store.
 ///
-/// Sealed: the kernels rely on IEEE semantics and on the lane types named here.
+/// Sealed: the kernels rely on IEEE semantics and on the lanes each type names.
+pub trait Data:
+    Copy + Default + Debug + PartialEq + Send + Sync + 'static + private::Sealed
+{
+    /// The type of the parameters, statistics and gradients of a layer over this data, and
+    /// of the arithmetic on it.
+    type Param: Element;
+    /// The lanes that carry this type on the instruction set `S`: arithmetic in
+    /// [`Param`](Self::Param), memory in `Self`.
+    #[doc(hidden)]
+    type Lanes<S: Simd>: Lanes<Elem = Self::Param, Mem = Self>;
+    /// Widens to [`Param`](Self::Param) (exact).
+    fn to_param(self) -> Self::Param;
+    /// Rounds a [`Param`](Self::Param) to the nearest value of this type (ties to even).
+    fn from_param(v: Self::Param) -> Self;
+    /// Widens to `f64` (exact).
+    fn to_f64(self) -> f64;
+    /// Rounds an `f64` to the nearest value of this type (ties to even), in one rounding.
+    fn from_f64(v: f64) -> Self;
+}
+
+/// A floating-point type that arithmetic, parameters and statistics use: `f32` and `f64`. Each
+/// is also a [`Data`] type, its own [`Param`](Data::Param).
 pub trait Element:
-    Copy
-    + Default
-    + Debug
-    + PartialEq
+    Data<Param = Self>
     + PartialOrd
-    + Send
-    + Sync
     + Add<Output = Self>
     + Sub<Output = Self>
     + Mul<Output = Self>
-    + 'static
-    + private::Sealed
+    + private::Scratch
 {
     /// Zero.
     const ZERO: Self;
@@ -93,39 +100,94 @@ pub trait Element:
     /// keeps the squares of a block below [`TINY_SQUARE`](Self::TINY_SQUARE) finite: `2^86`
     /// for `f32` (`(2^-149 * 2^86)² = 2^-126`).
     const TINY_SCALE: f64;
-    /// Widens to `f64` (exact).
-    fn to_f64(self) -> f64;
-    /// Rounds an `f64` to the nearest value of this type.
-    fn from_f64(v: f64) -> Self;
 }
+
+/// `Data` for a type that is its own parameter type.
+macro_rules! element_data {
+    ($t:ty, $family:ident) => {
+        impl Data for $t {
+            type Param = $t;
+            type Lanes<S: Simd> = S::$family;
+            #[inline(always)]
+            fn to_param(self) -> $t {
+                self
+            }
+            #[inline(always)]
+            fn from_param(v: $t) -> $t {
+                v
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn from_f64(v: f64) -> $t {
+                v as $t
+            }
+        }
+    };
+}
+
+element_data!(f32, F32);
+element_data!(f64, F64);
 
 impl Element for f32 {
     const ZERO: f32 = 0.0;
     const TINY_SQUARE: f64 = (f32::MIN_POSITIVE / f32::EPSILON) as f64;
     const TINY_SCALE: f64 = (1u128 << 86) as f64;
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn from_f64(v: f64) -> f32 {
-        v as f32
-    }
 }
 
 impl Element for f64 {
     const ZERO: f64 = 0.0;
     const TINY_SQUARE: f64 = 0.0;
     const TINY_SCALE: f64 = 1.0;
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn from_f64(v: f64) -> f64 {
-        v
-    }
 }
+
+/// `v` rounded to the nearest value (ties to even) of a binary format with `mantissa` stored
+/// bits and smallest normal exponent `min_exp`, as an `f64` (beyond the format's largest
+/// finite value it is still finite; the caller's conversion makes it infinite): the quantum
+/// of `v`'s binade, `q`, is a power of two, so `v / q`, its rounding to an integer and the
+/// product are all exact. (`half`'s own `from_f64` drops the lower 32 bits of the `f64` before
+/// rounding, which misrounds values just above a tie.)
+fn round_to_format(v: f64, mantissa: i32, min_exp: i32) -> f64 {
+    if !v.is_finite() || v == 0.0 {
+        return v;
+    }
+    let exp = ((v.to_bits() >> 52) & 0x7ff) as i32 - 1023;
+    let q = 2f64.powi(exp.max(min_exp) - mantissa);
+    (v / q).round_ties_even() * q
+}
+
+/// `Data` for a 16-bit type computed in `f32`, converted by the `half` crate outside the
+/// vector kernels; `$mantissa` stored bits, smallest normal exponent `$min_exp`.
+macro_rules! half_data {
+    ($t:ty, $mantissa:expr, $min_exp:expr) => {
+        impl Data for $t {
+            type Param = f32;
+            type Lanes<S: Simd> = Stored<S::F32, $t>;
+            #[inline(always)]
+            fn to_param(self) -> f32 {
+                self.to_f32()
+            }
+            #[inline(always)]
+            fn from_param(v: f32) -> $t {
+                <$t>::from_f32(v)
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                <$t>::to_f64(self)
+            }
+            #[inline(always)]
+            fn from_f64(v: f64) -> $t {
+                // Exact once rounded (or beyond the largest value: infinity).
+                <$t>::from_f64(round_to_format(v, $mantissa, $min_exp))
+            }
+        }
+    };
+}
+
+half_data!(f16, 10, -14);
+half_data!(bf16, 7, -126);
 
 /// Whether shifted sums `s1`, `s2` of `n` values of type `T` need redoing in `f64`: not finite
 /// (squares beyond `T`'s range, or a non-finite input, which stays non-finite), or a mean

@@ -12,12 +12,16 @@
 //! split by blocks of columns or by spans of rows ([`row_pieces`]), their maps by spans of
 //! rows. Where streaming stores pay is decided here too ([`Plan::streams`]).
 
-use crate::element::Element;
-use crate::kernels::backward::{fill_back, BackAffine, GradSums};
-use crate::kernels::buffers::{Buffers, Grad, Span};
-use crate::kernels::normalize::{fill_affine, Affine, ChannelAffine};
-use crate::kernels::stats::PivotSums;
-use crate::kernels::{channels, dispatch, Isa, Job, Kernels};
+use crate::element::Data;
+use crate::kernels::backward::{
+    fill_back, BackAffine, BackwardRows, BackwardRuns, GradSums, GradSumsRows, GradSumsRuns,
+};
+use crate::kernels::buffers::{Buffers, Grad, Param, Span};
+use crate::kernels::channels::{self, BackwardChannels, TrainChannels};
+use crate::kernels::normalize::{fill_affine, Affine, ChannelAffine, NormalizeRows, NormalizeRuns};
+use crate::kernels::simd::{Simd, WithSimd};
+use crate::kernels::stats::{MomentsRows, MomentsRuns, PivotSums};
+use crate::kernels::{dispatch, Isa};
 use crate::moments::Moments;
 use crate::parallel::{self, Par};
 use crate::shape::{Layout, Shape};
@@ -34,7 +38,7 @@ enum Plan {
 
 impl Plan {
     /// Channels per task of the fused NCHW paths of training and backward
-    /// ([`Kernels::train_channels`]): as many as keep a group's data within half of L2 (so
+    /// ([`channels::train_channels`]): as many as keep a group's data within half of L2 (so
     /// that the map after the reduction reads it from there) and leave four groups a thread,
     /// at most [`channels::GROUP`].
     fn group<T>(self, par: Par) -> usize {
@@ -71,7 +75,7 @@ impl Plan {
 
     /// The instruction set of a normalization over `buf` with this plan (see
     /// [`Isa::for_rows`]).
-    fn isa<T: Element, B: Buffers<T>>(self, buf: &B) -> Isa {
+    fn isa<B: Buffers>(self, buf: &B) -> Isa {
         match self {
             Plan::Runs { .. } => Isa::current(),
             Plan::Rows { .. } => Isa::for_rows(&[buf.input(), buf.output()]),
@@ -93,7 +97,7 @@ impl Plan {
 }
 
 /// Per-channel moments of `x` (already validated against `shape`).
-pub(crate) fn moments<T: Element>(x: &[T], shape: Shape, layout: Layout) -> Vec<Moments> {
+pub(crate) fn moments<D: Data>(x: &[D], shape: Shape, layout: Layout) -> Vec<Moments> {
     let (plan, par) = (
         Plan::of(shape, layout),
         Par::for_work(x.len(), shape.c, parallel::REDUCE),
@@ -103,18 +107,17 @@ pub(crate) fn moments<T: Element>(x: &[T], shape: Shape, layout: Layout) -> Vec<
 
 /// Training's forward pass over `buf`: per-channel moments, then every channel normalized with
 /// `finish(channel, moments)`. Returns the moments.
-pub(crate) fn train<T, B, F>(buf: B, shape: Shape, layout: Layout, finish: F) -> Vec<Moments>
+pub(crate) fn train<B, F>(buf: B, shape: Shape, layout: Layout, finish: F) -> Vec<Moments>
 where
-    T: Element,
-    B: Buffers<T>,
-    F: Fn(usize, &Moments) -> Affine<T> + Sync,
+    B: Buffers,
+    F: Fn(usize, &Moments) -> Affine<Param<B>> + Sync,
 {
     let (plan, par) = (
         Plan::of(shape, layout),
         Par::for_work(buf.len(), shape.c, parallel::REDUCE_MAP),
     );
     let mut buf = buf;
-    buf.set_streaming(plan.streams::<T>(2 * buf.len()));
+    buf.set_streaming(plan.streams::<B::Data>(2 * buf.len()));
     dispatch(
         plan.isa(&buf),
         TrainJob {
@@ -127,18 +130,18 @@ where
 }
 
 /// Normalizes every channel `c` of `buf` with `p.get(c)`.
-pub(crate) fn apply<T: Element, B: Buffers<T>>(
+pub(crate) fn apply<B: Buffers>(
     buf: B,
     shape: Shape,
     layout: Layout,
-    p: &ChannelAffine<'_, T>,
+    p: &ChannelAffine<'_, Param<B>>,
 ) {
     let (plan, par) = (
         Plan::of(shape, layout),
         Par::for_work(buf.len(), shape.c, parallel::MAP),
     );
     let mut buf = buf;
-    buf.set_streaming(plan.streams::<T>(2 * buf.len()));
+    buf.set_streaming(plan.streams::<B::Data>(2 * buf.len()));
     dispatch(plan.isa(&buf), ApplyJob { buf, plan, par, p })
 }
 
@@ -148,9 +151,9 @@ struct StatsJob<'a, T> {
     par: Par,
 }
 
-impl<T: Element> Job<T> for StatsJob<'_, T> {
+impl<D: Data> WithSimd for StatsJob<'_, D> {
     type Output = Vec<Moments>;
-    fn run<K: Kernels<T>>(self, k: K) -> Vec<Moments> {
+    fn with_simd<S: Simd>(self, k: S) -> Vec<Moments> {
         match self.plan {
             Plan::Runs { n, c, s } => stats_runs(k, self.x, n, c, s, self.par),
             Plan::Rows { rows, c } => stats_rows(k, self.x, rows, c, self.par),
@@ -165,14 +168,13 @@ struct TrainJob<B, F> {
     finish: F,
 }
 
-impl<T, B, F> Job<T> for TrainJob<B, F>
+impl<B, F> WithSimd for TrainJob<B, F>
 where
-    T: Element,
-    B: Buffers<T>,
-    F: Fn(usize, &Moments) -> Affine<T> + Sync,
+    B: Buffers,
+    F: Fn(usize, &Moments) -> Affine<Param<B>> + Sync,
 {
     type Output = Vec<Moments>;
-    fn run<K: Kernels<T>>(self, k: K) -> Vec<Moments> {
+    fn with_simd<S: Simd>(self, k: S) -> Vec<Moments> {
         let TrainJob {
             buf,
             plan,
@@ -180,9 +182,15 @@ where
             finish,
         } = self;
         if let Some((n, c, s)) = plan.fused(par) {
-            let group = plan.group::<T>(par);
+            let group = plan.group::<B::Data>(par);
             return for_each_channel_group(buf, (n, c, s), group, par, |first, spans, out| {
-                k.train_channels(spans, s, first, &finish, out)
+                k.vectorize(TrainChannels {
+                    spans,
+                    s,
+                    first,
+                    finish: &finish,
+                    out,
+                })
             });
         }
         let moments = match plan {
@@ -203,9 +211,9 @@ struct ApplyJob<'p, 'a, B, T> {
     p: &'p ChannelAffine<'a, T>,
 }
 
-impl<T: Element, B: Buffers<T>> Job<T> for ApplyJob<'_, '_, B, T> {
+impl<B: Buffers> WithSimd for ApplyJob<'_, '_, B, Param<B>> {
     type Output = ();
-    fn run<K: Kernels<T>>(self, k: K) {
+    fn with_simd<S: Simd>(self, k: S) {
         apply_plan(k, self.buf, self.plan, self.par, self.p)
     }
 }
@@ -275,9 +283,9 @@ impl Pieces {
 }
 
 /// Moments of the channels of NCHW runs, pieces of channels in parallel.
-fn stats_runs<T: Element, K: Kernels<T>>(
-    k: K,
-    x: &[T],
+fn stats_runs<D: Data, S: Simd>(
+    k: S,
+    x: &[D],
     n: usize,
     c: usize,
     s: usize,
@@ -287,8 +295,10 @@ fn stats_runs<T: Element, K: Kernels<T>>(
         c,
         par,
         |ch, runs, cols| {
-            k.moments_runs(runs.len(), cols.len(), |i| {
-                &x[((runs.start + i) * c + ch) * s + cols.start..][..cols.len()]
+            k.vectorize(MomentsRuns {
+                count: runs.len(),
+                len: cols.len(),
+                run: |i| &x[((runs.start + i) * c + ch) * s + cols.start..][..cols.len()],
             })
         },
         Moments::merge,
@@ -296,19 +306,21 @@ fn stats_runs<T: Element, K: Kernels<T>>(
 }
 
 /// Moments of the channels of `rows` rows of `c`.
-fn stats_rows<T: Element, K: Kernels<T>>(
-    k: K,
-    x: &[T],
-    rows: usize,
-    c: usize,
-    par: Par,
-) -> Vec<Moments> {
+fn stats_rows<D: Data, S: Simd>(k: S, x: &[D], rows: usize, c: usize, par: Par) -> Vec<Moments> {
     row_pieces(
         rows,
         c,
         std::mem::size_of_val(x),
         par,
-        |r, cols, acc: &mut [PivotSums]| k.moments_rows(x, c, r, cols, acc),
+        |rows, cols, acc: &mut [PivotSums]| {
+            k.vectorize(MomentsRows {
+                x,
+                c,
+                rows,
+                cols,
+                acc,
+            })
+        },
         |acc, rows| acc.moments(rows),
         Moments::merge,
     )
@@ -425,24 +437,32 @@ fn channel_cycle<A>(first: usize, c: usize, get: impl Fn(usize) -> A) -> impl Fn
 }
 
 /// Normalizes every channel of `buf` with `p`, in spans of whole runs or rows.
-fn apply_plan<T: Element, K: Kernels<T>, B: Buffers<T>>(
-    k: K,
+fn apply_plan<S: Simd, B: Buffers>(
+    k: S,
     buf: B,
     plan: Plan,
     par: Par,
-    p: &ChannelAffine<'_, T>,
+    p: &ChannelAffine<'_, Param<B>>,
 ) {
     let len = buf.len();
     match plan {
         Plan::Runs { c, s, .. } => {
             parallel::for_each_span(buf, s, par.grain(len, s), 0, &|first, span| {
                 let mut span = span;
-                k.normalize_runs(&mut span, s, channel_cycle(first, c, |ch| p.get(ch)))
+                k.vectorize(NormalizeRuns {
+                    buf: &mut span,
+                    s,
+                    affine: channel_cycle(first, c, |ch| p.get(ch)),
+                })
             })
         }
         Plan::Rows { c, .. } => {
             parallel::for_each_span(buf, c, par.grain(len, c), 0, &|_, mut span| {
-                k.normalize_rows(&mut span, c, p)
+                k.vectorize(NormalizeRows {
+                    buf: &mut span,
+                    c,
+                    p,
+                })
             })
         }
     }
@@ -450,23 +470,23 @@ fn apply_plan<T: Element, K: Kernels<T>, B: Buffers<T>>(
 
 /// The backward pass over `g`: per-channel sums of `dy` and `dy * (x - centers[c])`, then `dx`
 /// with `finish(channel, sums)`. Returns the sums.
-pub(crate) fn backward<T, F>(
-    g: Grad<'_, T>,
+pub(crate) fn backward<D, F>(
+    g: Grad<'_, D>,
     shape: Shape,
     layout: Layout,
-    centers: &[T],
+    centers: &[D::Param],
     finish: F,
 ) -> Vec<GradSums>
 where
-    T: Element,
-    F: Fn(usize, GradSums) -> BackAffine<T> + Sync,
+    D: Data,
+    F: Fn(usize, GradSums) -> BackAffine<D::Param> + Sync,
 {
     let (plan, par) = (
         Plan::of(shape, layout),
         Par::for_work(g.len(), shape.c, parallel::REDUCE_MAP),
     );
     let mut g = g;
-    g.stream = plan.streams::<T>(3 * g.len());
+    g.stream = plan.streams::<D>(3 * g.len());
     dispatch(
         Isa::current(),
         BackwardJob {
@@ -479,21 +499,21 @@ where
     )
 }
 
-struct BackwardJob<'a, 'c, T, F> {
-    g: Grad<'a, T>,
+struct BackwardJob<'a, 'c, D: Data, F> {
+    g: Grad<'a, D>,
     plan: Plan,
     par: Par,
-    centers: &'c [T],
+    centers: &'c [D::Param],
     finish: F,
 }
 
-impl<T, F> Job<T> for BackwardJob<'_, '_, T, F>
+impl<D, F> WithSimd for BackwardJob<'_, '_, D, F>
 where
-    T: Element,
-    F: Fn(usize, GradSums) -> BackAffine<T> + Sync,
+    D: Data,
+    F: Fn(usize, GradSums) -> BackAffine<D::Param> + Sync,
 {
     type Output = Vec<GradSums>;
-    fn run<K: Kernels<T>>(self, k: K) -> Vec<GradSums> {
+    fn with_simd<S: Simd>(self, k: S) -> Vec<GradSums> {
         let BackwardJob {
             g,
             plan,
@@ -502,10 +522,17 @@ where
             finish,
         } = self;
         if let Some((n, c, s)) = plan.fused(par) {
-            let group = plan.group::<T>(par);
+            let group = plan.group::<D>(par);
             let center = |ch: usize| centers[ch];
             return for_each_channel_group(g, (n, c, s), group, par, |first, spans, out| {
-                k.backward_channels(spans, s, first, &center, &finish, out)
+                k.vectorize(BackwardChannels {
+                    spans,
+                    s,
+                    first,
+                    center: &center,
+                    finish: &finish,
+                    out,
+                })
             });
         }
         let sums = match plan {
@@ -517,12 +544,12 @@ where
                     |ch, runs, cols| {
                         let at = |i: usize| ((runs.start + i) * c + ch) * s + cols.start;
                         let len = cols.len();
-                        k.grad_sums_runs(
-                            runs.len(),
+                        k.vectorize(GradSumsRuns {
+                            count: runs.len(),
                             len,
-                            |i| (&x[at(i)..][..len], &dy[at(i)..][..len]),
-                            centers[ch],
-                        )
+                            run: |i| (&x[at(i)..][..len], &dy[at(i)..][..len]),
+                            hi: centers[ch],
+                        })
                     },
                     GradSums::add,
                 )
@@ -532,8 +559,16 @@ where
                 c,
                 2 * std::mem::size_of_val(g.x),
                 par,
-                |r, cols, acc: &mut [GradSums]| {
-                    k.grad_sums_rows(g.x, g.dy, c, r, cols, centers, acc)
+                |rows, cols, out: &mut [GradSums]| {
+                    k.vectorize(GradSumsRows {
+                        x: g.x,
+                        dy: g.dy,
+                        c,
+                        rows,
+                        cols,
+                        hi: centers,
+                        out,
+                    })
                 },
                 |acc, _| *acc,
                 GradSums::add,
@@ -545,12 +580,20 @@ where
         match plan {
             Plan::Runs { c, s, .. } => {
                 parallel::for_each_span(g, s, par.grain(len, s), 0, &|first, mut span| {
-                    k.backward_runs(&mut span, s, channel_cycle(first, c, |ch| p.get(ch)))
+                    k.vectorize(BackwardRuns {
+                        g: &mut span,
+                        s,
+                        params: channel_cycle(first, c, |ch| p.get(ch)),
+                    })
                 })
             }
             Plan::Rows { c, .. } => {
                 parallel::for_each_span(g, c, par.grain(len, c), 0, &|_, mut span| {
-                    k.backward_rows(&mut span, c, &p)
+                    k.vectorize(BackwardRows {
+                        g: &mut span,
+                        c,
+                        p: &p,
+                    })
                 })
             }
         }

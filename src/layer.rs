@@ -242,7 +242,7 @@ impl<T: Element> BatchNorm<T> {
         check_eps(self.eps)
     }
 
-    fn train<B: Buffers<T>>(
+    fn train<B: Buffers<Data = T>>(
         &mut self,
         buf: B,
         shape: Shape,
@@ -311,7 +311,12 @@ impl<T: Element> BatchNorm<T> {
         saved
     }
 
-    fn eval<B: Buffers<T>>(&self, buf: B, shape: Shape, layout: Layout) -> Result<(), Error> {
+    fn eval<B: Buffers<Data = T>>(
+        &self,
+        buf: B,
+        shape: Shape,
+        layout: Layout,
+    ) -> Result<(), Error> {
         self.check(shape, buf.len())?;
         // The parameters go to a per-thread scratch buffer: no allocation on the inference
         // path once a thread has run a layer this wide.

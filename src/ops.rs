@@ -71,7 +71,7 @@ pub fn apply_scale_shift_in_place<T: Element>(
     apply(xy, scale, shift, shape, layout)
 }
 
-fn apply<T: Element, B: Buffers<T>>(
+fn apply<T: Element, B: Buffers<Data = T>>(
     buf: B,
     scale: &[T],
     shift: &[T],

@@ -7,10 +7,11 @@
 //! at most [`MAX_CHAIN`] values before their sums move to `f64`.
 
 use super::buffers::{aligned_arrays, Grad};
-use super::lanes::{load_tile, load_upto, Lanes};
+use super::lanes::{load_tile, load_upto, read_upto, Lanes};
 use super::normalize::{map_runs, RunIo, RunMap};
+use super::simd::{Simd, WithSimd};
 use super::stats::{block_len, fold_pieces, runs_per_block, Reduce, MAX_CHAIN, MAX_WIDTH, TILE};
-use crate::element::Element;
+use crate::element::{Data, Element};
 use std::ops::Range;
 
 /// `Σ dy` and `Σ dy * (x - center)` of a channel, or of a piece of one.
@@ -87,17 +88,17 @@ pub(crate) struct GradLanes<L: Lanes> {
 }
 
 impl<L: Lanes> Reduce<L> for GradLanes<L> {
-    type Piece<'a> = (&'a [L::Elem], &'a [L::Elem]);
+    type Piece<'a> = (&'a [L::Mem], &'a [L::Mem]);
     type V = (L, L);
     #[inline(always)]
     fn load((x, dy): Self::Piece<'_>, at: usize) -> (L, L) {
-        (L::load(&x[at..]), L::load(&dy[at..]))
+        (L::read(&x[at..]), L::read(&dy[at..]))
     }
     #[inline(always)]
     fn load_tail(&self, (x, dy): Self::Piece<'_>, at: usize) -> (L, L) {
         (
-            L::load_partial(&x[at..], self.hi),
-            L::load_partial(&dy[at..], L::Elem::ZERO),
+            L::read_partial(&x[at..], self.hi),
+            L::read_partial(&dy[at..], L::Elem::ZERO),
         )
     }
     #[inline(always)]
@@ -146,7 +147,7 @@ impl<L: Lanes> GradLanes<L> {
 #[inline(always)]
 fn block_sums<'a, L: Lanes>(
     count: usize,
-    piece: &impl Fn(usize) -> (&'a [L::Elem], &'a [L::Elem]),
+    piece: &impl Fn(usize) -> (&'a [L::Mem], &'a [L::Mem]),
     hi: L::Elem,
 ) -> GradSums {
     let [dy, dy_xc] = fold_pieces::<L, _, UNROLL>(count, piece, GradLanes::around(hi)).sums();
@@ -167,11 +168,7 @@ fn block_sums<'a, L: Lanes>(
 /// sums overflow the element type. Non-finite inputs stay non-finite.
 #[cold]
 #[inline(never)]
-pub(crate) fn sums_f64<T: Element>(
-    n: usize,
-    pair: impl Fn(usize) -> (T, T),
-    center: f64,
-) -> GradSums {
+pub(crate) fn sums_f64<T: Data>(n: usize, pair: impl Fn(usize) -> (T, T), center: f64) -> GradSums {
     let mut out = GradSums::default();
     for i in 0..n {
         let (x, dy) = pair(i);
@@ -188,7 +185,7 @@ pub(crate) fn sums_f64<T: Element>(
 pub(crate) fn grad_sums_runs<'a, L: Lanes>(
     count: usize,
     len: usize,
-    run: impl Fn(usize) -> (&'a [L::Elem], &'a [L::Elem]),
+    run: impl Fn(usize) -> (&'a [L::Mem], &'a [L::Mem]),
     hi: L::Elem,
 ) -> GradSums {
     // UNROLL accumulators per sum, each adding at most MAX_CHAIN values.
@@ -225,8 +222,8 @@ pub(crate) fn grad_sums_runs<'a, L: Lanes>(
 /// 20% slower.
 #[inline(always)]
 pub(crate) fn grad_sums_rows<L: Lanes>(
-    x: &[L::Elem],
-    dy: &[L::Elem],
+    x: &[L::Mem],
+    dy: &[L::Mem],
     c: usize,
     rows: Range<usize>,
     cols: Range<usize>,
@@ -259,8 +256,8 @@ pub(crate) fn grad_sums_rows<L: Lanes>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn grad_tile<L: Lanes, const K: usize>(
-    x: &[L::Elem],
-    dy: &[L::Elem],
+    x: &[L::Mem],
+    dy: &[L::Mem],
     c: usize,
     rows: Range<usize>,
     c0: usize,
@@ -277,8 +274,8 @@ fn grad_tile<L: Lanes, const K: usize>(
     for r in rows.clone() {
         for j in 0..K {
             let i = r * c + c0 + j * w;
-            let xv = load_upto::<L>(x, i, left(j));
-            let dv = load_upto::<L>(dy, i, left(j));
+            let xv = read_upto::<L>(x, i, left(j));
+            let dv = read_upto::<L>(dy, i, left(j));
             sd[j] = sd[j].add(dv);
             sx[j] = dv.mul_add(xv.sub(hv[j]), sx[j]);
         }
@@ -339,20 +336,20 @@ impl<L: Lanes> RunMap<L, (L, L)> for BackLanes<L> {
     }
 }
 
-impl<L: Lanes> RunIo<L> for Grad<'_, L::Elem> {
+impl<L: Lanes> RunIo<L> for Grad<'_, L::Mem> {
     type In = (L, L);
     #[inline(always)]
     fn read(&self, i: usize) -> (L, L) {
         let w = L::WIDTH;
-        (L::load(&self.x[i..i + w]), L::load(&self.dy[i..i + w]))
+        (L::read(&self.x[i..i + w]), L::read(&self.dy[i..i + w]))
     }
     #[inline(always)]
     fn write(&mut self, i: usize, v: L, stream: bool) {
         let out = &mut self.dx[i..i + L::WIDTH];
         if stream {
-            v.store_stream(out)
+            v.write_stream(out)
         } else {
-            v.store(out)
+            v.write(out)
         }
     }
     #[inline(always)]
@@ -364,11 +361,11 @@ impl<L: Lanes> RunIo<L> for Grad<'_, L::Elem> {
         let vectors = x.zip(dy).zip(dx);
         if self.stream {
             for ((x, dy), out) in vectors {
-                f.map((L::load(x), L::load(dy))).store_stream(out);
+                f.map((L::read(x), L::read(dy))).write_stream(out);
             }
         } else {
             for ((x, dy), out) in vectors {
-                f.map((L::load(x), L::load(dy))).store(out);
+                f.map((L::read(x), L::read(dy))).write(out);
             }
         }
     }
@@ -377,7 +374,7 @@ impl<L: Lanes> RunIo<L> for Grad<'_, L::Elem> {
         self.stream
     }
     #[inline(always)]
-    fn output_at(&self, i: usize) -> *const L::Elem {
+    fn output_at(&self, i: usize) -> *const L::Mem {
         self.dx[i..].as_ptr()
     }
 }
@@ -385,7 +382,7 @@ impl<L: Lanes> RunIo<L> for Grad<'_, L::Elem> {
 /// `dx` for consecutive runs of `s` values (NCHW), run `r` with `params(r)`.
 #[inline(always)]
 pub(crate) fn backward_runs<L: Lanes>(
-    g: &mut Grad<'_, L::Elem>,
+    g: &mut Grad<'_, L::Mem>,
     s: usize,
     params: impl FnMut(usize) -> BackAffine<L::Elem>,
 ) {
@@ -401,7 +398,7 @@ pub(crate) fn backward_runs<L: Lanes>(
 /// long. The caller fences streaming stores ([`super::store_fence`]) once it is done.
 #[inline(always)]
 pub(crate) fn backward_group<L: Lanes>(
-    g: &mut Grad<'_, L::Elem>,
+    g: &mut Grad<'_, L::Mem>,
     start: usize,
     s: usize,
     count: usize,
@@ -415,17 +412,17 @@ pub(crate) fn backward_group<L: Lanes>(
         let at = start + j * s;
         let f = BackLanes::<L>::splat(params(j));
         let v = f.dx(
-            L::load_partial(&g.x[at..at + s], L::Elem::ZERO),
-            L::load_partial(&g.dy[at..at + s], L::Elem::ZERO),
+            L::read_partial(&g.x[at..at + s], L::Elem::ZERO),
+            L::read_partial(&g.dy[at..at + s], L::Elem::ZERO),
         );
-        v.store_partial(&mut g.dx[at..at + s]);
+        v.write_partial(&mut g.dx[at..at + s]);
     }
 }
 
 /// `dx` for whole rows of `c` channels (NHWC).
 #[inline(always)]
 pub(crate) fn backward_rows<L: Lanes>(
-    g: &mut Grad<'_, L::Elem>,
+    g: &mut Grad<'_, L::Mem>,
     c: usize,
     p: &ChannelBack<'_, L::Elem>,
 ) {
@@ -458,19 +455,95 @@ pub(crate) fn backward_rows<L: Lanes>(
                 b: L::load(b),
                 c: L::load(c),
             };
-            f.dx(L::load(xv), L::load(dv)).store(out);
+            f.dx(L::read(xv), L::read(dv)).write(out);
         }
         if let (Some((c0, n)), Some(f)) = (tail, last) {
             if n == w {
-                f.dx(L::load(&x[c0..]), L::load(&dy[c0..]))
-                    .store(&mut dx[c0..]);
+                f.dx(L::read(&x[c0..]), L::read(&dy[c0..]))
+                    .write(&mut dx[c0..]);
             } else {
                 let v = f.dx(
-                    L::load_partial(&x[c0..], L::Elem::ZERO),
-                    L::load_partial(&dy[c0..], L::Elem::ZERO),
+                    L::read_partial(&x[c0..], L::Elem::ZERO),
+                    L::read_partial(&dy[c0..], L::Elem::ZERO),
                 );
-                v.store_partial(&mut dx[c0..]);
+                v.write_partial(&mut dx[c0..]);
             }
         }
+    }
+}
+
+/// [`grad_sums_runs`] as a kernel: the sums of `count` runs of `len` values, run `i` being
+/// `run(i) = (x, dy)`, around `hi`.
+pub(crate) struct GradSumsRuns<T, F> {
+    pub count: usize,
+    pub len: usize,
+    pub run: F,
+    pub hi: T,
+}
+
+impl<'a, D: Data, F: Fn(usize) -> (&'a [D], &'a [D])> WithSimd for GradSumsRuns<D::Param, F> {
+    type Output = GradSums;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) -> GradSums {
+        grad_sums_runs::<D::Lanes<S>>(self.count, self.len, self.run, self.hi)
+    }
+}
+
+/// [`grad_sums_rows`] as a kernel: rows `rows`, columns `cols` of `[_, c]` matrices `x` and
+/// `dy` added to `out`, around the centres `hi`.
+pub(crate) struct GradSumsRows<'a, D: Data> {
+    pub x: &'a [D],
+    pub dy: &'a [D],
+    pub c: usize,
+    pub rows: Range<usize>,
+    pub cols: Range<usize>,
+    pub hi: &'a [D::Param],
+    pub out: &'a mut [GradSums],
+}
+
+impl<D: Data> WithSimd for GradSumsRows<'_, D> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        let GradSumsRows {
+            x,
+            dy,
+            c,
+            rows,
+            cols,
+            hi,
+            out,
+        } = self;
+        grad_sums_rows::<D::Lanes<S>>(x, dy, c, rows, cols, hi, out)
+    }
+}
+
+/// [`backward_runs`] as a kernel: `dx` of runs of `s` values, run `r` with `params(r)`.
+pub(crate) struct BackwardRuns<'g, 'a, D, F> {
+    pub g: &'g mut Grad<'a, D>,
+    pub s: usize,
+    pub params: F,
+}
+
+impl<D: Data, F: FnMut(usize) -> BackAffine<D::Param>> WithSimd for BackwardRuns<'_, '_, D, F> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        backward_runs::<D::Lanes<S>>(self.g, self.s, self.params)
+    }
+}
+
+/// [`backward_rows`] as a kernel: `dx` of rows of `c` channels.
+pub(crate) struct BackwardRows<'g, 'a, 'p, D: Data> {
+    pub g: &'g mut Grad<'a, D>,
+    pub c: usize,
+    pub p: &'p ChannelBack<'p, D::Param>,
+}
+
+impl<D: Data> WithSimd for BackwardRows<'_, '_, '_, D> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        backward_rows::<D::Lanes<S>>(self.g, self.c, self.p)
     }
 }

@@ -2,7 +2,7 @@
 //! normalized where it lies. Kernels are generic over this, so the in-place API shares them.
 
 use super::lanes::{Lanes, MapAt, MapLanes};
-use crate::element::Element;
+use crate::element::{Data, Element};
 
 /// Buffers of equal length that are cut together, so that threads can share them out.
 pub(crate) trait Span: Send + Sized {
@@ -13,35 +13,47 @@ pub(crate) trait Span: Send + Sized {
 }
 
 /// A span of `len()` elements read as input and written as output.
-pub(crate) trait Buffers<T: Element>: Span {
+pub(crate) trait Buffers: Span {
+    /// The tensor element type.
+    type Data: Data;
     /// The input values (the output buffer itself when in place).
-    fn input(&self) -> &[T];
+    fn input(&self) -> &[Self::Data];
     /// The output values (the input itself when in place).
-    fn output(&self) -> &[T];
+    fn output(&self) -> &[Self::Data];
     /// Whether [`put`](Self::put) writes its output with streaming stores
-    /// ([`Lanes::store_stream`]); only a separate output takes them.
+    /// ([`Lanes::write_stream`]); only a separate output takes them.
     fn set_streaming(&mut self, _on: bool) {}
     /// Whether [`set_streaming`](Self::set_streaming) turned streaming on.
     fn streaming(&self) -> bool {
         false
     }
     /// `out[i .. i + n] = f(in[i .. i + n])` with `n = WIDTH`, or `n < WIDTH` for a tail.
-    fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>);
+    fn map<L: Lanes<Mem = Self::Data>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>);
     /// The full vector of input at `i`.
-    fn load<L: Lanes<Elem = T>>(&self, i: usize) -> L;
+    fn load<L: Lanes<Mem = Self::Data>>(&self, i: usize) -> L;
     /// Writes a full vector of output at `i`.
-    fn store<L: Lanes<Elem = T>>(&mut self, i: usize, v: L);
-    /// [`store`](Self::store), streaming ([`Lanes::store_stream`]) when streaming is on and
+    fn store<L: Lanes<Mem = Self::Data>>(&mut self, i: usize, v: L);
+    /// [`store`](Self::store), streaming ([`Lanes::write_stream`]) when streaming is on and
     /// the address is aligned.
     #[inline(always)]
-    fn put<L: Lanes<Elem = T>>(&mut self, i: usize, v: L) {
+    fn put<L: Lanes<Mem = Self::Data>>(&mut self, i: usize, v: L) {
         self.store(i, v)
     }
     /// `out[start + j * WIDTH ..][..WIDTH] = f.apply_at(j, in[..same])` for the `len / WIDTH`
     /// whole vectors from `start` (`len` a multiple of `WIDTH`): one bounds check for the
     /// span, none per vector; streaming stores when streaming is on.
-    fn map_vectors<L: Lanes<Elem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>);
+    fn map_vectors<L: Lanes<Mem = Self::Data>>(
+        &mut self,
+        start: usize,
+        len: usize,
+        f: &impl MapAt<L>,
+    );
 }
+
+/// The parameter (arithmetic) type of the buffers `B`.
+pub(crate) type Param<B> = <<B as Buffers>::Data as Data>::Param;
+/// The lanes of the buffers `B` on the instruction set `S`.
+pub(crate) type LanesOf<B, S> = <<B as Buffers>::Data as Data>::Lanes<S>;
 
 /// Input `x` and output `y` of equal lengths.
 pub(crate) struct Split<'a, T> {
@@ -61,7 +73,7 @@ impl<'a, T> Split<'a, T> {
     }
 }
 
-impl<T: Element> Span for Split<'_, T> {
+impl<T: Data> Span for Split<'_, T> {
     #[inline(always)]
     fn len(&self) -> usize {
         self.y.len()
@@ -86,7 +98,8 @@ impl<T: Element> Span for Split<'_, T> {
     }
 }
 
-impl<T: Element> Buffers<T> for Split<'_, T> {
+impl<T: Data> Buffers for Split<'_, T> {
+    type Data = T;
     #[inline(always)]
     fn output(&self) -> &[T] {
         self.y
@@ -98,16 +111,16 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
         self.stream
     }
     #[inline(always)]
-    fn map_vectors<L: Lanes<Elem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>) {
+    fn map_vectors<L: Lanes<Mem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>) {
         let x = self.x[start..start + len].chunks_exact(L::WIDTH);
         let y = self.y[start..start + len].chunks_exact_mut(L::WIDTH);
         if self.stream {
             for (j, (x, y)) in x.zip(y).enumerate() {
-                f.apply_at(j, L::load(x)).store_stream(y);
+                f.apply_at(j, L::read(x)).write_stream(y);
             }
         } else {
             for (j, (x, y)) in x.zip(y).enumerate() {
-                f.apply_at(j, L::load(x)).store(y);
+                f.apply_at(j, L::read(x)).write(y);
             }
         }
     }
@@ -116,34 +129,34 @@ impl<T: Element> Buffers<T> for Split<'_, T> {
         self.x
     }
     #[inline(always)]
-    fn load<L: Lanes<Elem = T>>(&self, i: usize) -> L {
-        L::load(&self.x[i..i + L::WIDTH])
+    fn load<L: Lanes<Mem = T>>(&self, i: usize) -> L {
+        L::read(&self.x[i..i + L::WIDTH])
     }
     #[inline(always)]
-    fn store<L: Lanes<Elem = T>>(&mut self, i: usize, v: L) {
-        v.store(&mut self.y[i..i + L::WIDTH])
+    fn store<L: Lanes<Mem = T>>(&mut self, i: usize, v: L) {
+        v.write(&mut self.y[i..i + L::WIDTH])
     }
     #[inline(always)]
-    fn put<L: Lanes<Elem = T>>(&mut self, i: usize, v: L) {
+    fn put<L: Lanes<Mem = T>>(&mut self, i: usize, v: L) {
         if self.stream {
-            v.store_stream(&mut self.y[i..i + L::WIDTH])
+            v.write_stream(&mut self.y[i..i + L::WIDTH])
         } else {
-            v.store(&mut self.y[i..i + L::WIDTH])
+            v.write(&mut self.y[i..i + L::WIDTH])
         }
     }
     #[inline(always)]
-    fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
+    fn map<L: Lanes<Mem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
         if n == L::WIDTH {
-            f.apply(L::load(&self.x[i..i + n]))
-                .store(&mut self.y[i..i + n]);
+            f.apply(L::read(&self.x[i..i + n]))
+                .write(&mut self.y[i..i + n]);
         } else {
-            f.apply(L::load_partial(&self.x[i..i + n], T::ZERO))
-                .store_partial(&mut self.y[i..i + n]);
+            f.apply(L::read_partial(&self.x[i..i + n], L::Elem::ZERO))
+                .write_partial(&mut self.y[i..i + n]);
         }
     }
 }
 
-impl<T: Element> Span for &mut [T] {
+impl<T: Data> Span for &mut [T] {
     #[inline(always)]
     fn len(&self) -> usize {
         <[T]>::len(self)
@@ -154,18 +167,19 @@ impl<T: Element> Span for &mut [T] {
     }
 }
 
-impl<T: Element> Buffers<T> for &mut [T] {
+impl<T: Data> Buffers for &mut [T] {
+    type Data = T;
     #[inline(always)]
     fn output(&self) -> &[T] {
         self
     }
     #[inline(always)]
-    fn map_vectors<L: Lanes<Elem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>) {
+    fn map_vectors<L: Lanes<Mem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>) {
         for (j, v) in self[start..start + len]
             .chunks_exact_mut(L::WIDTH)
             .enumerate()
         {
-            f.apply_at(j, L::load(v)).store(v);
+            f.apply_at(j, L::read(v)).write(v);
         }
     }
     #[inline(always)]
@@ -173,20 +187,20 @@ impl<T: Element> Buffers<T> for &mut [T] {
         self
     }
     #[inline(always)]
-    fn load<L: Lanes<Elem = T>>(&self, i: usize) -> L {
-        L::load(&self[i..i + L::WIDTH])
+    fn load<L: Lanes<Mem = T>>(&self, i: usize) -> L {
+        L::read(&self[i..i + L::WIDTH])
     }
     #[inline(always)]
-    fn store<L: Lanes<Elem = T>>(&mut self, i: usize, v: L) {
-        v.store(&mut self[i..i + L::WIDTH])
+    fn store<L: Lanes<Mem = T>>(&mut self, i: usize, v: L) {
+        v.write(&mut self[i..i + L::WIDTH])
     }
     #[inline(always)]
-    fn map<L: Lanes<Elem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
+    fn map<L: Lanes<Mem = T>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
         let s = &mut self[i..i + n];
         if n == L::WIDTH {
-            f.apply(L::load(s)).store(s);
+            f.apply(L::read(s)).write(s);
         } else {
-            f.apply(L::load_partial(s, T::ZERO)).store_partial(s);
+            f.apply(L::read_partial(s, L::Elem::ZERO)).write_partial(s);
         }
     }
 }
@@ -212,7 +226,7 @@ impl<'a, T> Grad<'a, T> {
     }
 }
 
-impl<T: Element> Span for Grad<'_, T> {
+impl<T: Data> Span for Grad<'_, T> {
     #[inline(always)]
     fn len(&self) -> usize {
         self.dx.len()

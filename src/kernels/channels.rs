@@ -15,14 +15,15 @@
 use super::backward::{
     backward_group, grad_sums_runs, sums_f64, BackAffine, GradLanes, GradSums, UNROLL,
 };
-use super::buffers::{Buffers, Grad};
+use super::buffers::{Buffers, Grad, LanesOf, Param};
 use super::lanes::Lanes;
 use super::normalize::{normalize_group, Affine};
+use super::simd::{Simd, WithSimd};
 use super::stats::{
     block_f64, block_len, fold_pieces, moments_each, PivotedSum, Reduce, ShiftedSums, ACCUMULATORS,
     MAX_CHAIN,
 };
-use crate::element::{tiny_squares, Element};
+use crate::element::{tiny_squares, Data, Element};
 use crate::moments::Moments;
 
 /// The most channels in a group: their parameters live on the stack.
@@ -89,7 +90,7 @@ fn fold_spans<'a, L: Lanes, A: Reduce<L> + 'a, const K: usize>(
 /// block (the group fits in L2): sums around each channel's first value give its rounded
 /// mean `k`, then sums around `k`, both read span by span ([`fold_spans`]).
 #[inline(always)]
-fn group_moments<L: Lanes, B: Buffers<L::Elem>>(
+fn group_moments<L: Lanes, B: Buffers<Data = L::Mem>>(
     spans: &[Option<B>],
     s: usize,
     out: &mut [Moments],
@@ -102,7 +103,7 @@ fn group_moments<L: Lanes, B: Buffers<L::Elem>>(
     let zero = L::Elem::ZERO;
     let mut pivots = [PivotedSum::<L>::around(zero); GROUP];
     for (j, p) in pivots[..count].iter_mut().enumerate() {
-        *p = PivotedSum::around(run(0, j)[0]);
+        *p = PivotedSum::around(run(0, j)[0].to_param());
     }
     let mut sums = [[0.0; 2]; GROUP];
     fold_spans::<L, _, ACCUMULATORS>(n, s, &run, &pivots[..count], &mut sums);
@@ -127,7 +128,7 @@ fn group_moments<L: Lanes, B: Buffers<L::Elem>>(
 /// image, the first being channel `first`, in `spans` (one per image): `out[j]` gets channel
 /// `first + j`'s moments, and the channel is normalized with `finish(first + j, &out[j])`.
 #[inline(always)]
-pub(crate) fn train_channels<L: Lanes, B: Buffers<L::Elem>>(
+pub(crate) fn train_channels<L: Lanes, B: Buffers<Data = L::Mem>>(
     spans: &mut [Option<B>],
     s: usize,
     first: usize,
@@ -170,7 +171,7 @@ pub(crate) fn train_channels<L: Lanes, B: Buffers<L::Elem>>(
 /// `finish(first + j, out[j])`.
 #[inline(always)]
 pub(crate) fn backward_channels<L: Lanes>(
-    spans: &mut [Option<Grad<'_, L::Elem>>],
+    spans: &mut [Option<Grad<'_, L::Mem>>],
     s: usize,
     first: usize,
     center: &impl Fn(usize) -> L::Elem,
@@ -228,5 +229,55 @@ pub(crate) fn backward_channels<L: Lanes>(
     }
     if spans.iter().any(|g| g.as_ref().is_some_and(|g| g.stream)) {
         super::store_fence();
+    }
+}
+
+/// [`train_channels`] as a kernel.
+pub(crate) struct TrainChannels<'s, 'f, B, F> {
+    pub spans: &'s mut [Option<B>],
+    pub s: usize,
+    pub first: usize,
+    pub finish: &'f F,
+    pub out: &'s mut [Moments],
+}
+
+impl<B: Buffers, F: Fn(usize, &Moments) -> Affine<Param<B>>> WithSimd
+    for TrainChannels<'_, '_, B, F>
+{
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        train_channels::<LanesOf<B, S>, B>(self.spans, self.s, self.first, self.finish, self.out)
+    }
+}
+
+/// [`backward_channels`] as a kernel.
+pub(crate) struct BackwardChannels<'s, 'a, 'f, D, C, F> {
+    pub spans: &'s mut [Option<Grad<'a, D>>],
+    pub s: usize,
+    pub first: usize,
+    pub center: &'f C,
+    pub finish: &'f F,
+    pub out: &'s mut [GradSums],
+}
+
+impl<D, C, F> WithSimd for BackwardChannels<'_, '_, '_, D, C, F>
+where
+    D: Data,
+    C: Fn(usize) -> D::Param,
+    F: Fn(usize, GradSums) -> BackAffine<D::Param>,
+{
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        let BackwardChannels {
+            spans,
+            s,
+            first,
+            center,
+            finish,
+            out,
+        } = self;
+        backward_channels::<D::Lanes<S>>(spans, s, first, center, finish, out)
     }
 }

@@ -1,11 +1,13 @@
-//! The kernels, written once over [`Lanes`] and instantiated per instruction set, and the one
-//! place that picks the instruction set.
+//! The kernels, written once over [`Lanes`](lanes::Lanes) and instantiated per instruction
+//! set and tensor type, and the one place that picks the instruction set ([`dispatch`]).
 //!
-//! The drivers in [`crate::exec`] are generic over [`Kernels`], the four leaf operations every
-//! path needs. A lane type gets all four through [`Lanewise`]; an instruction set that must be
-//! entered through `#[target_feature]` functions implements [`Kernels`] with such entries,
-//! which is how it stays an addition, not a rewrite: rayon tasks run on other threads, so the
-//! feature has to be switched on at the leaves, not around the driver.
+//! The drivers in [`crate::exec`] are generic over the instruction-set token
+//! ([`simd::Simd`]). Each leaf kernel is a type implementing [`WithSimd`] (`MomentsRuns`,
+//! `NormalizeRows`, ...), which the driver hands to [`simd::Simd::vectorize`]: the instruction
+//! set's one `#[target_feature]` entry. The kernel picks its lanes from the token and the
+//! tensor type ([`crate::element::Data::Lanes`]): `S::F32` for `f32`, `Stored<S::F32, f16>`
+//! for `f16`. Rayon tasks run on other threads, so the features are switched on at the
+//! leaves, not around the driver.
 
 pub(crate) mod backward;
 pub(crate) mod buffers;
@@ -13,20 +15,13 @@ pub(crate) mod channels;
 pub mod lanes;
 pub(crate) mod normalize;
 mod portable;
+pub mod simd;
 pub(crate) mod stats;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
-use crate::element::Element;
-use crate::moments::Moments;
-use backward::{BackAffine, ChannelBack, GradSums};
-use buffers::{Buffers, Grad};
-use lanes::{Lanes, Scalar};
-use normalize::{Affine, ChannelAffine};
-use stats::PivotSums;
+use simd::WithSimd;
 use std::cell::Cell;
-use std::marker::PhantomData;
-use std::ops::Range;
 use std::sync::OnceLock;
 
 /// An instruction set the kernels can run on.
@@ -202,7 +197,7 @@ impl<T: Copy + 'static> Drop for Restore<T> {
     }
 }
 
-/// Orders this thread's streaming stores ([`Lanes::store_stream`]) before whatever follows:
+/// Orders this thread's streaming stores ([`lanes::Lanes::write_stream`]) before whatever follows:
 /// they are weakly ordered, so every kernel that may have streamed ends with this, before
 /// rayon hands its results to another thread.
 #[inline(always)]
@@ -217,365 +212,54 @@ pub(crate) fn store_fence() {
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
 }
 
-/// The leaf operations of every driver.
-pub(crate) trait Kernels<T: Element>: Copy + Send + Sync {
-    /// Moments of `count` runs of `len` values, run `i` being `run(i)`.
-    fn moments_runs<'a>(self, count: usize, len: usize, run: impl Fn(usize) -> &'a [T]) -> Moments;
-    /// Sums rows `rows` of columns `cols` of the row-major `[_, c]` matrix `x` into `acc`.
-    fn moments_rows(
-        self,
-        x: &[T],
-        c: usize,
-        rows: Range<usize>,
-        cols: Range<usize>,
-        acc: &mut [PivotSums],
-    );
-    /// Normalizes consecutive runs of `s` values, run `r` of `buf` with `affine(r)`.
-    fn normalize_runs<B: Buffers<T>>(
-        self,
-        buf: &mut B,
-        s: usize,
-        affine: impl FnMut(usize) -> Affine<T>,
-    );
-    /// Normalizes whole rows of `c` channels.
-    fn normalize_rows<B: Buffers<T>>(self, buf: &mut B, c: usize, p: &ChannelAffine<'_, T>);
-    /// Backward sums of `count` runs of `len` values, run `i` being `run(i) = (x, dy)`.
-    fn grad_sums_runs<'a>(
-        self,
-        count: usize,
-        len: usize,
-        run: impl Fn(usize) -> (&'a [T], &'a [T]),
-        hi: T,
-    ) -> GradSums;
-    /// Adds the backward sums of rows `rows` of columns `cols` of `[_, c]` matrices to `out`.
-    #[allow(clippy::too_many_arguments)]
-    fn grad_sums_rows(
-        self,
-        x: &[T],
-        dy: &[T],
-        c: usize,
-        rows: Range<usize>,
-        cols: Range<usize>,
-        hi: &[T],
-        out: &mut [GradSums],
-    );
-    /// `dx` of consecutive runs of `s` values, run `r` with `params(r)`.
-    fn backward_runs(
-        self,
-        g: &mut Grad<'_, T>,
-        s: usize,
-        params: impl FnMut(usize) -> BackAffine<T>,
-    );
-    /// `dx` of whole rows of `c` channels.
-    fn backward_rows(self, g: &mut Grad<'_, T>, c: usize, p: &ChannelBack<'_, T>);
-    /// Training's forward pass over a group of channels (see [`channels`]), the first being
-    /// channel `first`, one span of `buf` per image; their moments go to `out`.
-    fn train_channels<B: Buffers<T>>(
-        self,
-        buf: &mut [Option<B>],
-        s: usize,
-        first: usize,
-        finish: &impl Fn(usize, &Moments) -> Affine<T>,
-        out: &mut [Moments],
-    );
-    /// The backward pass over a group of channels, one span of `g` per image.
-    #[allow(clippy::too_many_arguments)]
-    fn backward_channels(
-        self,
-        g: &mut [Option<Grad<'_, T>>],
-        s: usize,
-        first: usize,
-        center: &impl Fn(usize) -> T,
-        finish: &impl Fn(usize, GradSums) -> BackAffine<T>,
-        out: &mut [GradSums],
-    );
-}
-
-/// The kernels instantiated for lane type `L`.
-pub(crate) struct Lanewise<L>(PhantomData<L>);
-
-impl<L> Clone for Lanewise<L> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<L> Copy for Lanewise<L> {}
-
-/// Implements [`Kernels`] for a type by calling every generic kernel with one lane type, each
-/// through an entry function that carries the given attribute: `#[target_feature(..)]` for the
-/// instruction sets detected at run time (the entry is where the compiler switches them on),
-/// `#[inline(always)]` for the others. Written once so that the four implementations cannot
-/// drift apart.
-macro_rules! impl_kernels {
-    (impl[$($gen:tt)*] Kernels<$t:ty> for $ty:ty, lanes $lanes:ty, entry #[$attr:meta]) => {
-        impl<$($gen)*> $crate::kernels::Kernels<$t> for $ty {
-            fn moments_runs<'a>(
-                self,
-                count: usize,
-                len: usize,
-                run: impl Fn(usize) -> &'a [$t],
-            ) -> $crate::moments::Moments {
-                /// # Safety
-                /// The CPU must have the instruction set of the lane type `L` (its kernels
-                /// value exists only after detection).
-                #[$attr]
-                unsafe fn entry<'a, L: $crate::kernels::lanes::Lanes>(
-                    count: usize,
-                    len: usize,
-                    run: impl Fn(usize) -> &'a [L::Elem],
-                ) -> $crate::moments::Moments {
-                    $crate::kernels::stats::moments_runs::<L>(count, len, run)
-                }
-                // SAFETY: a type whose entries enable target features exists only once they
-                // were detected (see its `detect`); other entries need nothing.
-                unsafe { entry::<$lanes>(count, len, run) }
-            }
-
-            fn moments_rows(
-                self,
-                x: &[$t],
-                c: usize,
-                rows: ::std::ops::Range<usize>,
-                cols: ::std::ops::Range<usize>,
-                acc: &mut [$crate::kernels::stats::PivotSums],
-            ) {
-                /// # Safety
-                /// The CPU must have the instruction set of the lane type `L` (its kernels
-                /// value exists only after detection).
-                #[$attr]
-                unsafe fn entry<L: $crate::kernels::lanes::Lanes>(
-                    x: &[L::Elem],
-                    c: usize,
-                    rows: ::std::ops::Range<usize>,
-                    cols: ::std::ops::Range<usize>,
-                    acc: &mut [$crate::kernels::stats::PivotSums],
-                ) {
-                    $crate::kernels::stats::moments_rows::<L>(x, c, rows, cols, acc)
-                }
-                // SAFETY: as in `moments_runs`.
-                unsafe { entry::<$lanes>(x, c, rows, cols, acc) }
-            }
-
-            fn normalize_runs<B: $crate::kernels::buffers::Buffers<$t>>(
-                self,
-                buf: &mut B,
-                s: usize,
-                affine: impl FnMut(usize) -> $crate::kernels::normalize::Affine<$t>,
-            ) {
-                /// # Safety
-                /// The CPU must have the instruction set of the lane type `L` (its kernels
-                /// value exists only after detection).
-                #[$attr]
-                unsafe fn entry<L: $crate::kernels::lanes::Lanes, B: $crate::kernels::buffers::Buffers<L::Elem>>(
-                    buf: &mut B,
-                    s: usize,
-                    affine: impl FnMut(usize) -> $crate::kernels::normalize::Affine<L::Elem>,
-                ) {
-                    $crate::kernels::normalize::normalize_runs::<L, B>(buf, s, affine)
-                }
-                // SAFETY: as in `moments_runs`.
-                unsafe { entry::<$lanes, B>(buf, s, affine) }
-            }
-
-            fn normalize_rows<B: $crate::kernels::buffers::Buffers<$t>>(self, buf: &mut B, c: usize, p: &$crate::kernels::normalize::ChannelAffine<'_, $t>) {
-                /// # Safety
-                /// The CPU must have the instruction set of the lane type `L` (its kernels
-                /// value exists only after detection).
-                #[$attr]
-                unsafe fn entry<L: $crate::kernels::lanes::Lanes, B: $crate::kernels::buffers::Buffers<L::Elem>>(
-                    buf: &mut B,
-                    c: usize,
-                    p: &$crate::kernels::normalize::ChannelAffine<'_, L::Elem>,
-                ) {
-                    $crate::kernels::normalize::normalize_rows::<L, B>(buf, c, p)
-                }
-                // SAFETY: as in `moments_runs`.
-                unsafe { entry::<$lanes, B>(buf, c, p) }
-            }
-
-            fn grad_sums_runs<'a>(
-                self,
-                count: usize,
-                len: usize,
-                run: impl Fn(usize) -> (&'a [$t], &'a [$t]),
-                hi: $t,
-            ) -> $crate::kernels::backward::GradSums {
-                /// # Safety
-                /// The CPU must have the instruction set of the lane type `L` (its kernels
-                /// value exists only after detection).
-                #[$attr]
-                unsafe fn entry<'a, L: $crate::kernels::lanes::Lanes>(
-                    count: usize,
-                    len: usize,
-                    run: impl Fn(usize) -> (&'a [L::Elem], &'a [L::Elem]),
-                    hi: L::Elem,
-                ) -> $crate::kernels::backward::GradSums {
-                    $crate::kernels::backward::grad_sums_runs::<L>(count, len, run, hi)
-                }
-                // SAFETY: as in `moments_runs`.
-                unsafe { entry::<$lanes>(count, len, run, hi) }
-            }
-
-            fn grad_sums_rows(
-                self,
-                x: &[$t],
-                dy: &[$t],
-                c: usize,
-                rows: ::std::ops::Range<usize>,
-                cols: ::std::ops::Range<usize>,
-                hi: &[$t],
-                out: &mut [$crate::kernels::backward::GradSums],
-            ) {
-                #[$attr]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn entry<L: $crate::kernels::lanes::Lanes>(
-                    x: &[L::Elem],
-                    dy: &[L::Elem],
-                    c: usize,
-                    rows: ::std::ops::Range<usize>,
-                    cols: ::std::ops::Range<usize>,
-                    hi: &[L::Elem],
-                    out: &mut [$crate::kernels::backward::GradSums],
-                ) {
-                    $crate::kernels::backward::grad_sums_rows::<L>(x, dy, c, rows, cols, hi, out)
-                }
-                // SAFETY: as in `moments_runs`.
-                unsafe { entry::<$lanes>(x, dy, c, rows, cols, hi, out) }
-            }
-
-            fn backward_runs(
-                self,
-                g: &mut $crate::kernels::buffers::Grad<'_, $t>,
-                s: usize,
-                params: impl FnMut(usize) -> $crate::kernels::backward::BackAffine<$t>,
-            ) {
-                /// # Safety
-                /// The CPU must have the instruction set of the lane type `L` (its kernels
-                /// value exists only after detection).
-                #[$attr]
-                unsafe fn entry<L: $crate::kernels::lanes::Lanes>(
-                    g: &mut $crate::kernels::buffers::Grad<'_, L::Elem>,
-                    s: usize,
-                    params: impl FnMut(usize) -> $crate::kernels::backward::BackAffine<L::Elem>,
-                ) {
-                    $crate::kernels::backward::backward_runs::<L>(g, s, params)
-                }
-                // SAFETY: as in `moments_runs`.
-                unsafe { entry::<$lanes>(g, s, params) }
-            }
-
-            fn backward_rows(self, g: &mut $crate::kernels::buffers::Grad<'_, $t>, c: usize, p: &$crate::kernels::backward::ChannelBack<'_, $t>) {
-                /// # Safety
-                /// The CPU must have the instruction set of the lane type `L` (its kernels
-                /// value exists only after detection).
-                #[$attr]
-                unsafe fn entry<L: $crate::kernels::lanes::Lanes>(g: &mut $crate::kernels::buffers::Grad<'_, L::Elem>, c: usize, p: &$crate::kernels::backward::ChannelBack<'_, L::Elem>) {
-                    $crate::kernels::backward::backward_rows::<L>(g, c, p)
-                }
-                // SAFETY: as in `moments_runs`.
-                unsafe { entry::<$lanes>(g, c, p) }
-            }
-
-            fn train_channels<B: $crate::kernels::buffers::Buffers<$t>>(
-                self,
-                buf: &mut [Option<B>],
-                s: usize,
-                first: usize,
-                finish: &impl Fn(usize, &$crate::moments::Moments) -> $crate::kernels::normalize::Affine<$t>,
-                out: &mut [$crate::moments::Moments],
-            ) {
-                /// # Safety
-                /// The CPU must have the instruction set of the lane type `L` (its kernels
-                /// value exists only after detection).
-                #[$attr]
-                unsafe fn entry<L: $crate::kernels::lanes::Lanes, B: $crate::kernels::buffers::Buffers<L::Elem>>(
-                    buf: &mut [Option<B>],
-                    s: usize,
-                    first: usize,
-                    finish: &impl Fn(usize, &$crate::moments::Moments) -> $crate::kernels::normalize::Affine<L::Elem>,
-                    out: &mut [$crate::moments::Moments],
-                ) {
-                    $crate::kernels::channels::train_channels::<L, B>(buf, s, first, finish, out)
-                }
-                // SAFETY: as in `moments_runs`.
-                unsafe { entry::<$lanes, B>(buf, s, first, finish, out) }
-            }
-
-            fn backward_channels(
-                self,
-                g: &mut [Option<$crate::kernels::buffers::Grad<'_, $t>>],
-                s: usize,
-                first: usize,
-                center: &impl Fn(usize) -> $t,
-                finish: &impl Fn(usize, $crate::kernels::backward::GradSums) -> $crate::kernels::backward::BackAffine<$t>,
-                out: &mut [$crate::kernels::backward::GradSums],
-            ) {
-                #[$attr]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn entry<L: $crate::kernels::lanes::Lanes>(
-                    g: &mut [Option<$crate::kernels::buffers::Grad<'_, L::Elem>>],
-                    s: usize,
-                    first: usize,
-                    center: &impl Fn(usize) -> L::Elem,
-                    finish: &impl Fn(usize, $crate::kernels::backward::GradSums) -> $crate::kernels::backward::BackAffine<L::Elem>,
-                    out: &mut [$crate::kernels::backward::GradSums],
-                ) {
-                    $crate::kernels::channels::backward_channels::<L>(g, s, first, center, finish, out)
-                }
-                // SAFETY: as in `moments_runs`.
-                unsafe { entry::<$lanes>(g, s, first, center, finish, out) }
-            }
-        }
-    };
-}
-// The x86 instruction sets use it from their module; elsewhere only `Lanewise` below does.
-#[cfg(target_arch = "x86_64")]
-pub(crate) use impl_kernels;
-
-impl_kernels!(impl[L: Lanes] Kernels<L::Elem> for Lanewise<L>, lanes L, entry #[inline(always)]);
-
-/// A computation generic over the kernels, run by [`dispatch`].
-pub(crate) trait Job<T: Element> {
-    type Output;
-    fn run<K: Kernels<T>>(self, k: K) -> Self::Output;
-}
-
-/// Runs `job` on the kernels of `isa`: the one place an instruction set is chosen.
-pub(crate) fn dispatch<T: Element, J: Job<T>>(isa: Isa, job: J) -> J::Output {
-    let portable = Lanewise::<T::Wide>(PhantomData);
+/// Runs `job` with the token of `isa` (not entering its features: a driver enters them at
+/// its leaves with [`simd::Simd::vectorize`]): the one place an instruction set is chosen. An
+/// instruction set this CPU lacks falls back to the portable path.
+pub(crate) fn dispatch<J: WithSimd>(isa: Isa, job: J) -> J::Output {
     match isa {
-        Isa::Scalar => job.run(Lanewise::<Scalar<T>>(PhantomData)),
-        Isa::Portable => job.run(portable),
+        Isa::Scalar => job.with_simd(simd::Scalar),
+        Isa::Portable => job.with_simd(simd::Portable),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => match x86::Avx2::detect() {
-            Some(k) => job.run(k),
-            None => job.run(portable),
+            Some(token) => job.with_simd(token),
+            None => job.with_simd(simd::Portable),
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => match x86::Avx512::detect() {
-            Some(k) => job.run(k),
-            None => job.run(portable),
+            Some(token) => job.with_simd(token),
+            None => job.with_simd(simd::Portable),
         },
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2 | Isa::Avx512 => job.run(portable),
+        Isa::Avx2 | Isa::Avx512 => job.with_simd(simd::Portable),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::lanes::{Lanes, Scalar};
-    use crate::element::Element;
+    use super::lanes::Lanes;
+    use super::simd::{Simd, WithSimd};
+    use crate::element::Data;
+    use half::{bf16, f16};
 
-    /// Every lane operation of `L`, partial loads and stores at every length included.
+    /// Every lane operation of `L`, partial loads, stores, reads and writes at every length
+    /// included.
     fn check_lanes<L: Lanes>() {
         let w = L::WIDTH;
         let e = |v: f64| L::Elem::from_f64(v);
+        let m = |v: f64| L::Mem::from_f64(v);
         let src: Vec<L::Elem> = (0..w).map(|i| e(i as f64 + 1.0)).collect();
         let mut dst = vec![e(0.0); w];
         L::load(&src).store(&mut dst);
         assert_eq!(dst, src);
+        let mem: Vec<L::Mem> = (0..w).map(|i| m(i as f64 + 1.0)).collect();
+        let mut out = vec![m(0.0); w];
+        L::read(&mem).write(&mut out);
+        assert_eq!(out, mem);
+        L::read(&mem).write_stream(&mut out);
+        assert_eq!(out, mem);
         let v = L::load(&src);
         let total: f64 = (1..=w).map(|i| i as f64).sum();
+        assert_eq!(L::read(&mem).sum(), e(total));
         assert_eq!(v.sum(), e(total));
         assert_eq!(v.add(v).sum(), e(2.0 * total));
         assert_eq!(v.sub(L::splat(e(1.0))).sum(), e(total - w as f64));
@@ -589,39 +273,152 @@ mod tests {
             assert_eq!(spliced.sum(), e((k + 2 * (w - k)) as f64), "splice at {k}");
         }
         for n in 0..w {
-            let loaded = L::load_partial(&src[..n], e(-1.0));
             let want: f64 = (1..=n).map(|i| i as f64).sum::<f64>() - (w - n) as f64;
+            let loaded = L::load_partial(&src[..n], e(-1.0));
             assert_eq!(loaded.sum(), e(want), "load_partial of {n}");
+            let read = L::read_partial(&mem[..n], e(-1.0));
+            assert_eq!(read.sum(), e(want), "read_partial of {n}");
             let mut out = vec![e(7.0); w];
             L::splat(e(5.0)).store_partial(&mut out[..n]);
             for (i, o) in out.iter().enumerate() {
                 assert_eq!(*o, e(if i < n { 5.0 } else { 7.0 }), "store_partial of {n}");
             }
+            let mut out = vec![m(7.0); w];
+            L::splat(e(5.0)).write_partial(&mut out[..n]);
+            for (i, o) in out.iter().enumerate() {
+                assert_eq!(*o, m(if i < n { 5.0 } else { 7.0 }), "write_partial of {n}");
+            }
         }
     }
 
-    fn check_all<T: Element>() {
-        check_lanes::<Scalar<T>>();
-        check_lanes::<T::Wide>();
+    /// The same bits, or both NaN.
+    fn same<D: Data>(a: D, b: D) -> bool {
+        let (x, y) = (a.to_f64(), b.to_f64());
+        (x.is_nan() && y.is_nan()) || x.to_bits() == y.to_bits()
+    }
+
+    /// `D`'s lanes on `S` widen every one of the 65536 values exactly, and round `f32` values
+    /// as the `half` crate does (to nearest even, from `f64`: one rounding): at, between and
+    /// around every tie, beyond the largest value, among subnormals, NaN and infinities
+    /// included, and at random.
+    fn check_conversions<S: Simd, D: Data<Param = f32>>(to_bits: fn(D) -> u16, of: fn(u16) -> D) {
+        type V<S, D> = <D as Data>::Lanes<S>;
+        let w = V::<S, D>::WIDTH;
+        let all: Vec<D> = (0..=u16::MAX).map(of).collect();
+        let mut wide = vec![0.0f32; w];
+        for chunk in all.chunks_exact(w) {
+            V::<S, D>::read(chunk).store(&mut wide);
+            for (&d, &f) in chunk.iter().zip(&wide) {
+                let exact = d.to_f64();
+                assert!(
+                    (exact.is_nan() && f.is_nan()) || exact.to_bits() == (f as f64).to_bits(),
+                    "widening {:#06x}",
+                    to_bits(d)
+                );
+            }
+        }
+        let mut inputs = Vec::new();
+        for pair in all.windows(2) {
+            let (a, b) = (pair[0].to_f64(), pair[1].to_f64());
+            let mid = (a + b) / 2.0;
+            for v in [
+                a,
+                mid,
+                mid.next_up(),
+                mid.next_down(),
+                a.next_up(),
+                a.next_down(),
+            ] {
+                inputs.push(v as f32);
+            }
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..200_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            inputs.push(f32::from_bits(seed as u32));
+        }
+        let special = [
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xffc0_0001),
+            f32::from_bits(1),
+            f32::MIN_POSITIVE,
+            -0.0,
+            65520.0,
+            65519.99,
+        ];
+        inputs.extend(special);
+        inputs.resize(inputs.len().next_multiple_of(w), 1.0);
+        let mut out = vec![D::default(); w];
+        for chunk in inputs.chunks_exact(w) {
+            V::<S, D>::load(chunk).write(&mut out);
+            for (&v, &d) in chunk.iter().zip(&out) {
+                let want = D::from_f64(v as f64);
+                assert!(
+                    same(d, want),
+                    "{v:e} ({:#010x}) narrowed to {:#06x}, not {:#06x}",
+                    v.to_bits(),
+                    to_bits(d),
+                    to_bits(want)
+                );
+            }
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct CheckLanes;
+
+    impl WithSimd for CheckLanes {
+        type Output = ();
+        fn with_simd<S: Simd>(self, _: S) {
+            check_lanes::<S::F32>();
+            check_lanes::<S::F64>();
+            check_lanes::<<f16 as Data>::Lanes<S>>();
+            check_lanes::<<bf16 as Data>::Lanes<S>>();
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct CheckConversions;
+
+    impl WithSimd for CheckConversions {
+        type Output = ();
+        fn with_simd<S: Simd>(self, _: S) {
+            check_conversions::<S, f16>(f16::to_bits, f16::from_bits);
+            check_conversions::<S, bf16>(bf16::to_bits, bf16::from_bits);
+        }
+    }
+
+    /// Runs `op` on every instruction set this CPU has, inside its entry.
+    fn on_every_isa<Op: WithSimd + Copy>(op: Op) {
+        use super::simd::{Portable, Scalar};
+        Scalar.vectorize(op);
+        Portable.vectorize(op);
         #[cfg(target_arch = "x86_64")]
         {
-            if super::x86::Avx2::detect().is_some() {
-                check_lanes::<T::Avx2>();
+            if let Some(token) = super::x86::Avx2::detect() {
+                token.vectorize(op);
             }
-            if super::x86::Avx512::detect().is_some() {
-                check_lanes::<T::Avx512>();
+            if let Some(token) = super::x86::Avx512::detect() {
+                token.vectorize(op);
             }
         }
     }
 
     #[test]
-    fn lanes_f32() {
-        check_all::<f32>();
+    fn lanes_of_every_type() {
+        on_every_isa(CheckLanes);
     }
 
     #[test]
-    fn lanes_f64() {
-        check_all::<f64>();
+    #[cfg_attr(miri, ignore)]
+    fn half_conversions_round_to_nearest_even() {
+        on_every_isa(CheckConversions);
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! centres the data exactly. Without a centre (`hi = 0`) this is the inference engines'
 //! `y = x * scale + shift`.
 
-use super::buffers::{aligned_arrays, Buffers};
+use super::buffers::{aligned_arrays, Buffers, LanesOf, Param};
 use super::lanes::{load_upto, Lanes, MapAt, MapLanes};
+use super::simd::{Simd, WithSimd};
 use crate::element::Element;
 use std::mem::size_of;
 
@@ -117,7 +118,7 @@ impl<L: Lanes> MapAt<L> for RowAffine<'_, L::Elem> {
 
 /// Normalizes consecutive runs of `s` values (NCHW), run `r` of `buf` with `affine(r)`.
 #[inline(always)]
-pub(crate) fn normalize_runs<L: Lanes, B: Buffers<L::Elem>>(
+pub(crate) fn normalize_runs<L: Lanes, B: Buffers<Data = L::Mem>>(
     buf: &mut B,
     s: usize,
     mut affine: impl FnMut(usize) -> Affine<L::Elem>,
@@ -150,13 +151,13 @@ pub(crate) trait RunIo<L: Lanes> {
     /// Whether the output is written with streaming stores.
     fn streams(&self) -> bool;
     /// The output from `i` on (for its alignment).
-    fn output_at(&self, i: usize) -> *const L::Elem;
+    fn output_at(&self, i: usize) -> *const L::Mem;
 }
 
 /// A [`Buffers`] as [`RunIo`].
 pub(crate) struct Io<'a, B>(pub &'a mut B);
 
-impl<L: Lanes, B: Buffers<L::Elem>> RunIo<L> for Io<'_, B> {
+impl<L: Lanes, B: Buffers<Data = L::Mem>> RunIo<L> for Io<'_, B> {
     type In = L;
     #[inline(always)]
     fn read(&self, i: usize) -> L {
@@ -179,7 +180,7 @@ impl<L: Lanes, B: Buffers<L::Elem>> RunIo<L> for Io<'_, B> {
         self.0.streaming()
     }
     #[inline(always)]
-    fn output_at(&self, i: usize) -> *const L::Elem {
+    fn output_at(&self, i: usize) -> *const L::Mem {
         self.0.output()[i..].as_ptr()
     }
 }
@@ -232,7 +233,7 @@ pub(crate) fn map_runs<L: Lanes, I: RunIo<L>, M: RunMap<L, I::In>>(
     // With streaming stores, one plain vector up to the first aligned output address.
     let mut p = 0;
     if stream {
-        let head = io.output_at(start).align_offset(size_of::<L>());
+        let head = io.output_at(start).align_offset(w * size_of::<L::Mem>());
         if head > 0 && head < w {
             let v = cur.map(io.read(start));
             io.write(start, v, false);
@@ -272,7 +273,7 @@ pub(crate) fn map_runs<L: Lanes, I: RunIo<L>, M: RunMap<L, I::In>>(
 /// Normalizes the `params.len()` consecutive runs of `s` values of `buf` from `start`, run
 /// `j` with `params[j]`: [`map_runs`] when runs are at least a vector long.
 #[inline(always)]
-pub(crate) fn normalize_group<L: Lanes, B: Buffers<L::Elem>>(
+pub(crate) fn normalize_group<L: Lanes, B: Buffers<Data = L::Mem>>(
     buf: &mut B,
     start: usize,
     s: usize,
@@ -291,7 +292,7 @@ pub(crate) fn normalize_group<L: Lanes, B: Buffers<L::Elem>>(
 
 /// Normalizes the `s < WIDTH` values of `buf` from `start` with `a`.
 #[inline(always)]
-fn normalize_short<L: Lanes, B: Buffers<L::Elem>>(
+fn normalize_short<L: Lanes, B: Buffers<Data = L::Mem>>(
     buf: &mut B,
     start: usize,
     s: usize,
@@ -303,7 +304,7 @@ fn normalize_short<L: Lanes, B: Buffers<L::Elem>>(
 /// Normalizes whole rows of `c` channels each (NHWC), lane `j` of a vector being channel
 /// `c0 + j`.
 #[inline(always)]
-pub(crate) fn normalize_rows<L: Lanes, B: Buffers<L::Elem>>(
+pub(crate) fn normalize_rows<L: Lanes, B: Buffers<Data = L::Mem>>(
     buf: &mut B,
     c: usize,
     p: &ChannelAffine<'_, L::Elem>,
@@ -354,4 +355,35 @@ pub(crate) fn fill_affine<T: Element>(
         (hi[i], scale[i], shift[i]) = (a.hi, a.scale, a.shift);
     }
     ChannelAffine { hi, scale, shift }
+}
+
+/// [`normalize_runs`] as a kernel: `buf` holds runs of `s` values, run `r` normalized with
+/// `affine(r)`.
+pub(crate) struct NormalizeRuns<'b, B, F> {
+    pub buf: &'b mut B,
+    pub s: usize,
+    pub affine: F,
+}
+
+impl<B: Buffers, F: FnMut(usize) -> Affine<Param<B>>> WithSimd for NormalizeRuns<'_, B, F> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        normalize_runs::<LanesOf<B, S>, B>(self.buf, self.s, self.affine)
+    }
+}
+
+/// [`normalize_rows`] as a kernel: `buf` holds rows of `c` channels.
+pub(crate) struct NormalizeRows<'b, 'p, B, T> {
+    pub buf: &'b mut B,
+    pub c: usize,
+    pub p: &'p ChannelAffine<'p, T>,
+}
+
+impl<B: Buffers> WithSimd for NormalizeRows<'_, '_, B, Param<B>> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        normalize_rows::<LanesOf<B, S>, B>(self.buf, self.c, self.p)
+    }
 }

@@ -1,13 +1,14 @@
 //! `wide`'s vectors as [`Lanes`]: the portable path (SSE2 in a default x86-64 build, NEON on
 //! aarch64, simd128 on wasm, and whatever target features the build itself enables).
 
-use super::lanes::Lanes;
+use super::lanes::{convert_by_element, same_memory, Convert, Lanes};
 use wide::{f32x8, f64x4};
 
 macro_rules! wide_lanes {
     ($v:ty, $t:ty, $w:expr) => {
         impl Lanes for $v {
             type Elem = $t;
+            same_memory!($t);
             const WIDTH: usize = $w;
 
             #[inline(always)]
@@ -65,3 +66,6 @@ macro_rules! wide_lanes {
 
 wide_lanes!(f32x8, f32, 8);
 wide_lanes!(f64x4, f64, 4);
+
+convert_by_element!(f32x8, 8, half::f16);
+convert_by_element!(f32x8, 8, half::bf16);

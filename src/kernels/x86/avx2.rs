@@ -6,7 +6,8 @@
 //! types and the `Lanes` trait are unreachable from outside the crate. Every load and store
 //! goes through a slice that bounds-checks it first (or, partial, masks it to `s.len()` lanes).
 
-use crate::kernels::lanes::Lanes;
+use crate::kernels::lanes::{Convert, Lanes};
+use half::{bf16, f16};
 use std::arch::x86_64::*;
 
 /// 8 `f32` lanes in a `__m256`.
@@ -159,3 +160,111 @@ x86_lanes!(F64x4, f64, 4;
     _mm256_set1_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_stream_pd, _mm256_add_pd, _mm256_sub_pd,
     _mm256_mul_pd, _mm256_fmadd_pd;
     load_partial_pd, store_partial_pd, hsum_pd, splice_pd);
+
+/// `f32` lanes rounded to `bf16` bits (in the low half of each 32-bit lane), to nearest
+/// even; a NaN stays a NaN (made quiet), overflow goes to infinity.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[inline(always)]
+unsafe fn round_bf16(v: __m256) -> __m256i {
+    // SAFETY: AVX2 detected (the caller's contract); no memory is accessed.
+    unsafe {
+        let bits = _mm256_castps_si256(v);
+        let high = _mm256_srli_epi32::<16>(bits);
+        let lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff));
+        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, bias));
+        let quiet = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        let r = _mm256_blendv_epi8(rounded, quiet, nan);
+        // Eight 16-bit values in the low 128 bits: pack within each half, then gather them.
+        _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(r, r))
+    }
+}
+
+/// Eight 16-bit values to the first 8 elements of `s`, streaming where `s` is aligned to 16
+/// bytes.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[inline(always)]
+unsafe fn store_halves<D>(s: &mut [D], v: __m128i, stream: bool) {
+    const { assert!(std::mem::size_of::<D>() == 2) };
+    let s = &mut s[..8];
+    let p = s.as_mut_ptr().cast::<__m128i>();
+    // SAFETY: AVX2 detected (the caller's contract); `s` holds the 16 bytes written, and the
+    // streaming store is used only where they are aligned to 16 as it requires.
+    unsafe {
+        if stream && p.align_offset(16) == 0 {
+            _mm_stream_si128(p, v)
+        } else {
+            _mm_storeu_si128(p, v)
+        }
+    }
+}
+
+/// The first 8 elements of `s`, 16 bits each.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[inline(always)]
+unsafe fn load_halves<D>(s: &[D]) -> __m128i {
+    const { assert!(std::mem::size_of::<D>() == 2) };
+    let s = &s[..8];
+    // SAFETY: AVX2 detected (the caller's contract); `s` holds the 16 bytes read.
+    unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
+}
+
+// SAFETY (all four methods below): values exist only inside kernels entered with AVX2, FMA and
+// F16C enabled (`super::Avx2` requires all three); the helpers bound the memory accessed.
+impl Convert<f16> for F32x8 {
+    #[inline(always)]
+    fn widen(s: &[f16]) -> Self {
+        // SAFETY: see above.
+        unsafe { F32x8(_mm256_cvtph_ps(load_halves(s))) }
+    }
+    #[inline(always)]
+    fn narrow(self, s: &mut [f16]) {
+        // SAFETY: see above.
+        unsafe {
+            store_halves(
+                s,
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(self.0),
+                false,
+            )
+        }
+    }
+    #[inline(always)]
+    fn narrow_stream(self, s: &mut [f16]) {
+        // SAFETY: see above.
+        unsafe {
+            store_halves(
+                s,
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(self.0),
+                true,
+            )
+        }
+    }
+}
+
+impl Convert<bf16> for F32x8 {
+    #[inline(always)]
+    fn widen(s: &[bf16]) -> Self {
+        // SAFETY: see above.
+        unsafe {
+            let wide = _mm256_cvtepu16_epi32(load_halves(s));
+            F32x8(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide)))
+        }
+    }
+    #[inline(always)]
+    fn narrow(self, s: &mut [bf16]) {
+        // SAFETY: see above.
+        unsafe { store_halves(s, _mm256_castsi256_si128(round_bf16(self.0)), false) }
+    }
+    #[inline(always)]
+    fn narrow_stream(self, s: &mut [bf16]) {
+        // SAFETY: see above.
+        unsafe { store_halves(s, _mm256_castsi256_si128(round_bf16(self.0)), true) }
+    }
+}

@@ -6,7 +6,8 @@
 //! after `is_x86_feature_detected!("avx512f")`; every access is bounds-checked through a slice
 //! or masked to the slice's length.
 
-use crate::kernels::lanes::Lanes;
+use crate::kernels::lanes::{Convert, Lanes};
+use half::{bf16, f16};
 use std::arch::x86_64::*;
 
 /// 16 `f32` lanes in a `__m512`.
@@ -99,3 +100,110 @@ x86_lanes!(F64x8, f64, 8;
     _mm512_set1_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_stream_pd, _mm512_add_pd, _mm512_sub_pd,
     _mm512_mul_pd, _mm512_fmadd_pd;
     load_partial_pd, store_partial_pd, _mm512_reduce_add_pd, splice_pd);
+
+/// `f32` lanes rounded to `bf16` bits, to nearest even; a NaN stays a NaN (made quiet),
+/// overflow goes to infinity. (Not AVX512-BF16's `vcvtneps2bf16`: it flushes subnormal inputs
+/// and outputs to zero, where `bf16` has subnormals down to `2^-133`.)
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[inline(always)]
+unsafe fn round_bf16(v: __m512) -> __m256i {
+    // SAFETY: AVX-512F detected (the caller's contract); no memory is accessed.
+    unsafe {
+        let bits = _mm512_castps_si512(v);
+        let high = _mm512_srli_epi32::<16>(bits);
+        let lsb = _mm512_and_si512(high, _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+        let quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet))
+    }
+}
+
+/// Sixteen 16-bit values to the first 16 elements of `s`, streaming where `s` is aligned to
+/// 32 bytes.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[inline(always)]
+unsafe fn store_halves<D>(s: &mut [D], v: __m256i, stream: bool) {
+    const { assert!(std::mem::size_of::<D>() == 2) };
+    let s = &mut s[..16];
+    let p = s.as_mut_ptr().cast::<__m256i>();
+    // SAFETY: AVX-512F detected (the caller's contract; it implies AVX); `s` holds the 32
+    // bytes written, and the streaming store is used only where they are aligned to 32.
+    unsafe {
+        if stream && p.align_offset(32) == 0 {
+            _mm256_stream_si256(p, v)
+        } else {
+            _mm256_storeu_si256(p, v)
+        }
+    }
+}
+
+/// The first 16 elements of `s`, 16 bits each.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[inline(always)]
+unsafe fn load_halves<D>(s: &[D]) -> __m256i {
+    const { assert!(std::mem::size_of::<D>() == 2) };
+    let s = &s[..16];
+    // SAFETY: AVX-512F detected (the caller's contract); `s` holds the 32 bytes read.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+// SAFETY (all four methods below): values exist only inside kernels entered with AVX-512F
+// enabled (`super::Avx512`); the helpers bound the memory accessed.
+impl Convert<f16> for F32x16 {
+    #[inline(always)]
+    fn widen(s: &[f16]) -> Self {
+        // SAFETY: see above.
+        unsafe { F32x16(_mm512_cvtph_ps(load_halves(s))) }
+    }
+    #[inline(always)]
+    fn narrow(self, s: &mut [f16]) {
+        // SAFETY: see above.
+        unsafe {
+            store_halves(
+                s,
+                _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(self.0),
+                false,
+            )
+        }
+    }
+    #[inline(always)]
+    fn narrow_stream(self, s: &mut [f16]) {
+        // SAFETY: see above.
+        unsafe {
+            store_halves(
+                s,
+                _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(self.0),
+                true,
+            )
+        }
+    }
+}
+
+impl Convert<bf16> for F32x16 {
+    #[inline(always)]
+    fn widen(s: &[bf16]) -> Self {
+        // SAFETY: see above.
+        unsafe {
+            let wide = _mm512_cvtepu16_epi32(load_halves(s));
+            F32x16(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide)))
+        }
+    }
+    #[inline(always)]
+    fn narrow(self, s: &mut [bf16]) {
+        // SAFETY: see above.
+        unsafe { store_halves(s, round_bf16(self.0), false) }
+    }
+    #[inline(always)]
+    fn narrow_stream(self, s: &mut [bf16]) {
+        // SAFETY: see above.
+        unsafe { store_halves(s, round_bf16(self.0), true) }
+    }
+}

@@ -1,7 +1,7 @@
-//! x86-64 instruction sets chosen at run time: the same generic kernels, entered through
-//! `#[target_feature]` functions so that the compiler emits AVX2/AVX-512 code for them in a
-//! default build. The entries sit at the leaves ([`Kernels`]), not around a driver: rayon
-//! runs tasks on other threads, outside any caller's target features.
+//! x86-64 instruction sets chosen at run time: the same generic kernels, entered through one
+//! `#[target_feature]` function per instruction set ([`Simd::vectorize`]) so that the compiler
+//! emits AVX2/AVX-512 code for them in a default build. The entries sit at the leaves, not
+//! around a driver: rayon runs tasks on other threads, outside any caller's target features.
 
 /// Implements `Lanes` for `$v`, a wrapper of one x86 vector register of `$w` lanes of `$t`:
 /// the full-width operations from the named intrinsics, the partial loads and stores, the
@@ -14,6 +14,7 @@ macro_rules! x86_lanes {
      $load_partial:ident, $store_partial:ident, $sum:ident, $splice:ident) => {
         impl Lanes for $v {
             type Elem = $t;
+            $crate::kernels::lanes::same_memory!($t);
             const WIDTH: usize = $w;
 
             #[inline(always)]
@@ -39,7 +40,7 @@ macro_rules! x86_lanes {
                 unsafe { $storeu(s.as_mut_ptr(), self.0) }
             }
             #[inline(always)]
-            fn store_stream(self, s: &mut [$t]) {
+            fn write_stream(self, s: &mut [$t]) {
                 let s = &mut s[..$w];
                 if s.as_ptr().align_offset(std::mem::size_of::<Self>()) == 0 {
                     // SAFETY: detected as above; `s` holds the lanes written and is aligned to
@@ -91,32 +92,46 @@ macro_rules! x86_lanes {
 pub mod avx2;
 pub mod avx512;
 
-use super::impl_kernels;
-use crate::element::Element;
+use crate::kernels::simd::{Simd, WithSimd};
 
-macro_rules! target_feature_kernels {
-    ($(#[$doc:meta])* $name:ident, $lanes:ident, $features:literal, $($detect:tt),+) => {
+/// Defines the token of an x86 instruction set: made by `detect` only, its lanes, and its
+/// one `#[target_feature]` entry.
+macro_rules! x86_token {
+    ($(#[$doc:meta])* $name:ident, $f32:ty, $f64:ty, $features:literal, $($detect:tt),+) => {
         $(#[$doc])*
         #[derive(Clone, Copy, Debug)]
-        pub(crate) struct $name(());
+        pub struct $name(());
 
         impl $name {
-            /// The kernels, if this CPU has the instruction set.
+            /// The token, if this CPU has the instruction set.
             pub fn detect() -> Option<Self> {
                 ($(std::arch::is_x86_feature_detected!($detect))&&+).then_some($name(()))
             }
         }
 
-        impl_kernels!(impl[T: Element] Kernels<T> for $name, lanes T::$lanes,
-            entry #[target_feature(enable = $features)]);
+        impl Simd for $name {
+            type F32 = $f32;
+            type F64 = $f64;
+            #[inline(always)]
+            fn vectorize<Op: WithSimd>(self, op: Op) -> Op::Output {
+                /// # Safety
+                /// The CPU must have the instruction set (a token is the proof).
+                #[target_feature(enable = $features)]
+                unsafe fn entry<Op: WithSimd>(simd: $name, op: Op) -> Op::Output {
+                    op.with_simd(simd)
+                }
+                // SAFETY: `self` exists, so `detect` found the features.
+                unsafe { entry(self, op) }
+            }
+        }
     };
 }
 
-target_feature_kernels!(
-    /// The kernels on AVX2 + FMA lanes.
-    Avx2, Avx2, "avx2,fma", "avx2", "fma"
+x86_token!(
+    /// AVX2 with FMA and F16C (every AVX2 CPU has F16C): 8 `f32` or 4 `f64` lanes.
+    Avx2, avx2::F32x8, avx2::F64x4, "avx2,fma,f16c", "avx2", "fma", "f16c"
 );
-target_feature_kernels!(
-    /// The kernels on AVX-512F lanes.
-    Avx512, Avx512, "avx512f", "avx512f"
+x86_token!(
+    /// AVX-512F: 16 `f32` or 8 `f64` lanes.
+    Avx512, avx512::F32x16, avx512::F64x8, "avx512f", "avx512f"
 );
