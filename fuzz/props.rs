@@ -20,9 +20,10 @@
 //!   both signs near `f32::MAX`) may come out NaN or infinite; no other channel or value may.
 #![allow(dead_code)]
 
+use batchnorm::half::{bf16, f16};
 use batchnorm::{
-    oracle, with_isa, with_parallel_threshold, with_stream_threshold, BatchNorm, Error, Gradients,
-    Isa, Layout, Moments, SavedStats, Shape,
+    oracle, with_isa, with_parallel_threshold, with_stream_threshold, BatchNorm, Data, Error,
+    Gradients, Isa, Layout, Moments, SavedStats, Shape,
 };
 use std::sync::OnceLock;
 
@@ -685,4 +686,189 @@ pub fn check_backward(data: &[u8], which: Option<usize>) {
     each_path(which, || {
         verify_backward(&case, &refs, &saved, &want, &run_backward(&case, &saved))
     });
+}
+
+/// A 16-bit tensor type, with its values in order as integers (for counting units in the last
+/// place).
+pub trait Half: Data<Param = f32> {
+    fn bits16(self) -> u16;
+    /// Consecutive values have consecutive numbers; both zeros are 0.
+    fn ordered(self) -> i32 {
+        let b = self.bits16() as i32;
+        if b & 0x8000 != 0 {
+            -(b & 0x7fff)
+        } else {
+            b
+        }
+    }
+}
+
+impl Half for f16 {
+    fn bits16(self) -> u16 {
+        self.to_bits()
+    }
+}
+
+impl Half for bf16 {
+    fn bits16(self) -> u16 {
+        self.to_bits()
+    }
+}
+
+/// A case's tensors rounded to a 16-bit type (the layer stays `f32`).
+#[derive(Clone, Debug)]
+pub struct HalfCase<D> {
+    pub case: Case,
+    pub x: Vec<D>,
+    pub dy: Vec<D>,
+}
+
+impl<D: Half> HalfCase<D> {
+    pub fn of(case: Case) -> Self {
+        let x = case.x.iter().map(|&v| D::from_f64(v as f64)).collect();
+        let dy = case.dy.iter().map(|&v| D::from_f64(v as f64)).collect();
+        HalfCase { case, x, dy }
+    }
+}
+
+/// Inference, training and backward on 16-bit tensors.
+#[derive(Clone, Debug)]
+pub struct HalfRun<D> {
+    pub eval: Vec<D>,
+    pub eval_in_place: Vec<D>,
+    pub train: Vec<D>,
+    pub train_in_place: Vec<D>,
+    pub saved: Result<SavedStats<f32>, Error>,
+    pub dx: Vec<D>,
+}
+
+pub fn run_half<D: Half>(h: &HalfCase<D>) -> HalfRun<D> {
+    let (shape, layout, layer) = (h.case.shape, h.case.layout, &h.case.layer);
+    let mut eval = vec![D::default(); h.x.len()];
+    layer
+        .forward_eval(&h.x, &mut eval, shape, layout)
+        .expect("eval");
+    let mut eval_in_place = h.x.clone();
+    layer
+        .forward_eval_in_place(&mut eval_in_place, shape, layout)
+        .expect("eval in place");
+    let mut train = vec![D::default(); h.x.len()];
+    let saved = layer.clone().forward_train(&h.x, &mut train, shape, layout);
+    let mut train_in_place = h.x.clone();
+    let _ = layer
+        .clone()
+        .forward_train_in_place(&mut train_in_place, shape, layout);
+    let mut dx = vec![D::default(); h.x.len()];
+    if let Ok(saved) = &saved {
+        layer
+            .backward(&h.x, &h.dy, saved, &mut dx, shape, layout)
+            .expect("backward");
+    }
+    HalfRun {
+        eval,
+        eval_in_place,
+        train,
+        train_in_place,
+        saved,
+        dx,
+    }
+}
+
+/// Output `g` against the reference `w`, whose terms have size `terms`: within one unit in the
+/// last place of `w` rounded to `D`, or within the `f32` bound `1e-5 * (1 + terms)` (where the
+/// `f32` arithmetic before the rounding cannot do better: the output cancels to far below its
+/// terms).
+fn half_close<D: Half>(g: D, w: f64, terms: f64) -> bool {
+    let rounded = D::from_f64(w);
+    let g64 = g.to_f64();
+    !g64.is_nan()
+        && ((g.ordered() - rounded.ordered()).abs() <= 1 || close(g64, w, 1e-5 * (1.0 + terms)))
+}
+
+/// 16-bit tensors: in place and out of place identical; NaN out of a NaN input; elsewhere,
+/// where the reference and the `f32` scale exist and the inputs are finite, every output of
+/// inference, training and backward within one unit in the last place of the reference (or
+/// the `f32` bound where the output cancels).
+pub fn verify_half<D: Half>(h: &HalfCase<D>, got: &HalfRun<D>) -> Verdict {
+    let (shape, layout, layer) = (h.case.shape, h.case.layout, &h.case.layer);
+    let same = |a: &[D], b: &[D]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x == y || (x.to_f64().is_nan() && y.to_f64().is_nan()))
+    };
+    ensure!(
+        same(&got.eval, &got.eval_in_place),
+        "in-place inference differs"
+    );
+    ensure!(
+        got.saved.is_err() || same(&got.train, &got.train_in_place),
+        "in-place training differs"
+    );
+    let x = &h.x;
+    let finite = |c: usize| indices(shape, layout, c).all(|i| x[i].to_f64().is_finite());
+    let want = oracle::forward_eval(layer, x, shape, layout);
+    for c in 0..shape.c {
+        let b = layer.bias[c] as f64;
+        for i in indices(shape, layout, c) {
+            let (g, w) = (got.eval[i], want[i]);
+            if x[i].to_f64().is_nan() {
+                ensure!(g.to_f64().is_nan(), "eval y[{i}] = {g:?} from a NaN input");
+            } else if x[i].to_f64().is_finite() && w.is_finite() {
+                let terms = (w - b).abs() + b.abs();
+                ensure!(half_close(g, w, terms), "eval y[{i}] {g:?} vs {w:e}");
+            }
+        }
+    }
+    let Ok(saved) = &got.saved else {
+        return Ok(());
+    };
+    let want = oracle::forward_train(layer, x, shape, layout);
+    let back = oracle::backward(layer, x, &h.dy, saved, shape, layout);
+    let stats = oracle::mean_var(x, shape, layout);
+    let m = (shape.n * shape.spatial) as f64;
+    for c in 0..shape.c {
+        let (w_c, b) = (layer.weight[c] as f64, layer.bias[c] as f64);
+        // The scale must exist in f32 (with eps = 0, a constant channel has none).
+        let scale = want.invstd[c] * w_c;
+        if !finite(c) || !(scale.abs() < f32::MAX as f64) || !want.mean[c].is_finite() {
+            continue;
+        }
+        let is = saved.invstd[c] as f64;
+        // As for f32 data (`verify_backward`): a distance from the mean beyond f32's range
+        // may overflow, and so may the coefficients of dx for a variance below 1e-30.
+        let spread = indices(shape, layout, c).all(|i| (x[i].to_f64() - want.mean[c]).abs() < 1e38);
+        if !spread || !is.is_finite() || stats[c].1 <= 1e-30 {
+            continue;
+        }
+        for i in indices(shape, layout, c) {
+            let (g, w) = (got.train[i], want.y[i]);
+            if w.is_finite() {
+                let terms = (w - b).abs() + b.abs();
+                ensure!(half_close(g, w, terms), "train y[{i}] {g:?} vs {w:e}");
+            }
+            let xhat = (x[i].to_f64() - saved.mean[c] as f64) * is;
+            let terms = (w_c * is * h.dy[i].to_f64()).abs()
+                + (w_c * is / m * xhat * back.weight[c]).abs()
+                + (w_c * is / m * back.bias[c]).abs();
+            let (g, w) = (got.dx[i], back.dx[i]);
+            if terms.is_finite() && w.is_finite() && terms < 1e30 {
+                ensure!(half_close(g, w, terms), "dx[{i}] {g:?} vs {w:e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The case as `f16` or `bf16` (its second-to-last byte picks), on every path or the one
+/// `which` picks.
+pub fn check_half(data: &[u8], which: Option<usize>) {
+    let Some(case) = decode(data) else { return };
+    if data[data.len() - 2] & 1 == 0 {
+        let h = HalfCase::<f16>::of(case);
+        each_path(which, || verify_half(&h, &run_half(&h)));
+    } else {
+        let h = HalfCase::<bf16>::of(case);
+        each_path(which, || verify_half(&h, &run_half(&h)));
+    }
 }

@@ -1,6 +1,6 @@
 //! The layer: parameters, running statistics, and the checks that keep them consistent.
 
-use crate::element::Element;
+use crate::element::{Data, Element};
 use crate::error::{check_eps, check_len, check_xy, Error};
 use crate::exec;
 use crate::kernels::backward::{BackAffine, GradSums};
@@ -97,10 +97,10 @@ impl<T: Element> BatchNorm<T> {
 
     /// Training's forward pass: normalizes `x` into `y` with the batch statistics, updates the
     /// running statistics, and returns what the backward pass needs.
-    pub fn forward_train(
+    pub fn forward_train<D: Data<Param = T>>(
         &mut self,
-        x: &[T],
-        y: &mut [T],
+        x: &[D],
+        y: &mut [D],
         shape: Shape,
         layout: Layout,
     ) -> Result<SavedStats<T>, Error> {
@@ -109,9 +109,9 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// [`forward_train`](Self::forward_train) writing over its input.
-    pub fn forward_train_in_place(
+    pub fn forward_train_in_place<D: Data<Param = T>>(
         &mut self,
-        xy: &mut [T],
+        xy: &mut [D],
         shape: Shape,
         layout: Layout,
     ) -> Result<SavedStats<T>, Error> {
@@ -119,10 +119,10 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// Inference: normalizes `x` into `y` with the running statistics.
-    pub fn forward_eval(
+    pub fn forward_eval<D: Data<Param = T>>(
         &self,
-        x: &[T],
-        y: &mut [T],
+        x: &[D],
+        y: &mut [D],
         shape: Shape,
         layout: Layout,
     ) -> Result<(), Error> {
@@ -131,9 +131,9 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// [`forward_eval`](Self::forward_eval) writing over its input.
-    pub fn forward_eval_in_place(
+    pub fn forward_eval_in_place<D: Data<Param = T>>(
         &self,
-        xy: &mut [T],
+        xy: &mut [D],
         shape: Shape,
         layout: Layout,
     ) -> Result<(), Error> {
@@ -165,12 +165,12 @@ impl<T: Element> BatchNorm<T> {
     ///
     /// `dbias = Σ dy`, `dweight = Σ dy * xhat`,
     /// `dx = weight * invstd / M * (M * dy - dbias - xhat * dweight)`.
-    pub fn backward(
+    pub fn backward<D: Data<Param = T>>(
         &self,
-        x: &[T],
-        dy: &[T],
+        x: &[D],
+        dy: &[D],
         saved: &SavedStats<T>,
-        dx: &mut [T],
+        dx: &mut [D],
         shape: Shape,
         layout: Layout,
     ) -> Result<Gradients<T>, Error> {
@@ -195,11 +195,11 @@ impl<T: Element> BatchNorm<T> {
     /// The backward pass of inference mode, where the running statistics are constants (frozen
     /// batch norm in fine-tuning): `dx = dy * weight * invstd_running`, and the same `dweight`
     /// and `dbias` sums with `xhat` from the running statistics.
-    pub fn backward_eval(
+    pub fn backward_eval<D: Data<Param = T>>(
         &self,
-        x: &[T],
-        dy: &[T],
-        dx: &mut [T],
+        x: &[D],
+        dy: &[D],
+        dx: &mut [D],
         shape: Shape,
         layout: Layout,
     ) -> Result<Gradients<T>, Error> {
@@ -220,7 +220,13 @@ impl<T: Element> BatchNorm<T> {
         Ok(gradients(&sums, invstd))
     }
 
-    fn check_backward(&self, x: &[T], dy: &[T], dx: &[T], shape: Shape) -> Result<(), Error> {
+    fn check_backward<D: Data>(
+        &self,
+        x: &[D],
+        dy: &[D],
+        dx: &[D],
+        shape: Shape,
+    ) -> Result<(), Error> {
         self.check(shape, x.len())?;
         check_len("dy", x.len(), dy.len())?;
         check_len("dx", x.len(), dx.len())
@@ -242,7 +248,7 @@ impl<T: Element> BatchNorm<T> {
         check_eps(self.eps)
     }
 
-    fn train<B: Buffers<Data = T>>(
+    fn train<B: Buffers<Data: Data<Param = T>>>(
         &mut self,
         buf: B,
         shape: Shape,
@@ -311,7 +317,7 @@ impl<T: Element> BatchNorm<T> {
         saved
     }
 
-    fn eval<B: Buffers<Data = T>>(
+    fn eval<B: Buffers<Data: Data<Param = T>>>(
         &self,
         buf: B,
         shape: Shape,

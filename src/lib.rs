@@ -14,8 +14,10 @@ pub mod oracle;
 mod parallel;
 mod shape;
 
-pub use element::Element;
+pub use element::{Data, Element};
 pub use error::Error;
+/// The `half` crate this one was built with, so that callers name the same `f16` and `bf16`.
+pub use half;
 pub use kernels::{with_isa, Isa};
 pub use layer::{BatchNorm, Gradients, SavedStats};
 pub use moments::Moments;

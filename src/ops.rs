@@ -1,9 +1,9 @@
 //! The lower-level operations an inference engine calls directly.
 
-use crate::element::Element;
+use crate::element::{Data, Element};
 use crate::error::{check_eps, check_len, check_xy, Error};
 use crate::exec;
-use crate::kernels::buffers::{Buffers, Split};
+use crate::kernels::buffers::{Buffers, Param, Split};
 use crate::kernels::normalize::ChannelAffine;
 use crate::moments::Moments;
 use crate::shape::{Layout, Shape};
@@ -11,7 +11,7 @@ use crate::shape::{Layout, Shape};
 /// Per-channel moments (count, mean, M2) of `x`, in one pass over memory. They merge exactly
 /// with the moments of other data ([`Moments::merge`]), so statistics can be accumulated over
 /// micro-batches or devices.
-pub fn moments<T: Element>(x: &[T], shape: Shape, layout: Layout) -> Result<Vec<Moments>, Error> {
+pub fn moments<D: Data>(x: &[D], shape: Shape, layout: Layout) -> Result<Vec<Moments>, Error> {
     check_len("x", shape.numel()?, x.len())?;
     Ok(exec::moments(x, shape, layout))
 }
@@ -48,11 +48,11 @@ pub fn fold_scale_shift<T: Element>(
 
 /// `y = x * scale[c] + shift[c]` for every element of channel `c`: inference with folded
 /// statistics ([`fold_scale_shift`]), one multiply-add per element.
-pub fn apply_scale_shift<T: Element>(
-    x: &[T],
-    y: &mut [T],
-    scale: &[T],
-    shift: &[T],
+pub fn apply_scale_shift<D: Data>(
+    x: &[D],
+    y: &mut [D],
+    scale: &[D::Param],
+    shift: &[D::Param],
     shape: Shape,
     layout: Layout,
 ) -> Result<(), Error> {
@@ -61,20 +61,20 @@ pub fn apply_scale_shift<T: Element>(
 }
 
 /// [`apply_scale_shift`] writing over its input.
-pub fn apply_scale_shift_in_place<T: Element>(
-    xy: &mut [T],
-    scale: &[T],
-    shift: &[T],
+pub fn apply_scale_shift_in_place<D: Data>(
+    xy: &mut [D],
+    scale: &[D::Param],
+    shift: &[D::Param],
     shape: Shape,
     layout: Layout,
 ) -> Result<(), Error> {
     apply(xy, scale, shift, shape, layout)
 }
 
-fn apply<T: Element, B: Buffers<Data = T>>(
+fn apply<B: Buffers>(
     buf: B,
-    scale: &[T],
-    shift: &[T],
+    scale: &[Param<B>],
+    shift: &[Param<B>],
     shape: Shape,
     layout: Layout,
 ) -> Result<(), Error> {

@@ -1,16 +1,17 @@
 //! The scalar reference: every public operation computed the plain way, two passes, in `f64`.
 //!
 //! It shares nothing with the kernels but the types, and is kept deliberately simple so that it
-//! can be trusted by reading it. Tests, the fuzz targets and the report example compare every
+//! can be trusted by reading it. Inputs of any [`Data`] type are widened to `f64` exactly;
+//! outputs are `f64`, and [`round`] gives what a correctly rounded kernel would store. Tests, the fuzz targets and the report example compare every
 //! fast path with it. It expects valid input (check it with the layer first) and panics on
 //! lengths that do not match the shape.
 
-use crate::element::Element;
+use crate::element::Data;
 use crate::layer::{BatchNorm, SavedStats};
 use crate::shape::{Layout, Shape};
 
 /// Mean and biased variance of every channel, by (corrected) two passes in `f64`.
-pub fn mean_var<T: Element>(x: &[T], shape: Shape, layout: Layout) -> Vec<(f64, f64)> {
+pub fn mean_var<D: Data>(x: &[D], shape: Shape, layout: Layout) -> Vec<(f64, f64)> {
     (0..shape.c)
         .map(|c| {
             let values = channel(x, shape, layout, c);
@@ -26,7 +27,7 @@ pub fn mean_var<T: Element>(x: &[T], shape: Shape, layout: Layout) -> Vec<(f64, 
 }
 
 /// The values of channel `c`, widened to `f64`.
-pub fn channel<T: Element>(x: &[T], shape: Shape, layout: Layout, c: usize) -> Vec<f64> {
+pub fn channel<D: Data>(x: &[D], shape: Shape, layout: Layout, c: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(shape.n * shape.spatial);
     for n in 0..shape.n {
         for s in 0..shape.spatial {
@@ -37,8 +38,8 @@ pub fn channel<T: Element>(x: &[T], shape: Shape, layout: Layout, c: usize) -> V
 }
 
 /// `y[i] = f(channel of i, x[i])` for every element.
-pub fn map<T: Element>(
-    x: &[T],
+pub fn map<D: Data>(
+    x: &[D],
     shape: Shape,
     layout: Layout,
     f: impl Fn(usize, f64) -> f64,
@@ -73,9 +74,9 @@ pub struct Train {
 }
 
 /// Training's forward pass of `layer` on `x`, without changing the layer.
-pub fn forward_train<T: Element>(
-    layer: &BatchNorm<T>,
-    x: &[T],
+pub fn forward_train<D: Data>(
+    layer: &BatchNorm<D::Param>,
+    x: &[D],
     shape: Shape,
     layout: Layout,
 ) -> Train {
@@ -115,9 +116,9 @@ pub fn forward_train<T: Element>(
 }
 
 /// Inference of `layer` on `x`: `(x - running_mean) / sqrt(running_var + eps) * weight + bias`.
-pub fn forward_eval<T: Element>(
-    layer: &BatchNorm<T>,
-    x: &[T],
+pub fn forward_eval<D: Data>(
+    layer: &BatchNorm<D::Param>,
+    x: &[D],
     shape: Shape,
     layout: Layout,
 ) -> Vec<f64> {
@@ -129,10 +130,10 @@ pub fn forward_eval<T: Element>(
 }
 
 /// `x * scale[c] + shift[c]`.
-pub fn apply_scale_shift<T: Element>(
-    x: &[T],
-    scale: &[T],
-    shift: &[T],
+pub fn apply_scale_shift<D: Data>(
+    x: &[D],
+    scale: &[D::Param],
+    shift: &[D::Param],
     shape: Shape,
     layout: Layout,
 ) -> Vec<f64> {
@@ -155,11 +156,11 @@ pub struct Backward {
 /// Training's backward pass with the given batch statistics (`saved`, widened to `f64`):
 /// `dbias = Σ dy`, `dweight = Σ dy * xhat`,
 /// `dx = weight * invstd / M * (M * dy - dbias - xhat * dweight)`.
-pub fn backward<T: Element>(
-    layer: &BatchNorm<T>,
-    x: &[T],
-    dy: &[T],
-    saved: &SavedStats<T>,
+pub fn backward<D: Data>(
+    layer: &BatchNorm<D::Param>,
+    x: &[D],
+    dy: &[D],
+    saved: &SavedStats<D::Param>,
     shape: Shape,
     layout: Layout,
 ) -> Backward {
@@ -170,10 +171,10 @@ pub fn backward<T: Element>(
 
 /// Inference's backward pass: the running statistics are constants, `dx = dy * weight *
 /// invstd_running`.
-pub fn backward_eval<T: Element>(
-    layer: &BatchNorm<T>,
-    x: &[T],
-    dy: &[T],
+pub fn backward_eval<D: Data>(
+    layer: &BatchNorm<D::Param>,
+    x: &[D],
+    dy: &[D],
     shape: Shape,
     layout: Layout,
 ) -> Backward {
@@ -187,10 +188,10 @@ pub fn backward_eval<T: Element>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn backward_with<T: Element>(
-    layer: &BatchNorm<T>,
-    x: &[T],
-    dy: &[T],
+fn backward_with<D: Data>(
+    layer: &BatchNorm<D::Param>,
+    x: &[D],
+    dy: &[D],
     mean: &[f64],
     invstd: &[f64],
     batch_stats: bool,
@@ -223,4 +224,10 @@ fn backward_with<T: Element>(
         }
     }
     Backward { dx, weight, bias }
+}
+
+/// The outputs `y` rounded to the tensor type `D`, each to nearest (ties to even), in one
+/// rounding: what an exact kernel would store.
+pub fn round<D: Data>(y: &[f64]) -> Vec<D> {
+    y.iter().map(|&v| D::from_f64(v)).collect()
 }

@@ -134,7 +134,7 @@ fn invalid_eps_and_momentum() {
         bn.eps = eps;
         let err = Error::Eps(eps);
         // NaN != NaN: compare the messages instead.
-        let mut y = vec![0.0; 24];
+        let mut y = vec![0.0f32; 24];
         let got = bn
             .clone()
             .forward_train(&[0.0; 24], &mut y, shape, Layout::Nchw)
@@ -162,7 +162,7 @@ fn invalid_eps_and_momentum() {
     }
     let mut bn = trained(3);
     bn.momentum = Some(f64::NAN);
-    let mut y = vec![0.0; 24];
+    let mut y = vec![0.0f32; 24];
     assert!(
         matches!(bn.forward_train(&[0.0; 24], &mut y, shape, Layout::Nchw), Err(Error::Momentum(m)) if m.is_nan())
     );

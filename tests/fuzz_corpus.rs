@@ -53,6 +53,53 @@ fn backward_corpus() {
     replay("backward", props::check_backward);
 }
 
+#[test]
+#[cfg_attr(miri, ignore = "reads the corpus from disk")]
+fn half_corpus() {
+    replay("half", props::check_half);
+}
+
+/// The 16-bit verifier rejects an output two units in the last place off, a wrong in-place
+/// result, and a number where a NaN input must give NaN.
+fn half_verifier_rejects<D: props::Half>(step: fn(D) -> D) {
+    for flag in [0u8, 1] {
+        let case = plain_case(flag);
+        let (shape, layout) = (case.shape, case.layout);
+        let at = |c: usize| shape.index(layout, 1, c, 5);
+        let h = props::HalfCase::<D>::of(case);
+        let verify = |r: &props::HalfRun<D>| props::verify_half(&h, r);
+        rejects(
+            "16-bit",
+            &props::run_half(&h),
+            verify,
+            &[
+                ("eval y", &|r| r.eval[at(1)] = step(step(r.eval[at(1)]))),
+                ("train y", &|r| r.train[at(2)] = step(step(r.train[at(2)]))),
+                ("dx", &|r| r.dx[at(3)] = step(step(r.dx[at(3)]))),
+                ("in-place eval", &|r| {
+                    r.eval_in_place[at(4)] = step(r.eval_in_place[at(4)])
+                }),
+            ],
+        );
+        let mut nan = h.clone();
+        nan.x[at(0)] = D::from_f64(f64::NAN);
+        let verify = |r: &props::HalfRun<D>| props::verify_half(&nan, r);
+        rejects(
+            "16-bit with a NaN",
+            &props::run_half(&nan),
+            verify,
+            &[("NaN", &|r| r.eval[at(0)] = D::from_f64(0.5))],
+        );
+    }
+}
+
+#[test]
+fn half_verifier_rejects_wrong_results() {
+    use batchnorm::half::{bf16, f16};
+    half_verifier_rejects::<f16>(|v| f16::from_bits(v.to_bits() + 1));
+    half_verifier_rejects::<bf16>(|v| bf16::from_bits(v.to_bits() + 1));
+}
+
 /// A plain case: 3 x 5 x 17 uniform values in [-1, 1), eps 1e-5, momentum 0.1.
 fn plain_case(layout_flag: u8) -> props::Case {
     props::decode(&[2, 4, 16, layout_flag, 6, 0, 0, 0, 1, 2, 3, 4]).expect("a case")
