@@ -1,8 +1,10 @@
 //! criterion benchmarks of the forward and backward passes, both layouts, beside a memory copy
 //! of the same bytes on the same threads: the report's shapes (A to E) and the distinct
-//! batch-norm shapes of ResNet-50 at batch 1 (`BENCH_BATCH=32` for batch 32). Throughput
-//! counts 8 bytes per element (x read, y written; 12 for backward: x and dy read, dx
-//! written), so criterion prints GB/s.
+//! batch-norm shapes of ResNet-50 at batch 1 (`BENCH_BATCH=32` for batch 32). The report's
+//! shapes also run on `f16` and `bf16` tensors (groups suffixed `_f16`, `_bf16`; parameters
+//! `f32`). Throughput counts two tensors' bytes per element (x read, y written: 8 for `f32`,
+//! 4 for the 16-bit types), three for backward (x and dy read, dx written), so criterion
+//! prints GB/s.
 //!
 //! Every benchmark, the copy included, runs on rayon's global pool of `BENCH_THREADS` threads
 //! (default: all), so that an operation and its copy always use the same threads.
@@ -11,8 +13,9 @@
 #[path = "../examples/common/mod.rs"]
 mod common;
 
-use batchnorm::{BatchNorm, Layout, Shape};
-use common::{copy, grad, input, RESNET50};
+use batchnorm::half::{bf16, f16};
+use batchnorm::{BatchNorm, Data, Layout, Shape};
+use common::{copy, grad, input, type_name, RESNET50};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
 use std::time::Duration;
@@ -65,18 +68,24 @@ fn env(name: &str) -> Option<usize> {
 }
 
 /// The forward and backward benchmarks of one shape, with their copies.
-fn bench_shape(c: &mut Criterion, name: &str, shape: Shape, threads: usize) {
+fn bench_shape<D: Data<Param = f32>>(c: &mut Criterion, name: &str, shape: Shape, threads: usize) {
     let len = shape.numel().unwrap();
-    let x = input(len, shape.c);
-    let dy = grad(len);
-    let (mut y, mut dx) = (vec![0.0f32; len], vec![0.0f32; len]);
+    let of = |v: Vec<f32>| -> Vec<D> { v.into_iter().map(|v| D::from_f64(v as f64)).collect() };
+    let x = of(input(len, shape.c));
+    let dy = of(grad(len));
+    let (mut y, mut dx) = (vec![D::default(); len], vec![D::default(); len]);
+    let size = std::mem::size_of::<D>() as u64;
+    let name = match type_name::<D>() {
+        "f32" => name.to_string(),
+        t => format!("{name}_{t}"),
+    };
     let layouts: &[Layout] = if shape.spatial == 1 {
         &[Layout::Nchw] // (N, C): both layouts are the same memory
     } else {
         &[Layout::Nchw, Layout::Nhwc]
     };
-    let mut group = c.benchmark_group(name);
-    group.throughput(Throughput::Bytes(8 * len as u64));
+    let mut group = c.benchmark_group(&name);
+    group.throughput(Throughput::Bytes(2 * size * len as u64));
     group.sample_size(20);
     group.measurement_time(Duration::from_secs(1));
     group.warm_up_time(Duration::from_millis(300));
@@ -98,12 +107,12 @@ fn bench_shape(c: &mut Criterion, name: &str, shape: Shape, threads: usize) {
     }
     group.finish();
     let mut group = c.benchmark_group(format!("{name}_backward"));
-    group.throughput(Throughput::Bytes(12 * len as u64));
+    group.throughput(Throughput::Bytes(3 * size * len as u64));
     group.sample_size(20);
     group.measurement_time(Duration::from_secs(1));
     group.warm_up_time(Duration::from_millis(300));
-    let src: Vec<f32> = x.iter().chain(&x[..len / 2]).copied().collect();
-    let mut dst = vec![0.0f32; src.len()];
+    let src: Vec<D> = x.iter().chain(&x[..len / 2]).copied().collect();
+    let mut dst = vec![D::default(); src.len()];
     group.bench_function("copy", |b| {
         b.iter(|| copy(black_box(&src), &mut dst, threads))
     });
@@ -131,11 +140,13 @@ fn benches(c: &mut Criterion) {
         .build_global()
         .expect("the global thread pool, built once");
     for (name, shape) in SHAPES {
-        bench_shape(c, name, shape, threads);
+        bench_shape::<f32>(c, name, shape, threads);
+        bench_shape::<f16>(c, name, shape, threads);
+        bench_shape::<bf16>(c, name, shape, threads);
     }
     for (ch, hw, _) in RESNET50 {
         let name = format!("resnet50_{batch}x{ch}x{hw}x{hw}");
-        bench_shape(c, &name, Shape::new(batch, ch, hw * hw), threads);
+        bench_shape::<f32>(c, &name, Shape::new(batch, ch, hw * hw), threads);
     }
 }
 

@@ -1,12 +1,15 @@
 //! Measures the worst relative error of the batch variance against a float64 two-pass
 //! reference, for offset/std ratios 1 to 1e6 and counts 1e3 to 1e7, for this crate beside a
 //! naive single-pass f32 `E[x²] - E[x]²` and an f32 two-pass; and the largest output error of
-//! training's forward pass, `|y - y_ref| / (1 + |y_ref|)`, in both layouts. The README's
-//! accuracy table is this program's output.
+//! training's forward pass, `|y - y_ref| / (1 + |y_ref|)`, in both layouts; the error of
+//! inference and of the folded form; and, for `f16` and `bf16` tensors, how many outputs of
+//! training, inference and backward are the correctly rounded reference, one unit in the last
+//! place from it, or further. The README's accuracy tables are this program's output.
 //!
 //! `cargo run --release --example accuracy [-- --quick]`
 
-use batchnorm::{oracle, BatchNorm, Layout, Shape};
+use batchnorm::half::{bf16, f16};
+use batchnorm::{oracle, BatchNorm, Data, Layout, Shape};
 
 /// xorshift64*: uniform in [-1, 1).
 struct Rng(u64);
@@ -124,5 +127,82 @@ fn main() {
         let (scale, shift) = bn.scale_shift().unwrap();
         batchnorm::apply_scale_shift(&x, &mut y, &scale, &shift, shape, layout).unwrap();
         println!("| {ratio:.0e} | {eval:.1e} | {:.1e} |", err(&y));
+    }
+    half_table::<f16>("f16", |v| v.to_bits(), quick);
+    half_table::<bf16>("bf16", |v| v.to_bits(), quick);
+}
+
+/// Units in the last place between two 16-bit values (`bits` their encodings), NaN as far.
+fn ulps(a: u16, b: u16) -> u32 {
+    let ordered = |b: u16| {
+        let b = b as i32;
+        if b & 0x8000 != 0 {
+            -(b & 0x7fff)
+        } else {
+            b
+        }
+    };
+    (ordered(a) - ordered(b)).unsigned_abs()
+}
+
+/// For 16-bit tensors of 8 x 16 x 4096 values (`f32` layer), the share of outputs that are the
+/// correctly rounded `f64` reference, that are one unit in the last place from it, and the
+/// largest distance in units, for training, inference and backward, both layouts, with
+/// outputs of order 1 (weight 1.5, bias 0.25, so that some outputs cancel).
+fn half_table<D: Data<Param = f32>>(name: &str, bits: fn(D) -> u16, quick: bool) {
+    let shape = Shape::new(8, 16, if quick { 512 } else { 4096 });
+    println!(
+        "\n{name} tensors, {} values: share of outputs correctly rounded / one unit in the last \
+         place off / largest distance in units, against the f64 reference of the same {name} \
+         inputs rounded once:\n",
+        shape.numel().unwrap()
+    );
+    println!("| offset/std | layout | forward_train | forward_eval | backward dx |");
+    println!("|---|---|---|---|---|");
+    let ratios: &[f64] = if name == "f16" {
+        &[0.0, 10.0, 100.0]
+    } else {
+        &[0.0, 10.0, 1e3]
+    };
+    for &ratio in ratios {
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            let x: Vec<D> = data(shape.numel().unwrap(), ratio, 11)
+                .into_iter()
+                .map(|v| D::from_f64(v as f64))
+                .collect();
+            let dy: Vec<D> = data(x.len(), 0.0, 12)
+                .into_iter()
+                .map(|v| D::from_f64(v as f64))
+                .collect();
+            let mut bn = BatchNorm::<f32>::new(shape.c);
+            bn.weight.fill(1.5);
+            bn.bias.fill(0.25);
+            for (c, (mean, var)) in oracle::mean_var(&x, shape, layout).into_iter().enumerate() {
+                bn.running_mean[c] = mean as f32;
+                bn.running_var[c] = var as f32;
+            }
+            let summary = |got: &[D], want: &[f64]| {
+                let (mut exact, mut one, mut worst) = (0usize, 0usize, 0u32);
+                for (&g, &w) in got.iter().zip(want) {
+                    let d = ulps(bits(g), bits(D::from_f64(w)));
+                    exact += (d == 0) as usize;
+                    one += (d == 1) as usize;
+                    worst = worst.max(d);
+                }
+                let pct = |k: usize| 100.0 * k as f64 / got.len() as f64;
+                format!("{:.2}% / {:.2}% / {worst}", pct(exact), pct(one))
+            };
+            let mut y = vec![D::default(); x.len()];
+            let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
+            let train = summary(&y, &oracle::forward_train(&bn, &x, shape, layout).y);
+            bn.forward_eval(&x, &mut y, shape, layout).unwrap();
+            let eval = summary(&y, &oracle::forward_eval(&bn, &x, shape, layout));
+            bn.backward(&x, &dy, &saved, &mut y, shape, layout).unwrap();
+            let back = summary(
+                &y,
+                &oracle::backward(&bn, &x, &dy, &saved, shape, layout).dx,
+            );
+            println!("| {ratio:.0e} | {layout:?} | {train} | {eval} | {back} |");
+        }
     }
 }

@@ -3,19 +3,21 @@
 //! measured in the same run, per shape, layout, operation, thread count and instruction set.
 //!
 //! `cargo run --release --example report [-- --quick] [--isa portable | --isas] [--threads N]
-//! [--csv]`
+//! [--csv] [--dtype f16 | bf16]`
 //!
 //! Each operation is timed alternately with a memory copy of the same bytes on the same
 //! threads (median of the calls, minimum beside it). Without `--isa`, calls choose their
 //! instruction set as any caller's would; `--isas` adds a row for every instruction set this
 //! CPU has. `--csv` prints `name,layout,op,threads,median_ms,min_ms,copy_ms,bytes` lines
 //! instead of the table (for `benches/compare/compare.sh`); `--threads N` measures N threads
-//! only.
+//! only. `--dtype f16` or `bf16` measures 16-bit tensors (parameters and statistics `f32`),
+//! with a column for the time the same call takes on `f32` tensors, measured in the same run.
 
 mod common;
 
-use batchnorm::{with_isa, Isa, Layout, Shape};
-use common::{arg, Case, OPS};
+use batchnorm::half::{bf16, f16};
+use batchnorm::{with_isa, Data, Isa, Layout, Shape};
+use common::{arg, error_bound, type_name, Case, Timing, OPS};
 use std::time::Duration;
 
 const SHAPES: [(&str, Shape); 6] = [
@@ -30,6 +32,36 @@ const SHAPES: [(&str, Shape); 6] = [
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    match arg::<String>(&args, "--dtype").as_deref() {
+        None | Some("f32") => report::<f32>(&args),
+        Some("f16") => report::<f16>(&args),
+        Some("bf16") => report::<bf16>(&args),
+        Some(other) => panic!("--dtype {other}: f32, f16 or bf16"),
+    }
+}
+
+/// Times one operation of `case` (on the instruction set `isa`, or the default) and checks its
+/// result: (op, copy, largest error).
+fn measure<D: Data<Param = f32>>(
+    case: &mut Case<D>,
+    pool: &rayon::ThreadPool,
+    isa: Option<Isa>,
+    op: &str,
+    threads: usize,
+    budget: Duration,
+) -> (Timing, Timing, f64) {
+    let mut run = || case.time(op, threads, budget, 3);
+    pool.install(|| match isa {
+        Some(isa) => with_isa(isa, &mut run),
+        None => run(),
+    })
+}
+
+fn report<D: Data<Param = f32>>(args: &[String]) {
+    let args = args.to_vec();
+    let dtype = type_name::<D>();
+    let half = dtype != "f32";
+    let size = std::mem::size_of::<D>() as f64;
     let has = |f: &str| args.iter().any(|a| a == f);
     let (quick, csv) = (has("--quick"), has("--csv"));
     let budget = Duration::from_millis(if quick { 60 } else { 400 });
@@ -60,14 +92,25 @@ fn main() {
     }
 
     say!(
-        "batchnorm report: f32, {all} hardware threads, default instruction set {}",
+        "batchnorm report: {dtype} tensors, {all} hardware threads, default instruction set {}",
         Isa::current().name()
     );
-    say!("GB/s counts 8 bytes per element (x read, y written), 12 for backward (x, dy read, dx written);");
+    say!(
+        "GB/s counts {} bytes per element (x read, y written), {} for backward (x, dy read, dx written);",
+        2.0 * size,
+        3.0 * size
+    );
     say!("copy = memcpy of the same bytes on the same threads, timed alternately with the op;");
-    say!("time = median call (min beside it); error = max |y - y_f64| / (1 + |y_f64|) against the oracle.\n");
-    say!("| shape | layout | op | threads | isa | time | min | GB/s | copy GB/s | ratio to copy | error |");
-    say!("|---|---|---|---|---|---|---|---|---|---|---|");
+    say!("time = median call (min beside it); error = max |y - y_f64| / (1 + |y_f64|) against the oracle.");
+    if half {
+        say!("f32 / {dtype} = the same call on f32 tensors, timed in the same run, over this one's time.");
+    }
+    say!("");
+    say!("| shape | layout | op | threads | isa | time | min | GB/s | copy GB/s | ratio to copy | error |{}", if half { " f32 / this |" } else { "" });
+    say!(
+        "|---|---|---|---|---|---|---|---|---|---|---|{}",
+        if half { "---|" } else { "" }
+    );
     let shapes = if quick { &SHAPES[2..4] } else { &SHAPES[..] };
     for &(name, shape) in shapes {
         let layouts: &[Layout] = if shape.spatial == 1 {
@@ -76,21 +119,32 @@ fn main() {
             &[Layout::Nchw, Layout::Nhwc]
         };
         for &layout in layouts {
-            let mut case = Case::new(shape, layout);
+            let mut case = Case::<D>::new(shape, layout);
+            let mut single = half.then(|| Case::<f32>::new(shape, layout));
             for &t in &threads {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(t)
                     .build()
                     .expect("thread pool");
                 for &isa in &isas {
-                    for (op, per_element) in OPS {
-                        let bytes = per_element * case.len() as f64;
-                        let mut run = || case.time(op, t, budget, 3);
-                        let (timing, copy_t, err) = pool.install(|| match isa {
-                            Some(isa) => with_isa(isa, &mut run),
-                            None => run(),
-                        });
-                        assert!(err < 1e-5, "{name} {layout:?} {op} {isa:?}: error {err:e}");
+                    for (op, tensors) in OPS {
+                        let bytes = tensors * size * case.len() as f64;
+                        let (timing, copy_t, err) = measure(&mut case, &pool, isa, op, t, budget);
+                        let bound = error_bound::<D>();
+                        assert!(
+                            err <= bound,
+                            "{name} {layout:?} {op} {isa:?}: error {err:e}"
+                        );
+                        let vs_f32 = match single.as_mut() {
+                            Some(c) => {
+                                let (f32_t, _, _) = measure(c, &pool, isa, op, t, budget);
+                                format!(
+                                    " {:.2} |",
+                                    f32_t.median.as_secs_f64() / timing.median.as_secs_f64()
+                                )
+                            }
+                            None => String::new(),
+                        };
                         let ms = |d: Duration| d.as_secs_f64() * 1e3;
                         if csv {
                             println!(
@@ -101,7 +155,7 @@ fn main() {
                             );
                         }
                         say!(
-                            "| {name} | {layout:?} | {op} | {t} | {} | {:.3} ms | {:.3} ms | {:.1} | {:.1} | {:.2} | {err:.1e} |",
+                            "| {name} | {layout:?} | {op} | {t} | {} | {:.3} ms | {:.3} ms | {:.1} | {:.1} | {:.2} | {err:.1e} |{vs_f32}",
                             isa_name(isa),
                             ms(timing.median),
                             ms(timing.min),

@@ -66,14 +66,14 @@ fn main() {
             let mut totals = vec![[Total::default(); 3]; threads.len()];
             for &(c, hw, count) in &RESNET50 {
                 let shape = Shape::new(batch, c, hw * hw);
-                let mut case = Case::new(shape, layout);
+                let mut case = Case::<f32>::new(shape, layout);
                 for (ti, &t) in threads.iter().enumerate() {
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(t)
                         .build()
                         .expect("thread pool");
-                    for (oi, (op, per_element)) in OPS.into_iter().enumerate() {
-                        let bytes = per_element * case.len() as f64;
+                    for (oi, (op, tensors)) in OPS.into_iter().enumerate() {
+                        let bytes = tensors * 4.0 * case.len() as f64;
                         let (timing, copy_t, err) =
                             pool.install(|| on_isa(&mut || case.time(op, t, budget, min_calls)));
                         assert!(

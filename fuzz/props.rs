@@ -827,18 +827,18 @@ pub fn verify_half<D: Half>(h: &HalfCase<D>, got: &HalfRun<D>) -> Verdict {
     let back = oracle::backward(layer, x, &h.dy, saved, shape, layout);
     let stats = oracle::mean_var(x, shape, layout);
     let m = (shape.n * shape.spatial) as f64;
-    for c in 0..shape.c {
+    for (c, &(_, var)) in stats.iter().enumerate() {
         let (w_c, b) = (layer.weight[c] as f64, layer.bias[c] as f64);
         // The scale must exist in f32 (with eps = 0, a constant channel has none).
-        let scale = want.invstd[c] * w_c;
-        if !finite(c) || !(scale.abs() < f32::MAX as f64) || !want.mean[c].is_finite() {
+        let scale_exists = (want.invstd[c] * w_c).abs() < f32::MAX as f64;
+        if !finite(c) || !scale_exists || !want.mean[c].is_finite() {
             continue;
         }
         let is = saved.invstd[c] as f64;
         // As for f32 data (`verify_backward`): a distance from the mean beyond f32's range
         // may overflow, and so may the coefficients of dx for a variance below 1e-30.
         let spread = indices(shape, layout, c).all(|i| (x[i].to_f64() - want.mean[c]).abs() < 1e38);
-        if !spread || !is.is_finite() || stats[c].1 <= 1e-30 {
+        if !spread || !is.is_finite() || var <= 1e-30 {
             continue;
         }
         for i in indices(shape, layout, c) {

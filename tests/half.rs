@@ -2,12 +2,13 @@
 //! and threading path, against the `f64` oracle computed from the same 16-bit inputs.
 //!
 //! The bound: every output is the correctly rounded value of the `f64` reference or one of its
-//! two neighbours (within one unit in the last place of the 16-bit type). The only exception
-//! is where the `f32` arithmetic before the rounding is itself less accurate than that: an
-//! output that cancels to below about 1/4096 (`f16`) or 1/32768 (`bf16`) of its terms, which
-//! `f32` data would get wrong by as much; there the `f32` tolerance of the other tests applies,
-//! and such outputs must stay rare (at most 1% of a tensor). Statistics, running statistics and
-//! gradients of the parameters are `f32` and held to the `f32` tolerance.
+//! two neighbours (within one unit in the last place of the 16-bit type) wherever it is at
+//! least 1/256 of the terms it is computed from (`y = xhat * weight + bias`: `|xhat * weight|
+//! + |bias|`). An output that cancels further is beyond what the `f32` arithmetic before the
+//! rounding can resolve (its error is a few units of `2^-24` of the terms, and the half unit in
+//! the last place of such an output is smaller); there the `f32` tolerance of the other tests
+//! applies, as it would to `f32` data. Statistics, running statistics and gradients of the
+//! parameters are `f32` and held to the `f32` tolerance.
 
 mod common;
 
@@ -50,12 +51,11 @@ fn data<D: Data>(rng: &mut Rng, n: usize, offset: f64, spread: f64) -> Vec<D> {
         .collect()
 }
 
-/// Asserts that every output is within one unit in the last place of `want` rounded to `D`,
-/// or, where the `f32` arithmetic cannot be that accurate, within `tol * (1 + scale)` (`scale`
-/// the size of the terms the output was computed from); and that the second case is rare.
+/// Asserts that every output is within one unit in the last place of `want` rounded to `D`
+/// where `|want|` is at least 1/256 of `scale` (the size of the terms the output is computed
+/// from), else within that or the `f32` bound `tol * (1 + scale)`.
 fn assert_half<D: Half>(got: &[D], want: &[f64], scale: &[f64], tol: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut beyond = 0;
     for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
         if w.is_nan() {
             assert!(g.to_f64().is_nan(), "{what}[{i}]: got {g:?}, want NaN");
@@ -65,18 +65,13 @@ fn assert_half<D: Half>(got: &[D], want: &[f64], scale: &[f64], tol: f64, what: 
         if (g.ordered() - rounded.ordered()).abs() <= 1 && !g.to_f64().is_nan() {
             continue;
         }
-        beyond += 1;
-        let err = (g.to_f64() - w).abs();
+        let msg = format!("{what}[{i}]: got {g:?}, want {w:e} (rounded {rounded:?}), terms {s:e}");
         assert!(
-            err <= tol * (1.0 + s),
-            "{what}[{i}]: got {g:?}, want {w:e} (rounded {rounded:?}), terms {s:e}"
+            w.abs() * 256.0 < s,
+            "{msg}: beyond one unit in the last place"
         );
+        assert!((g.to_f64() - w).abs() <= tol * (1.0 + s), "{msg}");
     }
-    assert!(
-        beyond <= (got.len() / 100).max(1),
-        "{what}: {beyond} of {} outputs beyond one unit in the last place",
-        got.len()
-    );
 }
 
 /// A layer with random parameters and running statistics.
@@ -103,6 +98,22 @@ fn setup<D: Data>(shape: Shape, seed: u64) -> (Vec<D>, BatchNorm<f32>, f64) {
     )
 }
 
+/// Each channel's standard deviation.
+fn spreads<D: Data>(x: &[D], shape: Shape, layout: Layout) -> Vec<f64> {
+    let stats = oracle::mean_var(x, shape, layout);
+    stats.into_iter().map(|(_, var)| var.sqrt()).collect()
+}
+
+/// Means (batch or running) within `tol` standard deviations of the channel, the crate's
+/// bound for the mean (the `f32` partial sums' error is relative to the spread).
+fn assert_means(got: &[f32], want: &[f64], spread: &[f64], tol: f64, what: &str) {
+    for (c, ((&g, &w), &s)) in got.iter().zip(want).zip(spread).enumerate() {
+        let ok =
+            (g as f64 - w).abs() <= tol * (s + 1e-12 * w.abs()) + f32::EPSILON as f64 * w.abs();
+        assert!(ok, "{what}[{c}]: got {g:e}, want {w:e} (spread {s:e})");
+    }
+}
+
 /// The size of the terms of `y = xhat * weight + bias`: `|y - bias| + |bias|`.
 fn terms(y: &[f64], bn: &BatchNorm<f32>, shape: Shape, layout: Layout) -> Vec<f64> {
     let mut scale = vec![0.0; y.len()];
@@ -122,15 +133,22 @@ fn check_train<D: Half>(shape: Shape, layout: Layout, seed: u64) {
     let (x, start, tol) = setup::<D>(shape, seed);
     let want = oracle::forward_train(&start, &x, shape, layout);
     let scale = terms(&want.y, &start, shape, layout);
+    let spread = spreads(&x, shape, layout);
     on_every_path(|path| {
         let mut bn = start.clone();
         let mut y = vec![D::default(); x.len()];
         let saved = bn.forward_train(&x, &mut y, shape, layout).unwrap();
         assert_half(&y, &want.y, &scale, tol, &format!("y, {path}"));
-        assert_close(&saved.mean, &want.mean, tol, &format!("mean, {path}"));
+        assert_means(
+            &saved.mean,
+            &want.mean,
+            &spread,
+            tol,
+            &format!("mean, {path}"),
+        );
         assert_close(&saved.invstd, &want.invstd, tol, &format!("invstd, {path}"));
         let what = format!("running stats, {path}");
-        assert_close(&bn.running_mean, &want.running_mean, tol, &what);
+        assert_means(&bn.running_mean, &want.running_mean, &spread, tol, &what);
         assert_close(&bn.running_var, &want.running_var, tol, &what);
         let mut in_place = start.clone();
         let mut xy = x.clone();
@@ -164,11 +182,11 @@ fn check_eval<D: Half>(shape: Shape, layout: Layout, seed: u64) {
         assert_eq!(xy, y, "apply_scale_shift in place, {path}");
         let moments = batchnorm::moments(&x, shape, layout).unwrap();
         let stats = oracle::mean_var(&x, shape, layout);
-        let mean: Vec<f32> = moments.iter().map(|m| m.mean as f32).collect();
-        let var: Vec<f32> = moments.iter().map(|m| m.variance() as f32).collect();
-        let (want_mean, want_var): (Vec<f64>, Vec<f64>) = stats.into_iter().unzip();
-        assert_close(&mean, &want_mean, tol, &format!("moments mean, {path}"));
-        assert_close(&var, &want_var, tol, &format!("moments var, {path}"));
+        for (c, (m, (mean, var))) in moments.iter().zip(stats).enumerate() {
+            let ok = (m.mean - mean).abs() <= tol * var.sqrt()
+                && (m.variance() - var).abs() <= tol * var;
+            assert!(ok, "moments of {c}, {path}: {m:?} vs {mean}, {var}");
+        }
     });
 }
 
@@ -234,7 +252,7 @@ fn check_backward<D: Half>(shape: Shape, layout: Layout, seed: u64) {
 }
 
 proptest! {
-    #![proptest_config(config(24))]
+    #![proptest_config(config(64))]
 
     #[test]
     fn train_f16(shape in shape(), layout in layout(), seed: u64) {
@@ -351,7 +369,7 @@ fn bad_input_leaves_the_layer_untouched() {
     assert_eq!(bn, start);
     let saved = bn
         .clone()
-        .forward_train(&x, &mut vec![f16::ZERO; 24], shape, Layout::Nhwc);
+        .forward_train(&x, &mut [f16::ZERO; 24], shape, Layout::Nhwc);
     let saved = saved.unwrap();
     let mut dx = vec![f16::ZERO; 24];
     assert!(matches!(

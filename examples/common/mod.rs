@@ -2,7 +2,7 @@
 //! memory copy it is compared with, the copy itself, and the test data.
 #![allow(dead_code)]
 
-use batchnorm::{oracle, BatchNorm, Layout, SavedStats, Shape};
+use batchnorm::{oracle, BatchNorm, Data, Layout, SavedStats, Shape};
 use rayon::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -72,8 +72,8 @@ pub fn time_pair(
 /// `dst.copy_from_slice(src)` on `threads` threads of the current rayon pool: the baseline
 /// every operation is compared with, run with the same thread count as the operation. Below
 /// 1 MiB a single thread copies faster than several, and does.
-pub fn copy(src: &[f32], dst: &mut [f32], threads: usize) {
-    if threads <= 1 || src.len() < 1 << 18 {
+pub fn copy<D: Copy + Send + Sync>(src: &[D], dst: &mut [D], threads: usize) {
+    if threads <= 1 || std::mem::size_of_val(src) < 1 << 20 {
         dst.copy_from_slice(src);
     } else {
         let chunk = src.len().div_ceil(threads).next_multiple_of(1024);
@@ -99,12 +99,29 @@ pub fn grad(len: usize) -> Vec<f32> {
 }
 
 /// Largest `|y - want| / (1 + |want|)`.
-pub fn max_error(y: &[f32], want: &[f64]) -> f64 {
+pub fn max_error<D: Data>(y: &[D], want: &[f64]) -> f64 {
     assert_eq!(y.len(), want.len());
     y.iter()
         .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs() / (1.0 + w.abs()))
+        .map(|(&g, &w)| (g.to_f64() - w).abs() / (1.0 + w.abs()))
         .fold(0.0, f64::max)
+}
+
+/// The largest [`max_error`] an output of type `D` may have: 1e-5 for `f32` (the crate's
+/// bound), one unit in the last place of a value near 1 for the 16-bit types (`2^-10` for
+/// `f16`, `2^-7` for `bf16`, whose outputs are within one unit of the reference).
+pub fn error_bound<D: Data>() -> f64 {
+    match std::any::type_name::<D>() {
+        n if n.ends_with("bf16") => 2f64.powi(-7),
+        n if n.ends_with("f16") => 2f64.powi(-10),
+        _ => 1e-5,
+    }
+}
+
+/// The name of the tensor type `D`: `f32`, `f16`, `bf16`.
+pub fn type_name<D: Data>() -> &'static str {
+    let n = std::any::type_name::<D>();
+    n.rsplit("::").next().unwrap_or(n)
 }
 
 /// The value after `flag` on the command line.
@@ -113,33 +130,36 @@ pub fn arg<T: std::str::FromStr>(args: &[String], flag: &str) -> Option<T> {
     args.get(i + 1)?.parse().ok()
 }
 
-/// The operations the examples time, and the bytes each moves per element.
-pub const OPS: [(&str, f64); 3] = [("eval", 8.0), ("train", 8.0), ("backward", 12.0)];
+/// The operations the examples time, and the tensors each moves (x read and y written: 2;
+/// backward reads x and dy and writes dx: 3).
+pub const OPS: [(&str, f64); 3] = [("eval", 2.0), ("train", 2.0), ("backward", 3.0)];
 
 /// One shape and layout, ready to time: input, output gradient, a layer with running
 /// statistics, the oracle's results, and the buffers of the operations and of their copies.
-pub struct Case {
+pub struct Case<D = f32> {
     pub shape: Shape,
     pub layout: Layout,
-    x: Vec<f32>,
-    dy: Vec<f32>,
-    y: Vec<f32>,
-    dx: Vec<f32>,
+    x: Vec<D>,
+    dy: Vec<D>,
+    y: Vec<D>,
+    dx: Vec<D>,
     bn: BatchNorm<f32>,
     saved: SavedStats<f32>,
     want: [Vec<f64>; 3],
-    dst: Vec<f32>,
-    /// The backward copy moves 12 bytes per element: one and a half tensors.
-    back_src: Vec<f32>,
-    back_dst: Vec<f32>,
+    dst: Vec<D>,
+    /// The backward copy moves three tensors' bytes: one and a half tensors each way.
+    back_src: Vec<D>,
+    back_dst: Vec<D>,
 }
 
-impl Case {
-    pub fn new(shape: Shape, layout: Layout) -> Case {
+impl<D: Data<Param = f32>> Case<D> {
+    pub fn new(shape: Shape, layout: Layout) -> Case<D> {
         let len = shape.numel().expect("shape fits");
-        let x = input(len, shape.c);
-        let dy = grad(len);
-        let mut y = vec![0.0f32; len];
+        let half =
+            |v: Vec<f32>| -> Vec<D> { v.into_iter().map(|v| D::from_f64(v as f64)).collect() };
+        let x = half(input(len, shape.c));
+        let dy = half(grad(len));
+        let mut y = vec![D::default(); len];
         let mut bn = BatchNorm::<f32>::new(shape.c);
         bn.running_mean = (0..shape.c).map(|c| c as f32).collect();
         bn.running_var = vec![2.0; shape.c];
@@ -149,18 +169,18 @@ impl Case {
             oracle::forward_train(&bn, &x, shape, layout).y,
             oracle::backward(&bn, &x, &dy, &saved, shape, layout).dx,
         ];
-        let back_src: Vec<f32> = x.iter().chain(&x[..len / 2]).copied().collect();
+        let back_src: Vec<D> = x.iter().chain(&x[..len / 2]).copied().collect();
         Case {
             shape,
             layout,
             dy,
             y,
-            dx: vec![0.0; len],
+            dx: vec![D::default(); len],
             bn,
             saved,
             want,
-            dst: vec![0.0; len],
-            back_dst: vec![0.0; back_src.len()],
+            dst: vec![D::default(); len],
+            back_dst: vec![D::default(); back_src.len()],
             back_src,
             x,
         }
