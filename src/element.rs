@@ -154,7 +154,8 @@ fn round_to_format(v: f64, mantissa: i32, min_exp: i32) -> f64 {
         return v;
     }
     let exp = ((v.to_bits() >> 52) & 0x7ff) as i32 - 1023;
-    let q = 2f64.powi(exp.max(min_exp) - mantissa);
+    // 2^e as bits (e >= -133 for the formats here, well within f64's normal range).
+    let q = f64::from_bits(((exp.max(min_exp) - mantissa + 1023) as u64) << 52);
     (v / q).round_ties_even() * q
 }
 
@@ -197,4 +198,50 @@ half_data!(bf16, 7, -126);
 #[inline(always)]
 pub(crate) fn tiny_squares<T: Element>(n: usize, s1: f64, s2: f64) -> bool {
     !(s1.is_finite() && s2.is_finite() && s2 >= n as f64 * T::TINY_SQUARE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Data;
+    use half::{bf16, f16};
+
+    /// `from_f64` rounds once, to nearest, ties to even, from `f64` values that `f32` cannot
+    /// hold: just above and below every midpoint between neighbours, the midpoints themselves,
+    /// beyond the largest value, and into the subnormals.
+    fn check_rounding<D: Data>(of: fn(u16) -> D, bits: fn(D) -> u16, max_bits: u16) {
+        for b in 0..max_bits {
+            let (lo, hi) = (of(b).to_f64(), of(b + 1).to_f64());
+            let mid = (lo + hi) / 2.0;
+            let tiny = (hi - lo) * 1e-12;
+            assert_eq!(
+                bits(D::from_f64(mid - tiny)),
+                b,
+                "below the midpoint above {b:#x}"
+            );
+            assert_eq!(
+                bits(D::from_f64(mid + tiny)),
+                b + 1,
+                "above the midpoint above {b:#x}"
+            );
+            let even = if b % 2 == 0 { b } else { b + 1 };
+            assert_eq!(bits(D::from_f64(mid)), even, "the midpoint above {b:#x}");
+            assert_eq!(bits(D::from_f64(-(mid + tiny))), (b + 1) | 0x8000);
+        }
+        let max = of(max_bits).to_f64();
+        let next = of(max_bits - 1).to_f64();
+        let beyond = max + (max - next) / 2.0;
+        assert!(
+            D::from_f64(beyond).to_f64().is_infinite(),
+            "overflow at the tie"
+        );
+        assert_eq!(bits(D::from_f64(beyond * (1.0 - 1e-12))), max_bits);
+        assert!(D::from_f64(f64::NAN).to_f64().is_nan());
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn from_f64_rounds_once_to_nearest_even() {
+        check_rounding::<f16>(f16::from_bits, f16::to_bits, 0x7bff);
+        check_rounding::<bf16>(bf16::from_bits, bf16::to_bits, 0x7f7f);
+    }
 }

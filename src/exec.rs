@@ -153,10 +153,10 @@ struct StatsJob<'a, T> {
 
 impl<D: Data> WithSimd for StatsJob<'_, D> {
     type Output = Vec<Moments>;
-    fn with_simd<S: Simd>(self, k: S) -> Vec<Moments> {
+    fn with_simd<S: Simd>(self, simd: S) -> Vec<Moments> {
         match self.plan {
-            Plan::Runs { n, c, s } => stats_runs(k, self.x, n, c, s, self.par),
-            Plan::Rows { rows, c } => stats_rows(k, self.x, rows, c, self.par),
+            Plan::Runs { n, c, s } => stats_runs(simd, self.x, n, c, s, self.par),
+            Plan::Rows { rows, c } => stats_rows(simd, self.x, rows, c, self.par),
         }
     }
 }
@@ -174,7 +174,7 @@ where
     F: Fn(usize, &Moments) -> Affine<Param<B>> + Sync,
 {
     type Output = Vec<Moments>;
-    fn with_simd<S: Simd>(self, k: S) -> Vec<Moments> {
+    fn with_simd<S: Simd>(self, simd: S) -> Vec<Moments> {
         let TrainJob {
             buf,
             plan,
@@ -184,7 +184,7 @@ where
         if let Some((n, c, s)) = plan.fused(par) {
             let group = plan.group::<B::Data>(par);
             return for_each_channel_group(buf, (n, c, s), group, par, |first, spans, out| {
-                k.vectorize(TrainChannels {
+                simd.vectorize(TrainChannels {
                     spans,
                     s,
                     first,
@@ -194,12 +194,12 @@ where
             });
         }
         let moments = match plan {
-            Plan::Runs { n, c, s } => stats_runs(k, buf.input(), n, c, s, par),
-            Plan::Rows { rows, c } => stats_rows(k, buf.input(), rows, c, par),
+            Plan::Runs { n, c, s } => stats_runs(simd, buf.input(), n, c, s, par),
+            Plan::Rows { rows, c } => stats_rows(simd, buf.input(), rows, c, par),
         };
         let mut storage = Vec::new();
         let params = fill_affine(&mut storage, moments.len(), |c| finish(c, &moments[c]));
-        apply_plan(k, buf, plan, par, &params);
+        apply_plan(simd, buf, plan, par, &params);
         moments
     }
 }
@@ -213,8 +213,8 @@ struct ApplyJob<'p, 'a, B, T> {
 
 impl<B: Buffers> WithSimd for ApplyJob<'_, '_, B, Param<B>> {
     type Output = ();
-    fn with_simd<S: Simd>(self, k: S) {
-        apply_plan(k, self.buf, self.plan, self.par, self.p)
+    fn with_simd<S: Simd>(self, simd: S) {
+        apply_plan(simd, self.buf, self.plan, self.par, self.p)
     }
 }
 
@@ -284,7 +284,7 @@ impl Pieces {
 
 /// Moments of the channels of NCHW runs, pieces of channels in parallel.
 fn stats_runs<D: Data, S: Simd>(
-    k: S,
+    simd: S,
     x: &[D],
     n: usize,
     c: usize,
@@ -295,7 +295,7 @@ fn stats_runs<D: Data, S: Simd>(
         c,
         par,
         |ch, runs, cols| {
-            k.vectorize(MomentsRuns {
+            simd.vectorize(MomentsRuns {
                 count: runs.len(),
                 len: cols.len(),
                 run: |i| &x[((runs.start + i) * c + ch) * s + cols.start..][..cols.len()],
@@ -306,14 +306,14 @@ fn stats_runs<D: Data, S: Simd>(
 }
 
 /// Moments of the channels of `rows` rows of `c`.
-fn stats_rows<D: Data, S: Simd>(k: S, x: &[D], rows: usize, c: usize, par: Par) -> Vec<Moments> {
+fn stats_rows<D: Data, S: Simd>(simd: S, x: &[D], rows: usize, c: usize, par: Par) -> Vec<Moments> {
     row_pieces(
         rows,
         c,
         std::mem::size_of_val(x),
         par,
         |rows, cols, acc: &mut [PivotSums]| {
-            k.vectorize(MomentsRows {
+            simd.vectorize(MomentsRows {
                 x,
                 c,
                 rows,
@@ -438,7 +438,7 @@ fn channel_cycle<A>(first: usize, c: usize, get: impl Fn(usize) -> A) -> impl Fn
 
 /// Normalizes every channel of `buf` with `p`, in spans of whole runs or rows.
 fn apply_plan<S: Simd, B: Buffers>(
-    k: S,
+    simd: S,
     buf: B,
     plan: Plan,
     par: Par,
@@ -449,7 +449,7 @@ fn apply_plan<S: Simd, B: Buffers>(
         Plan::Runs { c, s, .. } => {
             parallel::for_each_span(buf, s, par.grain(len, s), 0, &|first, span| {
                 let mut span = span;
-                k.vectorize(NormalizeRuns {
+                simd.vectorize(NormalizeRuns {
                     buf: &mut span,
                     s,
                     affine: channel_cycle(first, c, |ch| p.get(ch)),
@@ -458,7 +458,7 @@ fn apply_plan<S: Simd, B: Buffers>(
         }
         Plan::Rows { c, .. } => {
             parallel::for_each_span(buf, c, par.grain(len, c), 0, &|_, mut span| {
-                k.vectorize(NormalizeRows {
+                simd.vectorize(NormalizeRows {
                     buf: &mut span,
                     c,
                     p,
@@ -513,7 +513,7 @@ where
     F: Fn(usize, GradSums) -> BackAffine<D::Param> + Sync,
 {
     type Output = Vec<GradSums>;
-    fn with_simd<S: Simd>(self, k: S) -> Vec<GradSums> {
+    fn with_simd<S: Simd>(self, simd: S) -> Vec<GradSums> {
         let BackwardJob {
             g,
             plan,
@@ -525,7 +525,7 @@ where
             let group = plan.group::<D>(par);
             let center = |ch: usize| centers[ch];
             return for_each_channel_group(g, (n, c, s), group, par, |first, spans, out| {
-                k.vectorize(BackwardChannels {
+                simd.vectorize(BackwardChannels {
                     spans,
                     s,
                     first,
@@ -544,7 +544,7 @@ where
                     |ch, runs, cols| {
                         let at = |i: usize| ((runs.start + i) * c + ch) * s + cols.start;
                         let len = cols.len();
-                        k.vectorize(GradSumsRuns {
+                        simd.vectorize(GradSumsRuns {
                             count: runs.len(),
                             len,
                             run: |i| (&x[at(i)..][..len], &dy[at(i)..][..len]),
@@ -560,7 +560,7 @@ where
                 2 * std::mem::size_of_val(g.x),
                 par,
                 |rows, cols, out: &mut [GradSums]| {
-                    k.vectorize(GradSumsRows {
+                    simd.vectorize(GradSumsRows {
                         x: g.x,
                         dy: g.dy,
                         c,
@@ -580,7 +580,7 @@ where
         match plan {
             Plan::Runs { c, s, .. } => {
                 parallel::for_each_span(g, s, par.grain(len, s), 0, &|first, mut span| {
-                    k.vectorize(BackwardRuns {
+                    simd.vectorize(BackwardRuns {
                         g: &mut span,
                         s,
                         params: channel_cycle(first, c, |ch| p.get(ch)),
@@ -589,7 +589,7 @@ where
             }
             Plan::Rows { c, .. } => {
                 parallel::for_each_span(g, c, par.grain(len, c), 0, &|_, mut span| {
-                    k.vectorize(BackwardRows {
+                    simd.vectorize(BackwardRows {
                         g: &mut span,
                         c,
                         p: &p,

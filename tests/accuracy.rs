@@ -233,6 +233,9 @@ fn variance_beyond_f32_range() {
 /// statistics read each block once, around the channel's running mean (and twice when a
 /// block's mean strays more than a standard deviation from it). The variance stays within
 /// 2e-5 and the output within 1e-5 * (1 + |y|) of the f64 reference, on every path and layout.
+/// Fused NCHW training reads a channel once, around the mean of its first image's run, and
+/// again where the channel's mean strays more than a standard deviation from that: the larger
+/// drifts here.
 #[test]
 #[cfg_attr(miri, ignore = "too large for Miri's interpreter")]
 fn drifting_means_across_images() {

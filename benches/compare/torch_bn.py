@@ -2,8 +2,10 @@
 timed as this crate's examples time themselves: each operation alternately with a copy of the
 same bytes (`dst.copy_(src)`) on the same threads, the same buffers every call, median and
 minimum of the calls. Prints `name,layout,op,threads,median_ms,min_ms,copy_ms,bytes` lines
-(8 bytes per element forward, 12 backward; ResNet-50 rows are totals over its 53 layers).
-Threads: THREADS (default 1). channels_last memory format stands for NHWC."""
+(two tensors' bytes per element forward, three backward: 8 and 12 for f32; ResNet-50 rows are
+totals over its 53 layers). Threads: THREADS (default 1). DTYPE: f32 (default), f16 or bf16
+tensors, with f32 weight, bias and running statistics (PyTorch's mixed-type path). The
+channels_last memory format stands for NHWC."""
 import os
 import time
 
@@ -16,6 +18,9 @@ SHAPES = [("A 32x64x56x56", (32, 64, 56, 56)), ("B 32x256x28x28", (32, 256, 28, 
 RESNET50 = [(64, 112, 1), (64, 56, 6), (256, 56, 4), (128, 56, 1), (128, 28, 7), (512, 28, 5),
             (256, 28, 1), (256, 14, 11), (1024, 14, 7), (512, 14, 1), (512, 7, 5), (2048, 7, 4)]
 BUDGET = float(os.environ.get("BUDGET", "0.25"))
+DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[
+    os.environ.get("DTYPE", "f32")]
+SIZE = torch.tensor([], dtype=DTYPE).element_size()
 
 
 def time_pair(op, copy, min_calls=7):
@@ -41,27 +46,27 @@ def measure(dims, layout):
     for d in dims:
         n *= d
     c = dims[1]
-    x = torch.rand(dims)
+    x = torch.rand(dims).to(DTYPE)
     if layout == "Nhwc":
         x = x.contiguous(memory_format=torch.channels_last)
     w, b = torch.ones(c), torch.zeros(c)
     rm, rv = torch.zeros(c), torch.ones(c)
     dst = torch.empty_like(x)
-    src12 = torch.rand(n * 3 // 2)
+    src12 = torch.rand(n * 3 // 2).to(DTYPE)
     dst12 = torch.empty_like(src12)
     out = {}
     with torch.no_grad():
         out["eval"] = time_pair(lambda: F.batch_norm(x, rm, rv, w, b, training=False),
-                                lambda: dst.copy_(x)) + (8 * n,)
+                                lambda: dst.copy_(x)) + (2 * SIZE * n,)
         out["train"] = time_pair(lambda: F.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1),
-                                 lambda: dst.copy_(x)) + (8 * n,)
+                                 lambda: dst.copy_(x)) + (2 * SIZE * n,)
     xg = x.clone().requires_grad_(True)
     wg = w.clone().requires_grad_(True)
     bg = b.clone().requires_grad_(True)
     y = F.batch_norm(xg, rm, rv, wg, bg, training=True)
     dy = torch.rand_like(y)
     out["backward"] = time_pair(lambda: torch.autograd.grad(y, (xg, wg, bg), dy, retain_graph=True),
-                                lambda: dst12.copy_(src12)) + (12 * n,)
+                                lambda: dst12.copy_(src12)) + (3 * SIZE * n,)
     return out
 
 
@@ -73,6 +78,8 @@ def main():
         for layout in (["Nchw"] if len(dims) == 2 else ["Nchw", "Nhwc"]):
             for op, (med, low, cp, nbytes) in measure(dims, layout).items():
                 print(f"{name},{layout},{op},{threads},{med * ms:.4f},{low * ms:.4f},{cp * ms:.4f},{nbytes}")
+    if DTYPE != torch.float32:
+        return
     for batch in (1, 32):
         for layout in ["Nchw", "Nhwc"]:
             total = {}

@@ -20,8 +20,8 @@ use super::lanes::Lanes;
 use super::normalize::{normalize_group, Affine};
 use super::simd::{Simd, WithSimd};
 use super::stats::{
-    block_f64, block_len, fold_pieces, moments_each, PivotedSum, Reduce, ShiftedSums, ACCUMULATORS,
-    MAX_CHAIN,
+    block_f64, block_len, fold_pieces, moments_each, Piece, PivotedSum, Reduce, ShiftedSums,
+    ACCUMULATORS, MAX_CHAIN,
 };
 use crate::element::{tiny_squares, Data, Element};
 use crate::moments::Moments;
@@ -49,8 +49,13 @@ fn sub_group<L: Lanes>(s: usize) -> usize {
 /// channel's own, whose lanes move to `f64` every few spans (each lane adds at most
 /// [`MAX_CHAIN`] values). `centres[j]` is channel `j`'s reduction with no sums yet. One
 /// horizontal sum per channel, not one per run: a 7x7 run is 49 values.
+///
+/// With `AHEAD`, each run prefetches the same channel's run in the next image, a jump away in
+/// memory that the hardware prefetchers do not follow. Measured on Zen 5, one thread: the
+/// statistics of 256x64x56x56 `f16` training 1.25x faster with it, `f32` unchanged; backward
+/// (two tensors) 10% slower with it in `f32`, so it does not ask.
 #[inline(always)]
-fn fold_spans<'a, L: Lanes, A: Reduce<L> + 'a, const K: usize>(
+fn fold_spans<'a, L: Lanes, A: Reduce<L> + 'a, const K: usize, const AHEAD: bool>(
     n: usize,
     s: usize,
     piece: &impl Fn(usize, usize) -> A::Piece<'a>,
@@ -73,6 +78,9 @@ fn fold_spans<'a, L: Lanes, A: Reduce<L> + 'a, const K: usize>(
         }
         for i in spans.clone() {
             for (j, a) in acc[..count].iter_mut().enumerate() {
+                if AHEAD && i + 1 < n {
+                    piece(i + 1, j).prefetch();
+                }
                 let run = fold_pieces::<L, A, K>(1, &|_| piece(i, j), a.empty());
                 *a = a.merge(run);
             }
@@ -86,9 +94,16 @@ fn fold_spans<'a, L: Lanes, A: Reduce<L> + 'a, const K: usize>(
 }
 
 /// The moments of each of the `out.len() <= GROUP` channels of a group over `spans.len() > 1`
-/// image spans, as [`super::stats`]'s blocks compute them but with the whole channel as the
-/// block (the group fits in L2): sums around each channel's first value give its rounded
-/// mean `k`, then sums around `k`, both read span by span ([`fold_spans`]).
+/// image spans, with the whole channel as the statistics block (the group fits in L2), in one
+/// read where it can: each channel's centre `k` is the rounded mean of its run in the first
+/// image (a short read, which the main one then finds in cache), and `Σ (x - k)`, `Σ (x - k)²`
+/// read span by span ([`fold_spans`]) give the moments directly when the channel's mean lies
+/// within a standard deviation of `k` (then `Σ (x - k)² - (Σ (x - k))² / n` loses at most a
+/// factor of two to cancellation, as for NHWC's later blocks; the first run's mean estimates
+/// the channel's, so this is the rule). Otherwise (data that drifts from image to image, or
+/// non-finite sums) a second read around the mean found, as a statistics block does.
+/// Measured on Zen 5, one thread: 32x64x56x56 NCHW training 1.2x faster than with two reads
+/// (`f32`), 1.3x (`f16`).
 #[inline(always)]
 fn group_moments<L: Lanes, B: Buffers<Data = L::Mem>>(
     spans: &[Option<B>],
@@ -100,26 +115,37 @@ fn group_moments<L: Lanes, B: Buffers<Data = L::Mem>>(
         let x = spans[i].as_ref().expect("every image's span").input();
         &x[j * s..][..s]
     };
-    let zero = L::Elem::ZERO;
-    let mut pivots = [PivotedSum::<L>::around(zero); GROUP];
-    for (j, p) in pivots[..count].iter_mut().enumerate() {
-        *p = PivotedSum::around(run(0, j)[0].to_param());
+    let mut centres = [ShiftedSums::<L>::around(L::Elem::ZERO); GROUP];
+    for (j, c) in centres[..count].iter_mut().enumerate() {
+        let first = run(0, j);
+        let p = first[0].to_param();
+        let sum = fold_pieces::<L, _, ACCUMULATORS>(1, &|_| first, PivotedSum::around(p));
+        *c = ShiftedSums::around(L::Elem::from_f64(p.to_f64() + sum.sums()[0] / s as f64));
     }
     let mut sums = [[0.0; 2]; GROUP];
-    fold_spans::<L, _, ACCUMULATORS>(n, s, &run, &pivots[..count], &mut sums);
+    fold_spans::<L, _, ACCUMULATORS, true>(n, s, &run, &centres[..count], &mut sums);
     let values = n * s;
-    let mut shifted = [ShiftedSums::<L>::around(zero); GROUP];
-    for j in 0..count {
-        let p = run(0, j)[0].to_f64();
-        shifted[j] = ShiftedSums::around(L::Elem::from_f64(p + sums[j][0] / values as f64));
-    }
-    fold_spans::<L, _, ACCUMULATORS>(n, s, &run, &shifted[..count], &mut sums);
     for (j, o) in out[..count].iter_mut().enumerate() {
-        let [s1, s2] = sums[j];
+        let [mut s1, mut s2] = sums[j];
+        // (Σd)² / n <= Σd² / 2 says (mean - k)² <= variance; NaN fails it.
+        let near = 2.0 * s1 * s1 <= values as f64 * s2;
+        if !near {
+            let k = centres[j].centre.to_f64() + s1 / values as f64;
+            centres[j] = ShiftedSums::around(L::Elem::from_f64(k));
+            let mut again = [[0.0; 2]];
+            fold_spans::<L, _, ACCUMULATORS, true>(
+                n,
+                s,
+                &|i, _| run(i, j),
+                &centres[j..=j],
+                &mut again,
+            );
+            [s1, s2] = again[0];
+        }
         *o = if tiny_squares::<L::Elem>(values, s1, s2) {
             block_f64(n, |i| run(i, j))
         } else {
-            Moments::from_shifted_sums(values as u64, shifted[j].centre.to_f64(), s1, s2)
+            Moments::from_shifted_sums(values as u64, centres[j].centre.to_f64(), s1, s2)
         };
     }
 }
@@ -206,7 +232,7 @@ pub(crate) fn backward_channels<L: Lanes>(
                 *l = GradLanes::around(c);
             }
             let mut total = [[0.0; 2]; GROUP];
-            fold_spans::<L, _, UNROLL>(n, s, &run, &lanes[..sums.len()], &mut total);
+            fold_spans::<L, _, UNROLL, false>(n, s, &run, &lanes[..sums.len()], &mut total);
             for (j, (o, [dy, dy_xc])) in sums.iter_mut().zip(total).enumerate() {
                 *o = GradSums { dy, dy_xc };
                 if !(dy.is_finite() && dy_xc.is_finite()) {

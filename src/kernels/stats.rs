@@ -70,6 +70,8 @@ pub(crate) trait Reduce<L: Lanes>: Copy {
 /// A piece of a block: a slice, or two of equal length read side by side.
 pub(crate) trait Piece: Copy {
     fn len(self) -> usize;
+    /// Asks for the piece's cache lines ahead of its use ([`prefetch`]).
+    fn prefetch(self);
     /// The chunks of `n` values, and what is left after them.
     fn chunks_exact(self, n: usize) -> (impl Iterator<Item = Self>, Self);
 }
@@ -78,6 +80,10 @@ impl<T> Piece for &[T] {
     #[inline(always)]
     fn len(self) -> usize {
         <[T]>::len(self)
+    }
+    #[inline(always)]
+    fn prefetch(self) {
+        prefetch(self)
     }
     #[inline(always)]
     fn chunks_exact(self, n: usize) -> (impl Iterator<Item = Self>, Self) {
@@ -91,6 +97,11 @@ impl<T> Piece for (&[T], &[T]) {
     #[inline(always)]
     fn len(self) -> usize {
         self.0.len().min(self.1.len())
+    }
+    #[inline(always)]
+    fn prefetch(self) {
+        prefetch(self.0);
+        prefetch(self.1);
     }
     #[inline(always)]
     fn chunks_exact(self, n: usize) -> (impl Iterator<Item = Self>, Self) {
