@@ -3,6 +3,7 @@
 use crate::element::{Data, Element};
 use crate::error::{check_eps, check_len, check_xy, Error};
 use crate::exec;
+use crate::fuse::{with_epilogue, Fuse, OverBuffers};
 use crate::kernels::backward::{BackAffine, GradSums};
 use crate::kernels::buffers::{Buffers, Grad, Split};
 use crate::kernels::normalize::{fill_affine, Affine};
@@ -104,8 +105,7 @@ impl<T: Element> BatchNorm<T> {
         shape: Shape,
         layout: Layout,
     ) -> Result<SavedStats<T>, Error> {
-        check_xy(shape, x.len(), y.len())?;
-        self.train(Split::new(x, y), shape, layout)
+        self.forward_train_fused(x, y, shape, layout, Fuse::default())
     }
 
     /// [`forward_train`](Self::forward_train) writing over its input.
@@ -115,7 +115,35 @@ impl<T: Element> BatchNorm<T> {
         shape: Shape,
         layout: Layout,
     ) -> Result<SavedStats<T>, Error> {
-        self.train(xy, shape, layout)
+        self.forward_train_fused_in_place(xy, shape, layout, Fuse::default())
+    }
+
+    /// [`forward_train`](Self::forward_train) followed, in the same pass, by what `fuse` asks
+    /// for: `y = relu(bn(x) + residual)` (see [`Fuse`]). The statistics are those of `x`.
+    pub fn forward_train_fused<D: Data<Param = T>>(
+        &mut self,
+        x: &[D],
+        y: &mut [D],
+        shape: Shape,
+        layout: Layout,
+        fuse: Fuse<'_, D>,
+    ) -> Result<SavedStats<T>, Error> {
+        check_xy(shape, x.len(), y.len())?;
+        fuse.check(x.len())?;
+        with_epilogue(Split::new(x, y), fuse, Train(self, shape, layout))
+    }
+
+    /// [`forward_train_fused`](Self::forward_train_fused) writing over its input (the residual
+    /// is a separate buffer: safe Rust cannot make it alias `xy`).
+    pub fn forward_train_fused_in_place<D: Data<Param = T>>(
+        &mut self,
+        xy: &mut [D],
+        shape: Shape,
+        layout: Layout,
+        fuse: Fuse<'_, D>,
+    ) -> Result<SavedStats<T>, Error> {
+        fuse.check(xy.len())?;
+        with_epilogue(xy, fuse, Train(self, shape, layout))
     }
 
     /// Inference: normalizes `x` into `y` with the running statistics.
@@ -126,8 +154,7 @@ impl<T: Element> BatchNorm<T> {
         shape: Shape,
         layout: Layout,
     ) -> Result<(), Error> {
-        check_xy(shape, x.len(), y.len())?;
-        self.eval(Split::new(x, y), shape, layout)
+        self.forward_eval_fused(x, y, shape, layout, Fuse::default())
     }
 
     /// [`forward_eval`](Self::forward_eval) writing over its input.
@@ -137,7 +164,34 @@ impl<T: Element> BatchNorm<T> {
         shape: Shape,
         layout: Layout,
     ) -> Result<(), Error> {
-        self.eval(xy, shape, layout)
+        self.forward_eval_fused_in_place(xy, shape, layout, Fuse::default())
+    }
+
+    /// [`forward_eval`](Self::forward_eval) followed, in the same pass, by what `fuse` asks
+    /// for: `y = relu(bn(x) + residual)` (see [`Fuse`]).
+    pub fn forward_eval_fused<D: Data<Param = T>>(
+        &self,
+        x: &[D],
+        y: &mut [D],
+        shape: Shape,
+        layout: Layout,
+        fuse: Fuse<'_, D>,
+    ) -> Result<(), Error> {
+        check_xy(shape, x.len(), y.len())?;
+        fuse.check(x.len())?;
+        with_epilogue(Split::new(x, y), fuse, Eval(self, shape, layout))
+    }
+
+    /// [`forward_eval_fused`](Self::forward_eval_fused) writing over its input.
+    pub fn forward_eval_fused_in_place<D: Data<Param = T>>(
+        &self,
+        xy: &mut [D],
+        shape: Shape,
+        layout: Layout,
+        fuse: Fuse<'_, D>,
+    ) -> Result<(), Error> {
+        fuse.check(xy.len())?;
+        with_epilogue(xy, fuse, Eval(self, shape, layout))
     }
 
     /// The inference normalization folded into one multiply-add per element,
@@ -349,5 +403,25 @@ fn gradients<T: Element>(sums: &[GradSums], invstd: impl Fn(usize) -> f64) -> Gr
             .map(|(c, s)| T::from_f64(s.dy_xc * invstd(c)))
             .collect(),
         bias: sums.iter().map(|s| T::from_f64(s.dy)).collect(),
+    }
+}
+
+/// Training's forward pass over buffers of any epilogue.
+struct Train<'l, T>(&'l mut BatchNorm<T>, Shape, Layout);
+
+impl<T: Element, D: Data<Param = T>> OverBuffers<D> for Train<'_, T> {
+    type Output = Result<SavedStats<T>, Error>;
+    fn run<B: Buffers<Data = D>>(self, buf: B) -> Self::Output {
+        self.0.train(buf, self.1, self.2)
+    }
+}
+
+/// Inference over buffers of any epilogue.
+struct Eval<'l, T>(&'l BatchNorm<T>, Shape, Layout);
+
+impl<T: Element, D: Data<Param = T>> OverBuffers<D> for Eval<'_, T> {
+    type Output = Result<(), Error>;
+    fn run<B: Buffers<Data = D>>(self, buf: B) -> Self::Output {
+        self.0.eval(buf, self.1, self.2)
     }
 }

@@ -6,6 +6,7 @@
 mod element;
 mod error;
 mod exec;
+mod fuse;
 mod kernels;
 mod layer;
 mod moments;
@@ -16,12 +17,16 @@ mod shape;
 
 pub use element::{Data, Element};
 pub use error::Error;
+pub use fuse::Fuse;
 /// The `half` crate this one was built with, so that callers name the same `f16` and `bf16`.
 pub use half;
 pub use kernels::{with_isa, Isa};
 pub use layer::{BatchNorm, Gradients, SavedStats};
 pub use moments::Moments;
-pub use ops::{apply_scale_shift, apply_scale_shift_in_place, fold_scale_shift, moments};
+pub use ops::{
+    apply_scale_shift, apply_scale_shift_fused, apply_scale_shift_fused_in_place,
+    apply_scale_shift_in_place, fold_scale_shift, moments,
+};
 pub use parallel::DEFAULT_PARALLEL_THRESHOLD;
 #[doc(hidden)]
 pub use parallel::{with_parallel_threshold, with_stream_threshold};

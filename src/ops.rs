@@ -3,6 +3,7 @@
 use crate::element::{Data, Element};
 use crate::error::{check_eps, check_len, check_xy, Error};
 use crate::exec;
+use crate::fuse::{with_epilogue, Fuse, OverBuffers};
 use crate::kernels::buffers::{Buffers, Param, Split};
 use crate::kernels::normalize::ChannelAffine;
 use crate::moments::Moments;
@@ -56,8 +57,7 @@ pub fn apply_scale_shift<D: Data>(
     shape: Shape,
     layout: Layout,
 ) -> Result<(), Error> {
-    check_xy(shape, x.len(), y.len())?;
-    apply(Split::new(x, y), scale, shift, shape, layout)
+    apply_scale_shift_fused(x, y, scale, shift, shape, layout, Fuse::default())
 }
 
 /// [`apply_scale_shift`] writing over its input.
@@ -68,7 +68,56 @@ pub fn apply_scale_shift_in_place<D: Data>(
     shape: Shape,
     layout: Layout,
 ) -> Result<(), Error> {
-    apply(xy, scale, shift, shape, layout)
+    apply_scale_shift_fused_in_place(xy, scale, shift, shape, layout, Fuse::default())
+}
+
+/// [`apply_scale_shift`] followed, in the same pass, by what `fuse` asks for:
+/// `y = relu(x * scale[c] + shift[c] + residual)` (see [`Fuse`]), for engines that fold the
+/// statistics themselves.
+pub fn apply_scale_shift_fused<D: Data>(
+    x: &[D],
+    y: &mut [D],
+    scale: &[D::Param],
+    shift: &[D::Param],
+    shape: Shape,
+    layout: Layout,
+    fuse: Fuse<'_, D>,
+) -> Result<(), Error> {
+    check_xy(shape, x.len(), y.len())?;
+    fuse.check(x.len())?;
+    check_apply(x.len(), scale, shift, shape)?;
+    with_epilogue(Split::new(x, y), fuse, Apply(scale, shift, shape, layout))
+}
+
+/// [`apply_scale_shift_fused`] writing over its input.
+pub fn apply_scale_shift_fused_in_place<D: Data>(
+    xy: &mut [D],
+    scale: &[D::Param],
+    shift: &[D::Param],
+    shape: Shape,
+    layout: Layout,
+    fuse: Fuse<'_, D>,
+) -> Result<(), Error> {
+    fuse.check(xy.len())?;
+    check_apply(xy.len(), scale, shift, shape)?;
+    with_epilogue(xy, fuse, Apply(scale, shift, shape, layout))
+}
+
+/// The checks of [`apply_scale_shift`] beyond the output's length.
+fn check_apply<T>(len: usize, scale: &[T], shift: &[T], shape: Shape) -> Result<(), Error> {
+    check_len("x", shape.numel()?, len)?;
+    check_len("scale", shape.c, scale.len())?;
+    check_len("shift", shape.c, shift.len())
+}
+
+/// `apply_scale_shift` over buffers of any epilogue.
+struct Apply<'p, T>(&'p [T], &'p [T], Shape, Layout);
+
+impl<D: Data> OverBuffers<D> for Apply<'_, D::Param> {
+    type Output = Result<(), Error>;
+    fn run<B: Buffers<Data = D>>(self, buf: B) -> Self::Output {
+        apply(buf, self.0, self.1, self.2, self.3)
+    }
 }
 
 fn apply<B: Buffers>(
@@ -78,9 +127,6 @@ fn apply<B: Buffers>(
     shape: Shape,
     layout: Layout,
 ) -> Result<(), Error> {
-    check_len("x", shape.numel()?, buf.len())?;
-    check_len("scale", shape.c, scale.len())?;
-    check_len("shift", shape.c, shift.len())?;
     let p = ChannelAffine {
         hi: &[],
         scale,

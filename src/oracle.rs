@@ -226,6 +226,22 @@ fn backward_with<D: Data>(
     Backward { dx, weight, bias }
 }
 
+/// The fused epilogue applied to the outputs `y` of an operation: `relu(y + residual)` (see
+/// [`crate::Fuse`]), the ReLU as `if v < 0 { 0 } else { v }` (a NaN stays NaN).
+pub fn epilogue<D: Data>(y: &[f64], residual: Option<&[D]>, relu: bool) -> Vec<f64> {
+    y.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let v = v + residual.map_or(0.0, |r| r[i].to_f64());
+            if relu && v < 0.0 {
+                0.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
 /// The outputs `y` rounded to the tensor type `D`, each to nearest (ties to even), in one
 /// rounding: what an exact kernel would store.
 pub fn round<D: Data>(y: &[f64]) -> Vec<D> {

@@ -274,3 +274,170 @@ pub(crate) fn aligned_arrays<T: Element, const K: usize>(
         &mut array[..len]
     })
 }
+
+/// What follows the normalization in the same pass, applied to each output vector before it
+/// is stored: a residual added, a ReLU, or both (`y = relu(bn(x) + residual)`). A type
+/// parameter of the buffers ([`Then`]), so that the plain path is the plain buffers, untouched.
+pub(crate) trait Epilogue<D: Data>: Send + Sized {
+    /// The epilogue of the first `mid` elements and of the rest (cut as the buffers are).
+    fn split_at(self, mid: usize) -> (Self, Self);
+    /// Applied to the vector `v` that goes to output index `i..i + n` (`n <= WIDTH`).
+    fn apply<L: Lanes<Mem = D>>(&self, i: usize, n: usize, v: L) -> L;
+}
+
+/// `y = relu(v)`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Relu;
+
+impl<D: Data> Epilogue<D> for Relu {
+    #[inline(always)]
+    fn split_at(self, _: usize) -> (Self, Self) {
+        (Relu, Relu)
+    }
+    #[inline(always)]
+    fn apply<L: Lanes<Mem = D>>(&self, _: usize, _: usize, v: L) -> L {
+        v.relu()
+    }
+}
+
+/// `y = v + residual`, then a ReLU with `RELU`.
+#[derive(Debug)]
+pub(crate) struct Residual<'a, D, const RELU: bool> {
+    pub residual: &'a [D],
+}
+
+impl<D: Data, const RELU: bool> Epilogue<D> for Residual<'_, D, RELU> {
+    #[inline(always)]
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (a, b) = self.residual.split_at(mid);
+        (Residual { residual: a }, Residual { residual: b })
+    }
+    #[inline(always)]
+    fn apply<L: Lanes<Mem = D>>(&self, i: usize, n: usize, v: L) -> L {
+        let r = if n == L::WIDTH {
+            L::read(&self.residual[i..i + n])
+        } else {
+            L::read_partial(&self.residual[i..i + n], L::Elem::ZERO)
+        };
+        let sum = v.add(r);
+        if RELU {
+            sum.relu()
+        } else {
+            sum
+        }
+    }
+}
+
+/// Buffers `B` whose every output vector goes through the epilogue `E` first.
+pub(crate) struct Then<B, E> {
+    pub buf: B,
+    pub epilogue: E,
+}
+
+impl<B: Buffers, E: Epilogue<B::Data>> Span for Then<B, E> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+    #[inline(always)]
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (a, b) = self.buf.split_at(mid);
+        let (ea, eb) = self.epilogue.split_at(mid);
+        (
+            Then {
+                buf: a,
+                epilogue: ea,
+            },
+            Then {
+                buf: b,
+                epilogue: eb,
+            },
+        )
+    }
+}
+
+/// `f` then the epilogue, for the `n` lanes at output index `at`.
+struct ThenMap<'a, F, E> {
+    f: &'a F,
+    epilogue: &'a E,
+    at: usize,
+    n: usize,
+}
+
+impl<L: Lanes, F: MapLanes<L>, E: Epilogue<L::Mem>> MapLanes<L> for ThenMap<'_, F, E> {
+    #[inline(always)]
+    fn apply(&self, v: L) -> L {
+        self.epilogue.apply(self.at, self.n, self.f.apply(v))
+    }
+}
+
+/// `f` then the epilogue, for whole vectors from output index `start`.
+struct ThenAt<'a, F, E> {
+    f: &'a F,
+    epilogue: &'a E,
+    start: usize,
+}
+
+impl<L: Lanes, F: MapAt<L>, E: Epilogue<L::Mem>> MapAt<L> for ThenAt<'_, F, E> {
+    #[inline(always)]
+    fn apply_at(&self, j: usize, v: L) -> L {
+        let at = self.start + j * L::WIDTH;
+        self.epilogue.apply(at, L::WIDTH, self.f.apply_at(j, v))
+    }
+}
+
+impl<B: Buffers, E: Epilogue<B::Data>> Buffers for Then<B, E> {
+    type Data = B::Data;
+    #[inline(always)]
+    fn input(&self) -> &[Self::Data] {
+        self.buf.input()
+    }
+    #[inline(always)]
+    fn output(&self) -> &[Self::Data] {
+        self.buf.output()
+    }
+    fn set_streaming(&mut self, on: bool) {
+        self.buf.set_streaming(on)
+    }
+    fn streaming(&self) -> bool {
+        self.buf.streaming()
+    }
+    #[inline(always)]
+    fn map<L: Lanes<Mem = Self::Data>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
+        let then = ThenMap {
+            f,
+            epilogue: &self.epilogue,
+            at: i,
+            n,
+        };
+        self.buf.map(i, n, &then)
+    }
+    #[inline(always)]
+    fn load<L: Lanes<Mem = Self::Data>>(&self, i: usize) -> L {
+        self.buf.load(i)
+    }
+    #[inline(always)]
+    fn store<L: Lanes<Mem = Self::Data>>(&mut self, i: usize, v: L) {
+        let v = self.epilogue.apply(i, L::WIDTH, v);
+        self.buf.store(i, v)
+    }
+    #[inline(always)]
+    fn put<L: Lanes<Mem = Self::Data>>(&mut self, i: usize, v: L) {
+        let v = self.epilogue.apply(i, L::WIDTH, v);
+        self.buf.put(i, v)
+    }
+    #[inline(always)]
+    fn map_vectors<L: Lanes<Mem = Self::Data>>(
+        &mut self,
+        start: usize,
+        len: usize,
+        f: &impl MapAt<L>,
+    ) {
+        let then = ThenAt {
+            f,
+            epilogue: &self.epilogue,
+            start,
+        };
+        self.buf.map_vectors(start, len, &then)
+    }
+}

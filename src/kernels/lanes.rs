@@ -59,6 +59,8 @@ pub trait Lanes: Copy + Send + Sync + 'static {
     /// Lanes `i < k` from `self`, the others from `rest` (`k <= WIDTH`): a vector that
     /// straddles two channels' runs, each part computed with its channel's parameters.
     fn splice(self, k: usize, rest: Self) -> Self;
+    /// `max(self, 0)` lane-wise, as `if v < 0 { 0 } else { v }`: a NaN stays NaN, `-0` stays.
+    fn relu(self) -> Self;
 }
 
 /// An element-wise function on vectors, for [`Buffers::map`](super::buffers::Buffers::map).
@@ -199,6 +201,14 @@ impl<T: Element> Lanes for One<T> {
             rest
         }
     }
+    #[inline(always)]
+    fn relu(self) -> Self {
+        if self.0 < T::ZERO {
+            One(T::ZERO)
+        } else {
+            self
+        }
+    }
 }
 
 /// `f32` lanes that read and write the 16-bit type `D` (`f16`, `bf16`), converting in
@@ -306,6 +316,10 @@ impl<L: Convert<D>, D: Data<Param = f32>> Lanes for Stored<L, D> {
     #[inline(always)]
     fn splice(self, k: usize, rest: Self) -> Self {
         Self::of(self.0.splice(k, rest.0))
+    }
+    #[inline(always)]
+    fn relu(self) -> Self {
+        Self::of(self.0.relu())
     }
 }
 

@@ -60,6 +60,11 @@ macro_rules! wide_lanes {
                 let index = <$v>::new(std::array::from_fn(|i| i as $t));
                 index.simd_lt(<$v>::splat(k as $t)).select(self, rest)
             }
+            #[inline(always)]
+            fn relu(self) -> Self {
+                let zero = <$v>::splat(0.0);
+                self.simd_lt(zero).select(zero, self)
+            }
         }
     };
 }

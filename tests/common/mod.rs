@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use batchnorm::{
-    with_isa, with_parallel_threshold, with_stream_threshold, Element, Isa, Layout, Shape,
+    with_isa, with_parallel_threshold, with_stream_threshold, Data, Element, Isa, Layout, Shape,
 };
 use proptest::prelude::*;
 use std::sync::OnceLock;
@@ -122,7 +122,7 @@ pub fn assert_close<T: Element>(got: &[T], want: &[f64], tol: f64, what: &str) {
 /// Bit-for-bit equality, every NaN equal to every other: a NaN's payload is not specified
 /// (the compiler may commute the operands of an addition or multiplication, and x86
 /// propagates the first operand's payload), so two correct results may differ there.
-pub fn assert_identical<T: Element>(a: &[T], b: &[T], what: &str) {
+pub fn assert_identical<T: Data>(a: &[T], b: &[T], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: length");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         let (x, y) = (x.to_f64(), y.to_f64());

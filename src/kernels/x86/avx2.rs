@@ -154,11 +154,11 @@ unsafe fn splice_pd(k: usize, a: __m256d, b: __m256d) -> __m256d {
 
 x86_lanes!(F32x8, f32, 8;
     _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_stream_ps, _mm256_add_ps, _mm256_sub_ps,
-    _mm256_mul_ps, _mm256_fmadd_ps;
+    _mm256_mul_ps, _mm256_fmadd_ps, _mm256_max_ps;
     load_partial_ps, store_partial_ps, hsum_ps, splice_ps);
 x86_lanes!(F64x4, f64, 4;
     _mm256_set1_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_stream_pd, _mm256_add_pd, _mm256_sub_pd,
-    _mm256_mul_pd, _mm256_fmadd_pd;
+    _mm256_mul_pd, _mm256_fmadd_pd, _mm256_max_pd;
     load_partial_pd, store_partial_pd, hsum_pd, splice_pd);
 
 /// `f32` lanes rounded to `bf16` bits (in the low half of each 32-bit lane), to nearest

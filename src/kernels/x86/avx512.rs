@@ -94,11 +94,11 @@ unsafe fn splice_pd(k: usize, a: __m512d, b: __m512d) -> __m512d {
 
 x86_lanes!(F32x16, f32, 16;
     _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_stream_ps, _mm512_add_ps, _mm512_sub_ps,
-    _mm512_mul_ps, _mm512_fmadd_ps;
+    _mm512_mul_ps, _mm512_fmadd_ps, _mm512_max_ps;
     load_partial_ps, store_partial_ps, _mm512_reduce_add_ps, splice_ps);
 x86_lanes!(F64x8, f64, 8;
     _mm512_set1_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_stream_pd, _mm512_add_pd, _mm512_sub_pd,
-    _mm512_mul_pd, _mm512_fmadd_pd;
+    _mm512_mul_pd, _mm512_fmadd_pd, _mm512_max_pd;
     load_partial_pd, store_partial_pd, _mm512_reduce_add_pd, splice_pd);
 
 /// `f32` lanes rounded to `bf16` bits, to nearest even; a NaN stays a NaN (made quiet),

@@ -10,7 +10,7 @@
 /// is sound.
 macro_rules! x86_lanes {
     ($v:ident, $t:ty, $w:expr;
-     $set1:ident, $loadu:ident, $storeu:ident, $stream:ident, $add:ident, $sub:ident, $mul:ident, $fmadd:ident;
+     $set1:ident, $loadu:ident, $storeu:ident, $stream:ident, $add:ident, $sub:ident, $mul:ident, $fmadd:ident, $max:ident;
      $load_partial:ident, $store_partial:ident, $sum:ident, $splice:ident) => {
         impl Lanes for $v {
             type Elem = $t;
@@ -84,6 +84,12 @@ macro_rules! x86_lanes {
             fn splice(self, k: usize, rest: Self) -> Self {
                 // SAFETY: detected as above.
                 unsafe { $v($splice(k, self.0, rest.0)) }
+            }
+            #[inline(always)]
+            fn relu(self) -> Self {
+                // `max(0, v)` returns its second operand, `v`, when `v` is NaN or a zero.
+                // SAFETY: detected as above.
+                unsafe { $v($max($set1(0.0), self.0)) }
             }
         }
     };
