@@ -178,7 +178,7 @@ proptest! {
 fn bad_residual_is_refused() {
     let shape = Shape::new(2, 3, 4);
     let x = vec![1.5f32; 24];
-    let short = vec![0.0f32; 23];
+    let short = [0.0f32; 23];
     let mut bn = BatchNorm::<f32>::new(3);
     let start = bn.clone();
     let mut y = vec![7.0f32; 24];
