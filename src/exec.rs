@@ -537,7 +537,8 @@ where
         }
         let sums = match plan {
             Plan::Runs { n, c, s } => {
-                let (x, dy) = (g.x, g.dy);
+                let inputs = g.inputs();
+                let gated = !g.y.is_empty();
                 Pieces::new(n, c, s, par).map(
                     c,
                     par,
@@ -547,8 +548,9 @@ where
                         simd.vectorize(GradSumsRuns {
                             count: runs.len(),
                             len,
-                            run: |i| (&x[at(i)..][..len], &dy[at(i)..][..len]),
+                            run: |i| inputs.at(at(i), len),
                             hi: centers[ch],
+                            gated,
                         })
                     },
                     GradSums::add,
@@ -561,8 +563,7 @@ where
                 par,
                 |rows, cols, out: &mut [GradSums]| {
                     simd.vectorize(GradSumsRows {
-                        x: g.x,
-                        dy: g.dy,
+                        g: g.inputs(),
                         c,
                         rows,
                         cols,

@@ -229,11 +229,60 @@ impl<T: Element> BatchNorm<T> {
         layout: Layout,
     ) -> Result<Gradients<T>, Error> {
         self.check_backward(x, dy, dx, shape)?;
+        self.train_backward(Grad::new(x, dy, &[], dx), saved, shape, layout)
+    }
+
+    /// The backward pass of [`forward_train_fused`](Self::forward_train_fused), whose output
+    /// was `y = act(bn(x) + residual)`: with `relu`, the gradient flows only where `y > 0`
+    /// (`dz = if y <= 0 { 0 } else { dy }`, the rule of PyTorch's `threshold_backward`, so no
+    /// mask needs keeping: `y` is read instead), then through the batch norm as
+    /// [`backward`](Self::backward) with `dz` for `dy`. `d_residual`, when given, receives
+    /// `dz`, the residual's gradient. `y` must be given whole even without `relu`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_fused<D: Data<Param = T>>(
+        &self,
+        x: &[D],
+        y: &[D],
+        dy: &[D],
+        saved: &SavedStats<T>,
+        dx: &mut [D],
+        d_residual: Option<&mut [D]>,
+        shape: Shape,
+        layout: Layout,
+        relu: bool,
+    ) -> Result<Gradients<T>, Error> {
+        self.check_backward(x, dy, dx, shape)?;
+        check_len("y", x.len(), y.len())?;
+        if let Some(dr) = &d_residual {
+            check_len("d_residual", x.len(), dr.len())?;
+        }
+        let gate = if relu { y } else { &[] };
+        let grads = self.train_backward(Grad::new(x, dy, gate, dx), saved, shape, layout)?;
+        if let Some(dr) = d_residual {
+            for ((o, &d), &y) in dr.iter_mut().zip(dy).zip(y) {
+                *o = if relu && y.to_param() <= T::ZERO {
+                    D::from_param(T::ZERO)
+                } else {
+                    d
+                };
+            }
+        }
+        Ok(grads)
+    }
+
+    /// [`backward`](Self::backward) over `g` (whose `y`, when not empty, gates `dy`).
+    fn train_backward<D: Data<Param = T>>(
+        &self,
+        g: Grad<'_, D>,
+        saved: &SavedStats<T>,
+        shape: Shape,
+        layout: Layout,
+    ) -> Result<Gradients<T>, Error> {
         check_len("saved.mean", shape.c, saved.mean.len())?;
         check_len("saved.invstd", shape.c, saved.invstd.len())?;
         let m = shape.per_channel() as f64;
         let invstd = |c: usize| saved.invstd[c].to_f64();
-        let sums = exec::backward(Grad::new(x, dy, dx), shape, layout, &saved.mean, |c, s| {
+        let sums = exec::backward(g, shape, layout, &saved.mean, |c, s| {
             let (w, is) = (self.weight[c].to_f64(), invstd(c));
             let dweight = s.dy_xc * is;
             BackAffine {
@@ -260,7 +309,7 @@ impl<T: Element> BatchNorm<T> {
         self.check_backward(x, dy, dx, shape)?;
         let invstd = |c: usize| self.running_invstd(c);
         let sums = exec::backward(
-            Grad::new(x, dy, dx),
+            Grad::new(x, dy, &[], dx),
             shape,
             layout,
             &self.running_mean,

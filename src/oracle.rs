@@ -187,11 +187,42 @@ pub fn backward_eval<D: Data>(
     backward_with(layer, x, dy, &mean, &invstd, false, shape, layout)
 }
 
+/// The backward pass of [`BatchNorm::forward_train_fused`], whose output was `y`: the
+/// gradient `dz = if relu && y <= 0 { 0 } else { dy }` through the activation, then
+/// [`backward`] with `dz`. Returns that and `dz`, the residual's gradient.
 #[allow(clippy::too_many_arguments)]
-fn backward_with<D: Data>(
+pub fn backward_fused<D: Data>(
     layer: &BatchNorm<D::Param>,
     x: &[D],
+    y: &[D],
     dy: &[D],
+    saved: &SavedStats<D::Param>,
+    shape: Shape,
+    layout: Layout,
+    relu: bool,
+) -> (Backward, Vec<f64>) {
+    let dz: Vec<f64> = dy
+        .iter()
+        .zip(y)
+        .map(|(d, y)| {
+            if relu && y.to_f64() <= 0.0 {
+                0.0
+            } else {
+                d.to_f64()
+            }
+        })
+        .collect();
+    let mean: Vec<f64> = saved.mean.iter().map(|v| v.to_f64()).collect();
+    let invstd: Vec<f64> = saved.invstd.iter().map(|v| v.to_f64()).collect();
+    let back = backward_with(layer, x, &dz, &mean, &invstd, true, shape, layout);
+    (back, dz)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_with<D: Data, G: Data>(
+    layer: &BatchNorm<D::Param>,
+    x: &[D],
+    dy: &[G],
     mean: &[f64],
     invstd: &[f64],
     batch_stats: bool,

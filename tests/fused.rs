@@ -238,3 +238,254 @@ fn nan_stays_in_its_place() {
         });
     }
 }
+
+/// The fused backward against the oracle's, after a fused forward with each epilogue: `dx`
+/// within the tolerance relative to its three terms, `dbias` and `dweight` relative to the
+/// terms summed, `d_residual` exactly (it is `dy` or 0).
+fn check_backward<D: Data<Param = f32>>(shape: Shape, layout: Layout, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let len = shape.numel().unwrap();
+    let (offset, spread) = rng.offset_spread();
+    let x: Vec<D> = data(&mut rng, len, offset, spread);
+    let residual: Vec<D> = data(&mut rng, len, 0.0, 1.0);
+    let dy: Vec<D> = data(&mut rng, len, 0.0, 1.0);
+    let bn = layer(&mut rng, shape.c);
+    let tol = tol::<f32>(offset.abs() / spread)
+        + if std::mem::size_of::<D>() == 2 {
+            1e-3
+        } else {
+            0.0
+        };
+    let m = (shape.n * shape.spatial) as f64;
+    for (r, relu) in [
+        (None, true),
+        (Some(&residual[..]), true),
+        (Some(&residual[..]), false),
+    ] {
+        let mut y = vec![D::default(); len];
+        let fuse = Fuse { residual: r, relu };
+        let saved = bn
+            .clone()
+            .forward_train_fused(&x, &mut y, shape, layout, fuse)
+            .unwrap();
+        let (want, dz) = oracle::backward_fused(&bn, &x, &y, &dy, &saved, shape, layout, relu);
+        let (mut dx_terms, mut sum_dz, mut sum_dz_xhat) =
+            (vec![0.0; len], vec![0.0; shape.c], vec![0.0; shape.c]);
+        for n in 0..shape.n {
+            for c in 0..shape.c {
+                let (is, w) = (saved.invstd[c] as f64, bn.weight[c] as f64);
+                for s in 0..shape.spatial {
+                    let i = shape.index(layout, n, c, s);
+                    let xhat = (x[i].to_f64() - saved.mean[c] as f64) * is;
+                    sum_dz[c] += dz[i].abs();
+                    sum_dz_xhat[c] += (dz[i] * xhat).abs();
+                    dx_terms[i] = (w * is * dz[i]).abs()
+                        + (w * is / m * xhat * want.weight[c]).abs()
+                        + (w * is / m * want.bias[c]).abs();
+                }
+            }
+        }
+        on_every_path(|path| {
+            let what = format!("residual {}, relu {relu}, {path}", r.is_some());
+            let mut dx = vec![D::default(); len];
+            let mut dr = vec![D::default(); len];
+            let g = bn
+                .backward_fused(
+                    &x,
+                    &y,
+                    &dy,
+                    &saved,
+                    &mut dx,
+                    Some(&mut dr),
+                    shape,
+                    layout,
+                    relu,
+                )
+                .unwrap();
+            for i in 0..len {
+                let (got, w) = (dx[i].to_f64(), want.dx[i]);
+                assert!(
+                    (got - w).abs() <= tol * (1.0 + dx_terms[i]),
+                    "dx[{i}] {got} vs {w}, {what}"
+                );
+                assert_eq!(dr[i].to_f64(), dz[i], "d_residual[{i}], {what}");
+            }
+            for c in 0..shape.c {
+                let (db, dw) = (g.bias[c] as f64, g.weight[c] as f64);
+                assert!(
+                    (db - want.bias[c]).abs() <= tol * (1.0 + sum_dz[c]),
+                    "dbias {c}, {what}"
+                );
+                assert!(
+                    (dw - want.weight[c]).abs() <= tol * (1.0 + sum_dz_xhat[c]),
+                    "dweight {c}, {what}"
+                );
+            }
+            // Without the residual's gradient: the same dx and gradients.
+            let mut dx2 = vec![D::default(); len];
+            let g2 = bn
+                .backward_fused(&x, &y, &dy, &saved, &mut dx2, None, shape, layout, relu)
+                .unwrap();
+            assert_identical(&dx2, &dx, &format!("dx without d_residual, {what}"));
+            assert_eq!(g2, g);
+        });
+    }
+}
+
+/// Without a ReLU, `backward_fused` is the plain backward, bit for bit.
+fn check_backward_plain(shape: Shape, layout: Layout, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let len = shape.numel().unwrap();
+    let x: Vec<f32> = data(&mut rng, len, 1.0, 2.0);
+    let dy: Vec<f32> = data(&mut rng, len, 0.0, 1.0);
+    let bn = layer(&mut rng, shape.c);
+    let mut y = vec![0.0f32; len];
+    let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
+    on_every_path(|path| {
+        let (mut a, mut b) = (vec![0.0f32; len], vec![0.0f32; len]);
+        let ga = bn.backward(&x, &dy, &saved, &mut a, shape, layout).unwrap();
+        let gb = bn
+            .backward_fused(&x, &y, &dy, &saved, &mut b, None, shape, layout, false)
+            .unwrap();
+        assert_identical(&a, &b, &format!("dx, {path}"));
+        assert_eq!(ga, gb, "{path}");
+    });
+}
+
+proptest! {
+    #![proptest_config(config(32))]
+
+    #[test]
+    fn fused_backward_f32(shape in shape(), layout in layout(), seed: u64) {
+        check_backward::<f32>(shape, layout, seed);
+    }
+
+    #[test]
+    fn fused_backward_f16(shape in shape(), layout in layout(), seed: u64) {
+        check_backward::<f16>(shape, layout, seed);
+    }
+
+    #[test]
+    fn fused_backward_without_relu_is_plain(shape in shape(), layout in layout(), seed: u64) {
+        check_backward_plain(shape, layout, seed);
+    }
+}
+
+/// The fused backward is the derivative of the fused forward: `L = Σ c_i y_i` with
+/// `y = relu(bn(x) + residual)` (f64, training statistics), differentiated by central
+/// differences in each input, away from the ReLU's kink, against `dx` (and `d_residual` for
+/// the residual's derivative).
+#[test]
+#[cfg_attr(miri, ignore)]
+fn fused_backward_is_the_derivative() {
+    let shape = Shape::new(3, 2, 5);
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        let mut rng = Rng::new(17);
+        let len = shape.numel().unwrap();
+        let x: Vec<f64> = data(&mut rng, len, 0.5, 2.0);
+        let residual: Vec<f64> = data(&mut rng, len, 0.0, 1.0);
+        let coef: Vec<f64> = data(&mut rng, len, 0.0, 1.0);
+        let mut bn = BatchNorm::<f64>::new(shape.c);
+        bn.weight = vec![1.3, -0.7];
+        bn.bias = vec![0.2, 0.1];
+        let loss = |x: &[f64], r: &[f64]| -> (f64, Vec<f64>) {
+            let mut y = vec![0.0; len];
+            bn.clone()
+                .forward_train_fused(x, &mut y, shape, layout, Fuse::add_relu(r))
+                .unwrap();
+            (y.iter().zip(&coef).map(|(y, c)| y * c).sum(), y)
+        };
+        let (_, y) = loss(&x, &residual);
+        let mut yy = vec![0.0; len];
+        let saved = bn
+            .clone()
+            .forward_train_fused(&x, &mut yy, shape, layout, Fuse::add_relu(&residual))
+            .unwrap();
+        let (mut dx, mut dr) = (vec![0.0; len], vec![0.0; len]);
+        bn.backward_fused(
+            &x,
+            &y,
+            &coef,
+            &saved,
+            &mut dx,
+            Some(&mut dr),
+            shape,
+            layout,
+            true,
+        )
+        .unwrap();
+        let h = 1e-6;
+        let mut checked = 0;
+        for i in 0..len {
+            let (mut xp, mut xm) = (x.clone(), x.clone());
+            xp[i] += h;
+            xm[i] -= h;
+            let (lp, yp) = loss(&xp, &residual);
+            let (lm, ym) = loss(&xm, &residual);
+            // Away from the kink: no output changes sides of 0 between the two evaluations.
+            if yp.iter().zip(&ym).any(|(a, b)| (*a > 0.0) != (*b > 0.0)) {
+                continue;
+            }
+            let fd = (lp - lm) / (2.0 * h);
+            assert!(
+                (fd - dx[i]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                "dx[{i}] {} vs {fd}, {layout:?}",
+                dx[i]
+            );
+            let (mut rp, mut rm) = (residual.clone(), residual.clone());
+            rp[i] += h;
+            rm[i] -= h;
+            let fd = (loss(&x, &rp).0 - loss(&x, &rm).0) / (2.0 * h);
+            assert!(
+                (fd - dr[i]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                "d_residual[{i}] {} vs {fd}",
+                dr[i]
+            );
+            checked += 1;
+        }
+        assert!(checked > len / 2, "{checked} of {len} checked");
+    }
+}
+
+/// `y` and `d_residual` of the wrong length are refused before anything is written.
+#[test]
+fn fused_backward_bad_input() {
+    let shape = Shape::new(2, 3, 4);
+    let x = vec![1.5f32; 24];
+    let bn = BatchNorm::<f32>::new(3);
+    let mut y = vec![0.0f32; 24];
+    let saved = bn
+        .clone()
+        .forward_train(&x, &mut y, shape, Layout::Nchw)
+        .unwrap();
+    let mut dx = vec![7.0f32; 24];
+    let mut short = vec![7.0f32; 23];
+    let err = bn.backward_fused(
+        &x,
+        &y[..23],
+        &x,
+        &saved,
+        &mut dx,
+        None,
+        shape,
+        Layout::Nchw,
+        true,
+    );
+    assert!(matches!(err, Err(Error::Length { .. })), "{err:?}");
+    let err = bn.backward_fused(
+        &x,
+        &y,
+        &x,
+        &saved,
+        &mut dx,
+        Some(&mut short),
+        shape,
+        Layout::Nchw,
+        true,
+    );
+    assert!(matches!(err, Err(Error::Length { .. })), "{err:?}");
+    assert!(
+        dx.iter().chain(&short).all(|&v| v == 7.0),
+        "written before the refusal"
+    );
+}

@@ -7,10 +7,12 @@
 //! at most [`MAX_CHAIN`] values before their sums move to `f64`.
 
 use super::buffers::{aligned_arrays, Grad};
-use super::lanes::{load_tile, load_upto, read_upto, Lanes};
+use super::lanes::{load_tile, load_upto, Lanes};
 use super::normalize::{map_runs, RunIo, RunMap};
 use super::simd::{Simd, WithSimd};
-use super::stats::{block_len, fold_pieces, runs_per_block, Reduce, MAX_CHAIN, MAX_WIDTH, TILE};
+use super::stats::{
+    block_len, fold_pieces, prefetch, runs_per_block, Piece, Reduce, MAX_CHAIN, MAX_WIDTH, TILE,
+};
 use crate::element::{Data, Element};
 use std::ops::Range;
 
@@ -78,28 +80,130 @@ pub(crate) fn fill_back<T: Element>(
 /// Independent accumulators per sum.
 pub(crate) const UNROLL: usize = 4;
 
+/// A run of the backward pass's inputs: `x`, `dy` and, where a ReLU was fused into the forward
+/// pass, its output `y` (empty otherwise), which gates `dy` (`dz = if y <= 0 { 0 } else { dy }`,
+/// PyTorch's `threshold_backward`). The kernels take a `GATED` constant, so the plain path
+/// never looks at `y`.
+#[derive(Debug)]
+pub(crate) struct GradRun<'a, D> {
+    pub x: &'a [D],
+    pub dy: &'a [D],
+    pub y: &'a [D],
+}
+
+impl<'a, D> GradRun<'a, D> {
+    /// Elements `r` of each.
+    #[inline(always)]
+    pub fn range(self, r: Range<usize>) -> Self {
+        GradRun {
+            x: &self.x[r.clone()],
+            dy: &self.dy[r.clone()],
+            y: if self.y.is_empty() {
+                self.y
+            } else {
+                &self.y[r]
+            },
+        }
+    }
+
+    /// Elements `at .. at + len` of each.
+    #[inline(always)]
+    pub fn at(self, at: usize, len: usize) -> Self {
+        self.range(at..at + len)
+    }
+}
+
+impl<D> Clone for GradRun<'_, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<D> Copy for GradRun<'_, D> {}
+
+impl<D> Piece for GradRun<'_, D> {
+    #[inline(always)]
+    fn len(self) -> usize {
+        self.x.len()
+    }
+    #[inline(always)]
+    fn prefetch(self) {
+        prefetch(self.x);
+        prefetch(self.dy);
+        prefetch(self.y);
+    }
+    #[inline(always)]
+    fn chunks_exact(self, n: usize) -> (impl Iterator<Item = Self>, Self) {
+        let len = self.x.len();
+        let done = len - len % n;
+        (
+            (0..len / n).map(move |k| self.at(k * n, n)),
+            self.range(done..len),
+        )
+    }
+}
+
+impl<'a, D: Data> GradRun<'a, D> {
+    /// `x` and the gradient `dz` at `i..i + n` (`n <= WIDTH`; a partial vector's other lanes
+    /// `fill` for `x`, 0 for `dz`).
+    #[inline(always)]
+    pub fn read<L: Lanes<Mem = D>, const GATED: bool>(
+        self,
+        i: usize,
+        n: usize,
+        fill: L::Elem,
+    ) -> (L, L) {
+        let w = L::WIDTH;
+        let load = |v: &[D]| {
+            if n == w {
+                L::read(&v[i..i + w])
+            } else {
+                L::read_partial(&v[i..i + n], L::Elem::ZERO)
+            }
+        };
+        let x = if n == w {
+            L::read(&self.x[i..i + w])
+        } else {
+            L::read_partial(&self.x[i..i + n], fill)
+        };
+        let dy = load(self.dy);
+        (
+            x,
+            if GATED {
+                dy.relu_grad(load(self.y))
+            } else {
+                dy
+            },
+        )
+    }
+
+    /// `x` and `dz` at `i`, in `f64` (for the rare `f64` paths).
+    #[inline(always)]
+    pub fn get(self, i: usize) -> (f64, f64) {
+        let dy = self.dy[i].to_f64();
+        let gated = self.y.get(i).is_some_and(|y| y.to_f64() <= 0.0);
+        (self.x[i].to_f64(), if gated { 0.0 } else { dy })
+    }
+}
+
 /// `Σ dy` and `Σ dy * (x - hi)` in lanes; padding lanes have `dy = 0` and add nothing.
 #[derive(Clone, Copy)]
-pub(crate) struct GradLanes<L: Lanes> {
+pub(crate) struct GradLanes<L: Lanes, const GATED: bool> {
     hi: L::Elem,
     hv: L,
     dy: L,
     dy_xc: L,
 }
 
-impl<L: Lanes> Reduce<L> for GradLanes<L> {
-    type Piece<'a> = (&'a [L::Mem], &'a [L::Mem]);
+impl<L: Lanes, const GATED: bool> Reduce<L> for GradLanes<L, GATED> {
+    type Piece<'a> = GradRun<'a, L::Mem>;
     type V = (L, L);
     #[inline(always)]
-    fn load((x, dy): Self::Piece<'_>, at: usize) -> (L, L) {
-        (L::read(&x[at..]), L::read(&dy[at..]))
+    fn load(g: Self::Piece<'_>, at: usize) -> (L, L) {
+        g.read::<L, GATED>(at, L::WIDTH, L::Elem::ZERO)
     }
     #[inline(always)]
-    fn load_tail(&self, (x, dy): Self::Piece<'_>, at: usize) -> (L, L) {
-        (
-            L::read_partial(&x[at..], self.hi),
-            L::read_partial(&dy[at..], L::Elem::ZERO),
-        )
+    fn load_tail(&self, g: Self::Piece<'_>, at: usize) -> (L, L) {
+        g.read::<L, GATED>(at, g.x.len() - at, self.hi)
     }
     #[inline(always)]
     fn step(self, (x, dy): (L, L)) -> Self {
@@ -127,7 +231,7 @@ impl<L: Lanes> Reduce<L> for GradLanes<L> {
     }
 }
 
-impl<L: Lanes> GradLanes<L> {
+impl<L: Lanes, const GATED: bool> GradLanes<L, GATED> {
     /// No sums yet, around `hi`.
     #[inline(always)]
     pub fn around(hi: L::Elem) -> Self {
@@ -141,25 +245,24 @@ impl<L: Lanes> GradLanes<L> {
     }
 }
 
-/// The sums of a block of `count` pieces `piece(i) = (x, dy)` around `hi`, [`UNROLL`]
-/// vectors at a time into independent accumulators ([`fold_pieces`]; [`runs_per_block`]
-/// bounds `count`).
+/// The sums of a block of `count` pieces `piece(i)` around `hi`, [`UNROLL`] vectors at a time
+/// into independent accumulators ([`fold_pieces`]; [`runs_per_block`] bounds `count`).
 #[inline(always)]
-fn block_sums<'a, L: Lanes>(
+fn block_sums<'a, L: Lanes, const GATED: bool>(
     count: usize,
-    piece: &impl Fn(usize) -> (&'a [L::Mem], &'a [L::Mem]),
+    piece: &impl Fn(usize) -> GradRun<'a, L::Mem>,
     hi: L::Elem,
 ) -> GradSums {
-    let [dy, dy_xc] = fold_pieces::<L, _, UNROLL>(count, piece, GradLanes::around(hi)).sums();
+    let init = GradLanes::<L, GATED>::around(hi);
+    let [dy, dy_xc] = fold_pieces::<L, _, UNROLL>(count, piece, init).sums();
     let sums = GradSums { dy, dy_xc };
     if sums.dy.is_finite() && sums.dy_xc.is_finite() {
         return sums;
     }
     let mut exact = GradSums::default();
     for i in 0..count {
-        let (x, dy) = piece(i);
-        let n = x.len().min(dy.len());
-        exact = exact.add(sums_f64(n, |j| (x[j], dy[j]), hi.to_f64()));
+        let g = piece(i);
+        exact = exact.add(sums_f64(g.x.len(), |j| g.get(j), hi.to_f64()));
     }
     exact
 }
@@ -168,24 +271,24 @@ fn block_sums<'a, L: Lanes>(
 /// sums overflow the element type. Non-finite inputs stay non-finite.
 #[cold]
 #[inline(never)]
-pub(crate) fn sums_f64<T: Data>(n: usize, pair: impl Fn(usize) -> (T, T), center: f64) -> GradSums {
+pub(crate) fn sums_f64(n: usize, pair: impl Fn(usize) -> (f64, f64), center: f64) -> GradSums {
     let mut out = GradSums::default();
     for i in 0..n {
         let (x, dy) = pair(i);
-        out.dy += dy.to_f64();
-        out.dy_xc += dy.to_f64() * (x.to_f64() - center);
+        out.dy += dy;
+        out.dy_xc += dy * (x - center);
     }
     out
 }
 
-/// The sums of `count` runs of `len` values, run `i` being `run(i) = (x, dy)`, around the
-/// center `hi`: short runs grouped into blocks, long ones cut into them, as
+/// The sums of `count` runs of `len` values, run `i` being `run(i)`, around the center `hi`:
+/// short runs grouped into blocks, long ones cut into them, as
 /// [`super::stats::moments_runs`].
 #[inline(always)]
-pub(crate) fn grad_sums_runs<'a, L: Lanes>(
+pub(crate) fn grad_sums_runs<'a, L: Lanes, const GATED: bool>(
     count: usize,
     len: usize,
-    run: impl Fn(usize) -> (&'a [L::Mem], &'a [L::Mem]),
+    run: impl Fn(usize) -> GradRun<'a, L::Mem>,
     hi: L::Elem,
 ) -> GradSums {
     // UNROLL accumulators per sum, each adding at most MAX_CHAIN values.
@@ -193,13 +296,13 @@ pub(crate) fn grad_sums_runs<'a, L: Lanes>(
     let mut acc = GradSums::default();
     if len >= block {
         for i in 0..count {
-            let (x, dy) = run(i);
-            let len = len.min(x.len()).min(dy.len());
+            let g = run(i);
+            let len = len.min(g.x.len());
             let mut start = 0;
             while start < len {
                 let end = (start + block).min(len);
-                let piece = |_| (&x[start..end], &dy[start..end]);
-                acc = acc.add(block_sums::<L>(1, &piece, hi));
+                let piece = |_| g.range(start..end);
+                acc = acc.add(block_sums::<L, GATED>(1, &piece, hi));
                 start = end;
             }
         }
@@ -209,7 +312,7 @@ pub(crate) fn grad_sums_runs<'a, L: Lanes>(
     let mut i = 0;
     while i < count {
         let k = per_block.min(count - i);
-        acc = acc.add(block_sums::<L>(k, &|j| run(i + j), hi));
+        acc = acc.add(block_sums::<L, GATED>(k, &|j| run(i + j), hi));
         i += k;
     }
     acc
@@ -221,9 +324,8 @@ pub(crate) fn grad_sums_runs<'a, L: Lanes>(
 /// here, so it is not streamed in first: measured on Zen 5, doing so made NHWC backward 5% to
 /// 20% slower.
 #[inline(always)]
-pub(crate) fn grad_sums_rows<L: Lanes>(
-    x: &[L::Mem],
-    dy: &[L::Mem],
+pub(crate) fn grad_sums_rows<L: Lanes, const GATED: bool>(
+    g: GradRun<'_, L::Mem>,
     c: usize,
     rows: Range<usize>,
     cols: Range<usize>,
@@ -240,13 +342,13 @@ pub(crate) fn grad_sums_rows<L: Lanes>(
         let mut c0 = cols.start;
         while c0 + TILE * w <= cols.end {
             let out = &mut out[c0 - cols.start..];
-            grad_tile::<L, TILE>(x, dy, c, block.clone(), c0, TILE * w, hi, out);
+            grad_tile::<L, TILE, GATED>(g, c, block.clone(), c0, TILE * w, hi, out);
             c0 += TILE * w;
         }
         while c0 < cols.end {
             let width = w.min(cols.end - c0);
             let out = &mut out[c0 - cols.start..];
-            grad_tile::<L, 1>(x, dy, c, block.clone(), c0, width, hi, out);
+            grad_tile::<L, 1, GATED>(g, c, block.clone(), c0, width, hi, out);
             c0 += width;
         }
         r0 = block.end;
@@ -255,9 +357,8 @@ pub(crate) fn grad_sums_rows<L: Lanes>(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn grad_tile<L: Lanes, const K: usize>(
-    x: &[L::Mem],
-    dy: &[L::Mem],
+fn grad_tile<L: Lanes, const K: usize, const GATED: bool>(
+    g: GradRun<'_, L::Mem>,
     c: usize,
     rows: Range<usize>,
     c0: usize,
@@ -274,8 +375,7 @@ fn grad_tile<L: Lanes, const K: usize>(
     for r in rows.clone() {
         for j in 0..K {
             let i = r * c + c0 + j * w;
-            let xv = read_upto::<L>(x, i, left(j));
-            let dv = read_upto::<L>(dy, i, left(j));
+            let (xv, dv) = g.read::<L, GATED>(i, w.min(left(j)), L::Elem::ZERO);
             sd[j] = sd[j].add(dv);
             sx[j] = dv.mul_add(xv.sub(hv[j]), sx[j]);
         }
@@ -293,7 +393,7 @@ fn grad_tile<L: Lanes, const K: usize>(
                 let ch = c0 + j * w + i;
                 let at = |r: usize| (rows.start + r) * c + ch;
                 let center = hi[ch].to_f64();
-                let redo = sums_f64(rows.len(), |r| (x[at(r)], dy[at(r)]), center);
+                let redo = sums_f64(rows.len(), |r| g.get(at(r)), center);
                 (sd, sx) = (redo.dy, redo.dy_xc);
             }
             o.dy += sd;
@@ -336,16 +436,18 @@ impl<L: Lanes> RunMap<L, (L, L)> for BackLanes<L> {
     }
 }
 
-impl<L: Lanes> RunIo<L> for Grad<'_, L::Mem> {
+/// [`Grad`] as [`RunIo`]: reads `x` and the gradient `dz` (gated with `GATED`), writes `dx`.
+pub(crate) struct GradIo<'g, 'a, D, const GATED: bool>(pub &'g mut Grad<'a, D>);
+
+impl<L: Lanes, const GATED: bool> RunIo<L> for GradIo<'_, '_, L::Mem, GATED> {
     type In = (L, L);
     #[inline(always)]
     fn read(&self, i: usize) -> (L, L) {
-        let w = L::WIDTH;
-        (L::read(&self.x[i..i + w]), L::read(&self.dy[i..i + w]))
+        self.0.inputs().read::<L, GATED>(i, L::WIDTH, L::Elem::ZERO)
     }
     #[inline(always)]
     fn write(&mut self, i: usize, v: L, stream: bool) {
-        let out = &mut self.dx[i..i + L::WIDTH];
+        let out = &mut self.0.dx[i..i + L::WIDTH];
         if stream {
             v.write_stream(out)
         } else {
@@ -355,39 +457,39 @@ impl<L: Lanes> RunIo<L> for Grad<'_, L::Mem> {
     #[inline(always)]
     fn map_whole<M: RunMap<L, (L, L)>>(&mut self, at: usize, len: usize, f: &M) {
         let w = L::WIDTH;
-        let x = self.x[at..at + len].chunks_exact(w);
-        let dy = self.dy[at..at + len].chunks_exact(w);
-        let dx = self.dx[at..at + len].chunks_exact_mut(w);
-        let vectors = x.zip(dy).zip(dx);
-        if self.stream {
-            for ((x, dy), out) in vectors {
-                f.map((L::read(x), L::read(dy))).write_stream(out);
+        let g = self.0.inputs().at(at, len);
+        let dx = self.0.dx[at..at + len].chunks_exact_mut(w);
+        if self.0.stream {
+            for (j, out) in dx.enumerate() {
+                f.map(g.read::<L, GATED>(j * w, w, L::Elem::ZERO))
+                    .write_stream(out);
             }
         } else {
-            for ((x, dy), out) in vectors {
-                f.map((L::read(x), L::read(dy))).write(out);
+            for (j, out) in dx.enumerate() {
+                f.map(g.read::<L, GATED>(j * w, w, L::Elem::ZERO))
+                    .write(out);
             }
         }
     }
     #[inline(always)]
     fn streams(&self) -> bool {
-        self.stream
+        self.0.stream
     }
     #[inline(always)]
     fn output_at(&self, i: usize) -> *const L::Mem {
-        self.dx[i..].as_ptr()
+        self.0.dx[i..].as_ptr()
     }
 }
 
 /// `dx` for consecutive runs of `s` values (NCHW), run `r` with `params(r)`.
 #[inline(always)]
-pub(crate) fn backward_runs<L: Lanes>(
+pub(crate) fn backward_runs<L: Lanes, const GATED: bool>(
     g: &mut Grad<'_, L::Mem>,
     s: usize,
     params: impl FnMut(usize) -> BackAffine<L::Elem>,
 ) {
     let runs = g.dx.len().checked_div(s).unwrap_or(0);
-    backward_group::<L>(g, 0, s, runs, params);
+    backward_group::<L, GATED>(g, 0, s, runs, params);
     if g.stream {
         super::store_fence();
     }
@@ -397,7 +499,7 @@ pub(crate) fn backward_runs<L: Lanes>(
 /// `params(j)` (called once per run, in order): [`map_runs`] when runs are at least a vector
 /// long. The caller fences streaming stores ([`super::store_fence`]) once it is done.
 #[inline(always)]
-pub(crate) fn backward_group<L: Lanes>(
+pub(crate) fn backward_group<L: Lanes, const GATED: bool>(
     g: &mut Grad<'_, L::Mem>,
     start: usize,
     s: usize,
@@ -405,23 +507,23 @@ pub(crate) fn backward_group<L: Lanes>(
     mut params: impl FnMut(usize) -> BackAffine<L::Elem>,
 ) {
     if s >= L::WIDTH {
-        map_runs::<L, _, _>(g, start, s, count, |j| BackLanes::<L>::splat(params(j)));
+        let mut io = GradIo::<_, GATED>(g);
+        map_runs::<L, _, _>(&mut io, start, s, count, |j| {
+            BackLanes::<L>::splat(params(j))
+        });
         return;
     }
     for j in 0..count {
         let at = start + j * s;
         let f = BackLanes::<L>::splat(params(j));
-        let v = f.dx(
-            L::read_partial(&g.x[at..at + s], L::Elem::ZERO),
-            L::read_partial(&g.dy[at..at + s], L::Elem::ZERO),
-        );
-        v.write_partial(&mut g.dx[at..at + s]);
+        let (x, dz) = g.inputs().read::<L, GATED>(at, s, L::Elem::ZERO);
+        f.dx(x, dz).write_partial(&mut g.dx[at..at + s]);
     }
 }
 
 /// `dx` for whole rows of `c` channels (NHWC).
 #[inline(always)]
-pub(crate) fn backward_rows<L: Lanes>(
+pub(crate) fn backward_rows<L: Lanes, const GATED: bool>(
     g: &mut Grad<'_, L::Mem>,
     c: usize,
     p: &ChannelBack<'_, L::Elem>,
@@ -443,57 +545,64 @@ pub(crate) fn backward_rows<L: Lanes>(
     let last = tail.map(|(c0, n)| params(c0, n));
     let whole = (&p.hi[..full], &p.a[..full], &p.b[..full], &p.c[..full]);
     for r in 0..rows {
-        let row = r * c..(r + 1) * c;
-        let (x, dy, dx) = (&g.x[row.clone()], &g.dy[row.clone()], &mut g.dx[row]);
+        let inputs = g.inputs().at(r * c, c);
+        let dx = &mut g.dx[r * c..(r + 1) * c];
         let params = (whole.0.chunks_exact(w).zip(whole.1.chunks_exact(w)))
             .zip(whole.2.chunks_exact(w).zip(whole.3.chunks_exact(w)));
-        let data = (x.chunks_exact(w).zip(dy.chunks_exact(w))).zip(dx.chunks_exact_mut(w));
-        for (((hi, a), (b, c)), ((xv, dv), out)) in params.zip(data) {
+        for (j, (((hi, a), (b, c)), out)) in params.zip(dx.chunks_exact_mut(w)).enumerate() {
             let f = BackLanes {
                 hi: L::load(hi),
                 a: L::load(a),
                 b: L::load(b),
                 c: L::load(c),
             };
-            f.dx(L::read(xv), L::read(dv)).write(out);
+            let (x, dz) = inputs.read::<L, GATED>(j * w, w, L::Elem::ZERO);
+            f.dx(x, dz).write(out);
         }
         if let (Some((c0, n)), Some(f)) = (tail, last) {
+            let (x, dz) = inputs.read::<L, GATED>(c0, n, L::Elem::ZERO);
             if n == w {
-                f.dx(L::read(&x[c0..]), L::read(&dy[c0..]))
-                    .write(&mut dx[c0..]);
+                f.dx(x, dz).write(&mut dx[c0..]);
             } else {
-                let v = f.dx(
-                    L::read_partial(&x[c0..], L::Elem::ZERO),
-                    L::read_partial(&dy[c0..], L::Elem::ZERO),
-                );
-                v.write_partial(&mut dx[c0..]);
+                f.dx(x, dz).write_partial(&mut dx[c0..]);
             }
         }
     }
 }
 
 /// [`grad_sums_runs`] as a kernel: the sums of `count` runs of `len` values, run `i` being
-/// `run(i) = (x, dy)`, around `hi`.
+/// `run(i)`, around `hi`; `gated` when the runs carry a fused ReLU's output.
 pub(crate) struct GradSumsRuns<T, F> {
     pub count: usize,
     pub len: usize,
     pub run: F,
     pub hi: T,
+    pub gated: bool,
 }
 
-impl<'a, D: Data, F: Fn(usize) -> (&'a [D], &'a [D])> WithSimd for GradSumsRuns<D::Param, F> {
+impl<'a, D: Data, F: Fn(usize) -> GradRun<'a, D>> WithSimd for GradSumsRuns<D::Param, F> {
     type Output = GradSums;
     #[inline(always)]
     fn with_simd<S: Simd>(self, _: S) -> GradSums {
-        grad_sums_runs::<D::Lanes<S>>(self.count, self.len, self.run, self.hi)
+        let GradSumsRuns {
+            count,
+            len,
+            run,
+            hi,
+            gated,
+        } = self;
+        if gated {
+            grad_sums_runs::<D::Lanes<S>, true>(count, len, run, hi)
+        } else {
+            grad_sums_runs::<D::Lanes<S>, false>(count, len, run, hi)
+        }
     }
 }
 
-/// [`grad_sums_rows`] as a kernel: rows `rows`, columns `cols` of `[_, c]` matrices `x` and
-/// `dy` added to `out`, around the centres `hi`.
+/// [`grad_sums_rows`] as a kernel: rows `rows`, columns `cols` of the `[_, c]` matrices of `g`
+/// added to `out`, around the centres `hi`.
 pub(crate) struct GradSumsRows<'a, D: Data> {
-    pub x: &'a [D],
-    pub dy: &'a [D],
+    pub g: GradRun<'a, D>,
     pub c: usize,
     pub rows: Range<usize>,
     pub cols: Range<usize>,
@@ -506,15 +615,18 @@ impl<D: Data> WithSimd for GradSumsRows<'_, D> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, _: S) {
         let GradSumsRows {
-            x,
-            dy,
+            g,
             c,
             rows,
             cols,
             hi,
             out,
         } = self;
-        grad_sums_rows::<D::Lanes<S>>(x, dy, c, rows, cols, hi, out)
+        if g.y.is_empty() {
+            grad_sums_rows::<D::Lanes<S>, false>(g, c, rows, cols, hi, out)
+        } else {
+            grad_sums_rows::<D::Lanes<S>, true>(g, c, rows, cols, hi, out)
+        }
     }
 }
 
@@ -529,7 +641,11 @@ impl<D: Data, F: FnMut(usize) -> BackAffine<D::Param>> WithSimd for BackwardRuns
     type Output = ();
     #[inline(always)]
     fn with_simd<S: Simd>(self, _: S) {
-        backward_runs::<D::Lanes<S>>(self.g, self.s, self.params)
+        if self.g.y.is_empty() {
+            backward_runs::<D::Lanes<S>, false>(self.g, self.s, self.params)
+        } else {
+            backward_runs::<D::Lanes<S>, true>(self.g, self.s, self.params)
+        }
     }
 }
 
@@ -544,6 +660,10 @@ impl<D: Data> WithSimd for BackwardRows<'_, '_, '_, D> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: Simd>(self, _: S) {
-        backward_rows::<D::Lanes<S>>(self.g, self.c, self.p)
+        if self.g.y.is_empty() {
+            backward_rows::<D::Lanes<S>, false>(self.g, self.c, self.p)
+        } else {
+            backward_rows::<D::Lanes<S>, true>(self.g, self.c, self.p)
+        }
     }
 }

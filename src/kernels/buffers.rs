@@ -1,6 +1,7 @@
 //! What an element-wise kernel reads and writes: an input and a separate output, or one buffer
 //! normalized where it lies. Kernels are generic over this, so the in-place API shares them.
 
+use super::backward::GradRun;
 use super::lanes::{Lanes, MapAt, MapLanes};
 use crate::element::{Data, Element};
 
@@ -205,23 +206,36 @@ impl<T: Data> Buffers for &mut [T] {
     }
 }
 
-/// The backward pass's buffers: inputs `x` and `dy`, output `dx`, of equal lengths.
+/// The backward pass's buffers: inputs `x`, `dy` and, where a ReLU was fused into the forward
+/// pass, its output `y` (empty otherwise: see [`GradRun`]); output `dx`; of equal lengths.
 pub(crate) struct Grad<'a, T> {
     pub x: &'a [T],
     pub dy: &'a [T],
+    pub y: &'a [T],
     pub dx: &'a mut [T],
     /// Streaming stores for `dx` (see [`super::normalize::map_runs`]).
     pub stream: bool,
 }
 
 impl<'a, T> Grad<'a, T> {
-    /// The buffers, with plain stores (the plan may turn streaming on).
-    pub fn new(x: &'a [T], dy: &'a [T], dx: &'a mut [T]) -> Self {
+    /// The buffers, with plain stores (the plan may turn streaming on); `y` empty for none.
+    pub fn new(x: &'a [T], dy: &'a [T], y: &'a [T], dx: &'a mut [T]) -> Self {
         Grad {
             x,
             dy,
+            y,
             dx,
             stream: false,
+        }
+    }
+
+    /// The inputs, as a run.
+    #[inline(always)]
+    pub fn inputs(&self) -> GradRun<'a, T> {
+        GradRun {
+            x: self.x,
+            dy: self.dy,
+            y: self.y,
         }
     }
 }
@@ -233,20 +247,24 @@ impl<T: Data> Span for Grad<'_, T> {
     }
     #[inline(always)]
     fn split_at(self, mid: usize) -> (Self, Self) {
-        let (xa, xb) = self.x.split_at(mid);
-        let (da, db) = self.dy.split_at(mid);
+        let (a, b) = (
+            self.inputs().range(0..mid),
+            self.inputs().range(mid..self.x.len()),
+        );
         let (oa, ob) = self.dx.split_at_mut(mid);
         let stream = self.stream;
         (
             Grad {
-                x: xa,
-                dy: da,
+                x: a.x,
+                dy: a.dy,
+                y: a.y,
                 dx: oa,
                 stream,
             },
             Grad {
-                x: xb,
-                dy: db,
+                x: b.x,
+                dy: b.dy,
+                y: b.y,
                 dx: ob,
                 stream,
             },

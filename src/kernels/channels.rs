@@ -196,7 +196,7 @@ pub(crate) fn train_channels<L: Lanes, B: Buffers<Data = L::Mem>>(
 /// `first + j`'s sums around `center(first + j)`, and its `dx` is written with
 /// `finish(first + j, out[j])`.
 #[inline(always)]
-pub(crate) fn backward_channels<L: Lanes>(
+pub(crate) fn backward_channels<L: Lanes, const GATED: bool>(
     spans: &mut [Option<Grad<'_, L::Mem>>],
     s: usize,
     first: usize,
@@ -215,19 +215,17 @@ pub(crate) fn backward_channels<L: Lanes>(
     for (g, sums) in out.chunks_mut(sub).enumerate() {
         let at = g * sub;
         if n == 1 {
-            let grad = span(spans, 0);
+            let inputs = span(spans, 0).inputs();
             for (j, o) in sums.iter_mut().enumerate() {
-                let k = (at + j) * s;
-                let (x, dy) = (&grad.x[k..k + s], &grad.dy[k..k + s]);
-                *o = grad_sums_runs::<L>(1, s, |_| (x, dy), centers[at + j]);
+                let run = inputs.at((at + j) * s, s);
+                *o = grad_sums_runs::<L, GATED>(1, s, |_| run, centers[at + j]);
             }
         } else {
             let run = |i: usize, j: usize| {
                 let grad = spans[i].as_ref().expect("every image's span");
-                let k = (at + j) * s;
-                (&grad.x[k..k + s], &grad.dy[k..k + s])
+                grad.inputs().at((at + j) * s, s)
             };
-            let mut lanes = [GradLanes::around(L::Elem::ZERO); GROUP];
+            let mut lanes = [GradLanes::<L, GATED>::around(L::Elem::ZERO); GROUP];
             for (l, &c) in lanes.iter_mut().zip(&centers[at..at + sums.len()]) {
                 *l = GradLanes::around(c);
             }
@@ -239,8 +237,8 @@ pub(crate) fn backward_channels<L: Lanes>(
                     // Sums beyond the element type's range: this channel again in f64.
                     let centre = centers[at + j].to_f64();
                     *o = (0..n).fold(GradSums::default(), |acc, i| {
-                        let (x, dy) = run(i, j);
-                        acc.add(sums_f64(s, |e| (x[e], dy[e]), centre))
+                        let g = run(i, j);
+                        acc.add(sums_f64(s, |e| g.get(e), centre))
                     });
                 }
             }
@@ -250,7 +248,7 @@ pub(crate) fn backward_channels<L: Lanes>(
         }
         for i in 0..spans.len() {
             let p = &params[..sums.len()];
-            backward_group::<L>(span(spans, i), at * s, s, p.len(), |j| p[j]);
+            backward_group::<L, GATED>(span(spans, i), at * s, s, p.len(), |j| p[j]);
         }
     }
     if spans.iter().any(|g| g.as_ref().is_some_and(|g| g.stream)) {
@@ -304,6 +302,13 @@ where
             finish,
             out,
         } = self;
-        backward_channels::<D::Lanes<S>>(spans, s, first, center, finish, out)
+        let gated = spans
+            .iter()
+            .any(|g| g.as_ref().is_some_and(|g| !g.y.is_empty()));
+        if gated {
+            backward_channels::<D::Lanes<S>, true>(spans, s, first, center, finish, out)
+        } else {
+            backward_channels::<D::Lanes<S>, false>(spans, s, first, center, finish, out)
+        }
     }
 }

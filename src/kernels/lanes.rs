@@ -61,6 +61,9 @@ pub trait Lanes: Copy + Send + Sync + 'static {
     fn splice(self, k: usize, rest: Self) -> Self;
     /// `max(self, 0)` lane-wise, as `if v < 0 { 0 } else { v }`: a NaN stays NaN, `-0` stays.
     fn relu(self) -> Self;
+    /// The gradient `self` through a ReLU whose output is `y`: `if y <= 0 { 0 } else { self }`
+    /// lane-wise (PyTorch's `threshold_backward`; a NaN output lets the gradient through).
+    fn relu_grad(self, y: Self) -> Self;
 }
 
 /// An element-wise function on vectors, for [`Buffers::map`](super::buffers::Buffers::map).
@@ -209,6 +212,14 @@ impl<T: Element> Lanes for One<T> {
             self
         }
     }
+    #[inline(always)]
+    fn relu_grad(self, y: Self) -> Self {
+        if y.0 <= T::ZERO {
+            One(T::ZERO)
+        } else {
+            self
+        }
+    }
 }
 
 /// `f32` lanes that read and write the 16-bit type `D` (`f16`, `bf16`), converting in
@@ -320,6 +331,10 @@ impl<L: Convert<D>, D: Data<Param = f32>> Lanes for Stored<L, D> {
     #[inline(always)]
     fn relu(self) -> Self {
         Self::of(self.0.relu())
+    }
+    #[inline(always)]
+    fn relu_grad(self, y: Self) -> Self {
+        Self::of(self.0.relu_grad(y.0))
     }
 }
 

@@ -65,6 +65,11 @@ macro_rules! wide_lanes {
                 let zero = <$v>::splat(0.0);
                 self.simd_lt(zero).select(zero, self)
             }
+            #[inline(always)]
+            fn relu_grad(self, y: Self) -> Self {
+                let zero = <$v>::splat(0.0);
+                y.simd_le(zero).select(zero, self)
+            }
         }
     };
 }

@@ -93,26 +93,6 @@ impl<T> Piece for &[T] {
     }
 }
 
-impl<T> Piece for (&[T], &[T]) {
-    #[inline(always)]
-    fn len(self) -> usize {
-        self.0.len().min(self.1.len())
-    }
-    #[inline(always)]
-    fn prefetch(self) {
-        prefetch(self.0);
-        prefetch(self.1);
-    }
-    #[inline(always)]
-    fn chunks_exact(self, n: usize) -> (impl Iterator<Item = Self>, Self) {
-        let len = Piece::len(self);
-        let (x, dy) = (&self.0[..len], &self.1[..len]);
-        let done = len - len % n;
-        let chunks = x.chunks_exact(n).zip(dy.chunks_exact(n));
-        (chunks, (&x[done..], &dy[done..]))
-    }
-}
-
 /// `Σ (x - c)`, and with `SQUARES` also `Σ (x - c)²`, around a centre `c`; padding lanes hold
 /// `c` and so add nothing. The statistics' first read is [`PivotedSum`] (around the block's
 /// first value), their second [`ShiftedSums`] (around the block's rounded mean).

@@ -152,14 +152,34 @@ unsafe fn splice_pd(k: usize, a: __m256d, b: __m256d) -> __m256d {
     unsafe { _mm256_blendv_pd(b, a, _mm256_castsi256_pd(mask64(k))) }
 }
 
+/// `dy` where `!(y <= 0)`, else 0 (the gradient through a ReLU whose output is `y`).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[inline(always)]
+unsafe fn relu_grad_ps(dy: __m256, y: __m256) -> __m256 {
+    // SAFETY: AVX detected (the caller's contract); no memory is accessed.
+    unsafe { _mm256_and_ps(_mm256_cmp_ps::<_CMP_NLE_UQ>(y, _mm256_setzero_ps()), dy) }
+}
+
+/// `dy` where `!(y <= 0)`, else 0.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[inline(always)]
+unsafe fn relu_grad_pd(dy: __m256d, y: __m256d) -> __m256d {
+    // SAFETY: AVX detected (the caller's contract); no memory is accessed.
+    unsafe { _mm256_and_pd(_mm256_cmp_pd::<_CMP_NLE_UQ>(y, _mm256_setzero_pd()), dy) }
+}
+
 x86_lanes!(F32x8, f32, 8;
     _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_stream_ps, _mm256_add_ps, _mm256_sub_ps,
     _mm256_mul_ps, _mm256_fmadd_ps, _mm256_max_ps;
-    load_partial_ps, store_partial_ps, hsum_ps, splice_ps);
+    load_partial_ps, store_partial_ps, hsum_ps, splice_ps, relu_grad_ps);
 x86_lanes!(F64x4, f64, 4;
     _mm256_set1_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_stream_pd, _mm256_add_pd, _mm256_sub_pd,
     _mm256_mul_pd, _mm256_fmadd_pd, _mm256_max_pd;
-    load_partial_pd, store_partial_pd, hsum_pd, splice_pd);
+    load_partial_pd, store_partial_pd, hsum_pd, splice_pd, relu_grad_pd);
 
 /// `f32` lanes rounded to `bf16` bits (in the low half of each 32-bit lane), to nearest
 /// even; a NaN stays a NaN (made quiet), overflow goes to infinity.

@@ -92,14 +92,44 @@ unsafe fn splice_pd(k: usize, a: __m512d, b: __m512d) -> __m512d {
     unsafe { _mm512_mask_blend_pd(mask(k) as __mmask8, b, a) }
 }
 
+/// `dy` where `!(y <= 0)`, else 0 (the gradient through a ReLU whose output is `y`).
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[inline(always)]
+unsafe fn relu_grad_ps(dy: __m512, y: __m512) -> __m512 {
+    // SAFETY: AVX-512F detected (the caller's contract); no memory is accessed.
+    unsafe {
+        _mm512_maskz_mov_ps(
+            _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(y, _mm512_setzero_ps()),
+            dy,
+        )
+    }
+}
+
+/// `dy` where `!(y <= 0)`, else 0.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[inline(always)]
+unsafe fn relu_grad_pd(dy: __m512d, y: __m512d) -> __m512d {
+    // SAFETY: AVX-512F detected (the caller's contract); no memory is accessed.
+    unsafe {
+        _mm512_maskz_mov_pd(
+            _mm512_cmp_pd_mask::<_CMP_NLE_UQ>(y, _mm512_setzero_pd()),
+            dy,
+        )
+    }
+}
+
 x86_lanes!(F32x16, f32, 16;
     _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_stream_ps, _mm512_add_ps, _mm512_sub_ps,
     _mm512_mul_ps, _mm512_fmadd_ps, _mm512_max_ps;
-    load_partial_ps, store_partial_ps, _mm512_reduce_add_ps, splice_ps);
+    load_partial_ps, store_partial_ps, _mm512_reduce_add_ps, splice_ps, relu_grad_ps);
 x86_lanes!(F64x8, f64, 8;
     _mm512_set1_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_stream_pd, _mm512_add_pd, _mm512_sub_pd,
     _mm512_mul_pd, _mm512_fmadd_pd, _mm512_max_pd;
-    load_partial_pd, store_partial_pd, _mm512_reduce_add_pd, splice_pd);
+    load_partial_pd, store_partial_pd, _mm512_reduce_add_pd, splice_pd, relu_grad_pd);
 
 /// `f32` lanes rounded to `bf16` bits, to nearest even; a NaN stays a NaN (made quiet),
 /// overflow goes to infinity. (Not AVX512-BF16's `vcvtneps2bf16`: it flushes subnormal inputs

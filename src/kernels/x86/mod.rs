@@ -5,13 +5,14 @@
 
 /// Implements `Lanes` for `$v`, a wrapper of one x86 vector register of `$w` lanes of `$t`:
 /// the full-width operations from the named intrinsics, the partial loads and stores, the
-/// horizontal sum and the splice from helper functions of the instruction set's module. Every method is an
+/// horizontal sum, the splice and the ReLU gradient from helper functions of the instruction
+/// set's module. Every method is an
 /// intrinsic behind a slice bounds check; see each module's safety comment for why calling them
 /// is sound.
 macro_rules! x86_lanes {
     ($v:ident, $t:ty, $w:expr;
      $set1:ident, $loadu:ident, $storeu:ident, $stream:ident, $add:ident, $sub:ident, $mul:ident, $fmadd:ident, $max:ident;
-     $load_partial:ident, $store_partial:ident, $sum:ident, $splice:ident) => {
+     $load_partial:ident, $store_partial:ident, $sum:ident, $splice:ident, $gate:ident) => {
         impl Lanes for $v {
             type Elem = $t;
             $crate::kernels::lanes::same_memory!($t);
@@ -90,6 +91,11 @@ macro_rules! x86_lanes {
                 // `max(0, v)` returns its second operand, `v`, when `v` is NaN or a zero.
                 // SAFETY: detected as above.
                 unsafe { $v($max($set1(0.0), self.0)) }
+            }
+            #[inline(always)]
+            fn relu_grad(self, y: Self) -> Self {
+                // SAFETY: detected as above.
+                unsafe { $v($gate(self.0, y.0)) }
             }
         }
     };
