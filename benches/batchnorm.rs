@@ -4,7 +4,9 @@
 //! shapes also run on `f16` and `bf16` tensors (groups suffixed `_f16`, `_bf16`; parameters
 //! `f32`). Throughput counts two tensors' bytes per element (x read, y written: 8 for `f32`,
 //! 4 for the 16-bit types), three for backward (x and dy read, dx written), so criterion
-//! prints GB/s.
+//! prints GB/s. The report's shapes also run ResNet's fused blocks (groups suffixed `_fused`:
+//! `y = relu(bn(x) + residual)` in inference and training, three tensors per element, and the
+//! fused backward with the residual's gradient, five).
 //!
 //! Every benchmark, the copy included, runs on rayon's global pool of `BENCH_THREADS` threads
 //! (default: all), so that an operation and its copy always use the same threads.
@@ -14,7 +16,7 @@
 mod common;
 
 use batchnorm::half::{bf16, f16};
-use batchnorm::{BatchNorm, Data, Layout, Shape};
+use batchnorm::{BatchNorm, Data, Fuse, Layout, Shape};
 use common::{copy, grad, input, type_name, RESNET50};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
@@ -125,6 +127,67 @@ fn bench_shape<D: Data<Param = f32>>(c: &mut Criterion, name: &str, shape: Shape
                     .unwrap()
             })
         });
+    }
+    group.finish();
+    if std::env::var("BENCH_FUSED").as_deref() == Ok("0") {
+        return;
+    }
+    let mut group = c.benchmark_group(format!("{name}_fused"));
+    group.throughput(Throughput::Bytes(3 * size * len as u64));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(1));
+    group.warm_up_time(Duration::from_millis(300));
+    let residual = of(grad(len));
+    let src: Vec<D> = x.iter().chain(&x[..len / 2]).copied().collect();
+    let mut dst = vec![D::default(); src.len()];
+    group.bench_function("copy", |b| {
+        b.iter(|| copy(black_box(&src), &mut dst, threads))
+    });
+    for &layout in layouts {
+        let mut bn = BatchNorm::<f32>::new(shape.c);
+        let fuse = Fuse::add_relu(&residual[..]);
+        group.bench_function(
+            BenchmarkId::new("eval+add+relu", format!("{layout:?}")),
+            |b| {
+                b.iter(|| {
+                    bn.forward_eval_fused(black_box(&x), &mut y, shape, layout, fuse)
+                        .unwrap()
+                })
+            },
+        );
+        group.bench_function(
+            BenchmarkId::new("train+add+relu", format!("{layout:?}")),
+            |b| {
+                b.iter(|| {
+                    bn.forward_train_fused(black_box(&x), &mut y, shape, layout, fuse)
+                        .unwrap()
+                })
+            },
+        );
+        let saved = bn
+            .clone()
+            .forward_train_fused(&x, &mut y, shape, layout, fuse)
+            .unwrap();
+        let mut dr = vec![D::default(); len];
+        group.bench_function(
+            BenchmarkId::new("backward+relu", format!("{layout:?}")),
+            |b| {
+                b.iter(|| {
+                    bn.backward_fused(
+                        black_box(&x),
+                        &y,
+                        &dy,
+                        &saved,
+                        &mut dx,
+                        Some(&mut dr),
+                        shape,
+                        layout,
+                        true,
+                    )
+                    .unwrap()
+                })
+            },
+        );
     }
     group.finish();
 }

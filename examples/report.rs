@@ -3,7 +3,7 @@
 //! measured in the same run, per shape, layout, operation, thread count and instruction set.
 //!
 //! `cargo run --release --example report [-- --quick] [--isa portable | --isas] [--threads N]
-//! [--csv] [--dtype f16 | bf16]`
+//! [--csv] [--dtype f16 | bf16] [--fused]`
 //!
 //! Each operation is timed alternately with a memory copy of the same bytes on the same
 //! threads (median of the calls, minimum beside it). Without `--isa`, calls choose their
@@ -12,12 +12,15 @@
 //! instead of the table (for `benches/compare/compare.sh`); `--threads N` measures N threads
 //! only. `--dtype f16` or `bf16` measures 16-bit tensors (parameters and statistics `f32`),
 //! with a column for the time the same call takes on `f32` tensors, measured in the same run.
+//! `--fused` adds ResNet's fused blocks (`y = relu(bn(x) + residual)` in inference and
+//! training, and its backward with the residual's gradient) beside the same work done as
+//! separate passes (the batch norm, then an add loop, then a ReLU loop).
 
 mod common;
 
 use batchnorm::half::{bf16, f16};
 use batchnorm::{with_isa, Data, Isa, Layout, Shape};
-use common::{arg, error_bound, type_name, Case, Timing, OPS};
+use common::{arg, error_bound, type_name, Case, Timing, FUSED_OPS, OPS};
 use std::time::Duration;
 
 const SHAPES: [(&str, Shape); 6] = [
@@ -50,7 +53,14 @@ fn measure<D: Data<Param = f32>>(
     threads: usize,
     budget: Duration,
 ) -> (Timing, Timing, f64) {
-    let mut run = || case.time(op, threads, budget, 3);
+    let fused = FUSED_OPS.iter().any(|f| f.0 == op);
+    let mut run = || {
+        if fused {
+            case.time_fused(op, threads, budget, 3)
+        } else {
+            case.time(op, threads, budget, 3)
+        }
+    };
     pool.install(|| match isa {
         Some(isa) => with_isa(isa, &mut run),
         None => run(),
@@ -127,7 +137,10 @@ fn report<D: Data<Param = f32>>(args: &[String]) {
                     .build()
                     .expect("thread pool");
                 for &isa in &isas {
-                    for (op, tensors) in OPS {
+                    let ops = OPS
+                        .iter()
+                        .chain(if has("--fused") { &FUSED_OPS[..] } else { &[] });
+                    for &(op, tensors) in ops {
                         let bytes = tensors * size * case.len() as f64;
                         let (timing, copy_t, err) = measure(&mut case, &pool, isa, op, t, budget);
                         let bound = error_bound::<D>();

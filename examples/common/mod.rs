@@ -2,7 +2,7 @@
 //! memory copy it is compared with, the copy itself, and the test data.
 #![allow(dead_code)]
 
-use batchnorm::{oracle, BatchNorm, Data, Layout, SavedStats, Shape};
+use batchnorm::{oracle, BatchNorm, Data, Fuse, Layout, SavedStats, Shape};
 use rayon::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -150,6 +150,48 @@ pub struct Case<D = f32> {
     /// The backward copy moves three tensors' bytes: one and a half tensors each way.
     back_src: Vec<D>,
     back_dst: Vec<D>,
+    /// The fused operations' buffers, made by their first call.
+    fused: Option<Fused<D>>,
+}
+
+/// The fused operations of ResNet's blocks, timed against the same work as separate passes.
+/// (op, tensors moved: residual and x read and y written for the forward passes; x, y and dy
+/// read and dx and the residual's gradient written for backward).
+pub const FUSED_OPS: [(&str, f64); 6] = [
+    ("eval+add+relu", 3.0),
+    ("eval, add, relu", 3.0),
+    ("train+add+relu", 3.0),
+    ("train, add, relu", 3.0),
+    ("backward+relu", 5.0),
+    ("relu, backward", 5.0),
+];
+
+/// Buffers and references of the fused operations.
+struct Fused<D> {
+    residual: Vec<D>,
+    /// The fused training forward's output (the backward's `y`).
+    yf: Vec<D>,
+    dr: Vec<D>,
+    /// A copy of two and a half tensors each way (up to 5 tensors moved).
+    src: Vec<D>,
+    dst: Vec<D>,
+    want: [Vec<f64>; 4],
+}
+
+/// `y += r`, one element at a time: a separate pass of the unfused work.
+fn add_pass<D: Data<Param = f32>>(y: &mut [D], r: &[D]) {
+    for (y, r) in y.iter_mut().zip(r) {
+        *y = D::from_param(y.to_param() + r.to_param());
+    }
+}
+
+/// `y = max(y, 0)`, one element at a time.
+fn relu_pass<D: Data<Param = f32>>(y: &mut [D]) {
+    for y in y.iter_mut() {
+        if y.to_param() < 0.0 {
+            *y = D::from_param(0.0);
+        }
+    }
 }
 
 impl<D: Data<Param = f32>> Case<D> {
@@ -183,7 +225,144 @@ impl<D: Data<Param = f32>> Case<D> {
             back_dst: vec![D::default(); back_src.len()],
             back_src,
             x,
+            fused: None,
         }
+    }
+
+    /// Times fused operation `op` of [`FUSED_OPS`] as [`Case::time`] times the plain ones.
+    pub fn time_fused(
+        &mut self,
+        op: &str,
+        threads: usize,
+        budget: Duration,
+        min_calls: usize,
+    ) -> (Timing, Timing, f64) {
+        let (shape, layout, len) = (self.shape, self.layout, self.x.len());
+        if self.fused.is_none() {
+            let residual: Vec<D> = grad(len)
+                .into_iter()
+                .map(|v| D::from_f64(v as f64 * 2.0))
+                .collect();
+            let mut yf = vec![D::default(); len];
+            let fuse = Fuse::add_relu(&residual[..]);
+            let saved = self
+                .bn
+                .clone()
+                .forward_train_fused(&self.x, &mut yf, shape, layout, fuse)
+                .unwrap();
+            let r = Some(&residual[..]);
+            let want = [
+                oracle::epilogue(
+                    &oracle::forward_eval(&self.bn, &self.x, shape, layout),
+                    r,
+                    true,
+                ),
+                oracle::epilogue(
+                    &oracle::forward_train(&self.bn, &self.x, shape, layout).y,
+                    r,
+                    true,
+                ),
+                oracle::backward_fused(
+                    &self.bn, &self.x, &yf, &self.dy, &saved, shape, layout, true,
+                )
+                .0
+                .dx,
+                Vec::new(),
+            ];
+            let src: Vec<D> = self
+                .x
+                .iter()
+                .chain(&self.x)
+                .chain(&self.x[..len / 2])
+                .copied()
+                .collect();
+            self.fused = Some(Fused {
+                dr: vec![D::default(); len],
+                dst: vec![D::default(); src.len()],
+                src,
+                residual,
+                yf,
+                want,
+            });
+        }
+        let Case {
+            x,
+            dy,
+            y,
+            dx,
+            bn,
+            fused,
+            ..
+        } = self;
+        let f = fused.as_mut().expect("made above");
+        let Fused {
+            residual,
+            yf,
+            dr,
+            src,
+            dst,
+            ..
+        } = f;
+        let saved = self.saved.clone();
+        let tensors = FUSED_OPS.iter().find(|o| o.0 == op).expect("a fused op").1;
+        let bytes = (tensors * len as f64 / 2.0) as usize;
+        let mut layer = bn.clone();
+        let (timing, copy_t) = time_pair(
+            budget,
+            min_calls,
+            || match op {
+                "eval+add+relu" => bn
+                    .forward_eval_fused(x, y, shape, layout, Fuse::add_relu(&residual[..]))
+                    .unwrap(),
+                "eval, add, relu" => {
+                    bn.forward_eval(x, y, shape, layout).unwrap();
+                    add_pass(y, residual);
+                    relu_pass(y);
+                }
+                "train+add+relu" => {
+                    layer
+                        .forward_train_fused(x, y, shape, layout, Fuse::add_relu(&residual[..]))
+                        .unwrap();
+                }
+                "train, add, relu" => {
+                    layer.forward_train(x, y, shape, layout).unwrap();
+                    add_pass(y, residual);
+                    relu_pass(y);
+                }
+                "backward+relu" => {
+                    bn.backward_fused(
+                        x,
+                        yf,
+                        dy,
+                        &saved,
+                        dx,
+                        Some(&mut dr[..]),
+                        shape,
+                        layout,
+                        true,
+                    )
+                    .unwrap();
+                }
+                _ => {
+                    for ((o, &d), &y) in dr.iter_mut().zip(dy.iter()).zip(yf.iter()) {
+                        *o = if y.to_param() <= 0.0 {
+                            D::from_param(0.0)
+                        } else {
+                            d
+                        };
+                    }
+                    bn.backward(x, dr, &saved, dx, shape, layout).unwrap();
+                }
+            },
+            || copy(&src[..bytes], &mut dst[..bytes], threads),
+        );
+        let want = &self.fused.as_ref().expect("made above").want;
+        let err = match op {
+            "eval+add+relu" | "eval, add, relu" => max_error(&self.y, &want[0]),
+            "train+add+relu" | "train, add, relu" => max_error(&self.y, &want[1]),
+            _ => max_error(&self.dx, &want[2]),
+        };
+        (timing, copy_t, err)
     }
 
     /// Elements of the tensor.

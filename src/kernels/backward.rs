@@ -152,28 +152,14 @@ impl<'a, D: Data> GradRun<'a, D> {
         n: usize,
         fill: L::Elem,
     ) -> (L, L) {
-        let w = L::WIDTH;
-        let load = |v: &[D]| {
-            if n == w {
-                L::read(&v[i..i + w])
-            } else {
-                L::read_partial(&v[i..i + n], L::Elem::ZERO)
-            }
-        };
-        let x = if n == w {
-            L::read(&self.x[i..i + w])
+        let x = read_n::<L>(self.x, i, n, fill);
+        let dy = read_n::<L>(self.dy, i, n, L::Elem::ZERO);
+        let dz = if GATED {
+            dy.relu_grad(read_n::<L>(self.y, i, n, L::Elem::ZERO))
         } else {
-            L::read_partial(&self.x[i..i + n], fill)
+            dy
         };
-        let dy = load(self.dy);
-        (
-            x,
-            if GATED {
-                dy.relu_grad(load(self.y))
-            } else {
-                dy
-            },
-        )
+        (x, dz)
     }
 
     /// `x` and `dz` at `i`, in `f64` (for the rare `f64` paths).
@@ -182,6 +168,17 @@ impl<'a, D: Data> GradRun<'a, D> {
         let dy = self.dy[i].to_f64();
         let gated = self.y.get(i).is_some_and(|y| y.to_f64() <= 0.0);
         (self.x[i].to_f64(), if gated { 0.0 } else { dy })
+    }
+}
+
+/// The `n <= WIDTH` elements of `v` at `i` as a vector, the other lanes `fill`. (A function,
+/// not a closure: a closure left out of line would lose the entry's target features.)
+#[inline(always)]
+fn read_n<L: Lanes>(v: &[L::Mem], i: usize, n: usize, fill: L::Elem) -> L {
+    if n == L::WIDTH {
+        L::read(&v[i..i + n])
+    } else {
+        L::read_partial(&v[i..i + n], fill)
     }
 }
 
@@ -458,16 +455,27 @@ impl<L: Lanes, const GATED: bool> RunIo<L> for GradIo<'_, '_, L::Mem, GATED> {
     fn map_whole<M: RunMap<L, (L, L)>>(&mut self, at: usize, len: usize, f: &M) {
         let w = L::WIDTH;
         let g = self.0.inputs().at(at, len);
+        let stream = self.0.stream;
         let dx = self.0.dx[at..at + len].chunks_exact_mut(w);
-        if self.0.stream {
-            for (j, out) in dx.enumerate() {
-                f.map(g.read::<L, GATED>(j * w, w, L::Elem::ZERO))
-                    .write_stream(out);
+        let inputs = g.x.chunks_exact(w).zip(g.dy.chunks_exact(w));
+        // Four loops rather than a test per vector: streaming or not, gated or not.
+        if GATED {
+            let vectors = inputs.zip(g.y.chunks_exact(w)).zip(dx);
+            for (((x, dy), y), out) in vectors {
+                let v = f.map((L::read(x), L::read(dy).relu_grad(L::read(y))));
+                if stream {
+                    v.write_stream(out)
+                } else {
+                    v.write(out)
+                }
+            }
+        } else if stream {
+            for ((x, dy), out) in inputs.zip(dx) {
+                f.map((L::read(x), L::read(dy))).write_stream(out);
             }
         } else {
-            for (j, out) in dx.enumerate() {
-                f.map(g.read::<L, GATED>(j * w, w, L::Elem::ZERO))
-                    .write(out);
+            for ((x, dy), out) in inputs.zip(dx) {
+                f.map((L::read(x), L::read(dy))).write(out);
             }
         }
     }

@@ -273,6 +273,23 @@ mod tests {
             v.mul_add(L::splat(e(3.0)), L::splat(e(1.0))).sum(),
             e(3.0 * total + w as f64)
         );
+        // relu keeps NaN and -0 and zeroes negatives; relu_grad passes the gradient where the
+        // ReLU's output is not <= 0 (NaN included).
+        let pattern = [-1.5, 2.0, -0.0, f64::NAN, 0.0];
+        let vals: Vec<L::Elem> = (0..w).map(|i| e(pattern[i % 5])).collect();
+        let mut out = vec![e(9.0); w];
+        L::load(&vals).relu().store(&mut out);
+        for (i, (&o, &v)) in out.iter().zip(&vals).enumerate() {
+            let want = if v < e(0.0) { e(0.0) } else { v };
+            let same = (o.to_f64().is_nan() && want.to_f64().is_nan())
+                || o.to_f64().to_bits() == want.to_f64().to_bits();
+            assert!(same, "relu lane {i}: {o:?}, want {want:?}");
+        }
+        L::splat(e(4.0)).relu_grad(L::load(&vals)).store(&mut out);
+        for (i, (&o, &v)) in out.iter().zip(&vals).enumerate() {
+            let want = if v <= e(0.0) { 0.0 } else { 4.0 };
+            assert_eq!(o, e(want), "relu_grad lane {i} (y = {v:?})");
+        }
         for k in 0..=w {
             let spliced = L::splat(e(1.0)).splice(k, L::splat(e(2.0)));
             assert_eq!(spliced.sum(), e((k + 2 * (w - k)) as f64), "splice at {k}");
