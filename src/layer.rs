@@ -256,18 +256,24 @@ impl<T: Element> BatchNorm<T> {
         if let Some(dr) = &d_residual {
             check_len("d_residual", x.len(), dr.len())?;
         }
-        let gate = if relu { y } else { &[] };
-        let grads = self.train_backward(Grad::new(x, dy, gate, dx), saved, shape, layout)?;
-        if let Some(dr) = d_residual {
-            for ((o, &d), &y) in dr.iter_mut().zip(dy).zip(y) {
-                *o = if relu && y.to_param() <= T::ZERO {
-                    D::from_param(T::ZERO)
-                } else {
-                    d
-                };
-            }
+        check_len("saved.mean", shape.c, saved.mean.len())?;
+        check_len("saved.invstd", shape.c, saved.invstd.len())?;
+        let Some(dr) = d_residual else {
+            // The gradient gated as it is read, in both passes: no buffer for it.
+            let gate = if relu { y } else { &[] };
+            return self.train_backward(Grad::new(x, dy, gate, dx), saved, shape, layout);
+        };
+        // The residual's gradient is written anyway: write it first and read it back as the
+        // batch norm's `dy` (the same bytes moved as gating `dy` in both passes, and one
+        // tensor fewer than writing it from the second).
+        for ((o, &d), &y) in dr.iter_mut().zip(dy).zip(y) {
+            *o = if relu && y.to_param() <= T::ZERO {
+                D::from_param(T::ZERO)
+            } else {
+                d
+            };
         }
-        Ok(grads)
+        self.train_backward(Grad::new(x, dr, &[], dx), saved, shape, layout)
     }
 
     /// [`backward`](Self::backward) over `g` (whose `y`, when not empty, gates `dy`).

@@ -39,12 +39,6 @@ fn terms<D: Data>(y: &[f64], residual: Option<&[D]>) -> Vec<f64> {
         .collect()
 }
 
-fn data<D: Data>(rng: &mut Rng, n: usize, offset: f64, spread: f64) -> Vec<D> {
-    (0..n)
-        .map(|_| D::from_f64(offset + spread * rng.signed()))
-        .collect()
-}
-
 fn layer(rng: &mut Rng, c: usize) -> BatchNorm<f32> {
     let mut bn = BatchNorm::new(c);
     bn.weight = rng.data(c, 0.0, 2.0);
@@ -59,8 +53,8 @@ fn check_forward<D: Data<Param = f32>>(shape: Shape, layout: Layout, seed: u64) 
     let mut rng = Rng::new(seed);
     let len = shape.numel().unwrap();
     let (offset, spread) = rng.offset_spread();
-    let x: Vec<D> = data(&mut rng, len, offset, spread);
-    let residual: Vec<D> = data(&mut rng, len, 0.0, 1.5);
+    let x: Vec<D> = rng.data(len, offset, spread);
+    let residual: Vec<D> = rng.data(len, 0.0, 1.5);
     let start = layer(&mut rng, shape.c);
     let tol = tol::<f32>(offset.abs() / spread);
     let (scale, shift) = start.scale_shift().unwrap();
@@ -134,7 +128,7 @@ fn check_forward<D: Data<Param = f32>>(shape: Shape, layout: Layout, seed: u64) 
 fn check_default_is_plain(shape: Shape, layout: Layout, seed: u64) {
     let mut rng = Rng::new(seed);
     let len = shape.numel().unwrap();
-    let x: Vec<f32> = data(&mut rng, len, 1.0, 3.0);
+    let x: Vec<f32> = rng.data(len, 1.0, 3.0);
     let start = layer(&mut rng, shape.c);
     on_every_path(|path| {
         let (mut a, mut b) = (vec![0.0f32; len], vec![0.0f32; len]);
@@ -211,8 +205,8 @@ fn nan_stays_in_its_place() {
     for layout in [Layout::Nchw, Layout::Nhwc] {
         let mut rng = Rng::new(3);
         let len = shape.numel().unwrap();
-        let mut x: Vec<f32> = data(&mut rng, len, 0.0, 1.0);
-        let mut residual: Vec<f32> = data(&mut rng, len, 0.0, 1.0);
+        let mut x: Vec<f32> = rng.data(len, 0.0, 1.0);
+        let mut residual: Vec<f32> = rng.data(len, 0.0, 1.0);
         x[shape.index(layout, 1, 0, 5)] = f32::NAN;
         residual[shape.index(layout, 0, 2, 3)] = f32::NAN;
         let bn = layer(&mut rng, shape.c);
@@ -246,9 +240,9 @@ fn check_backward<D: Data<Param = f32>>(shape: Shape, layout: Layout, seed: u64)
     let mut rng = Rng::new(seed);
     let len = shape.numel().unwrap();
     let (offset, spread) = rng.offset_spread();
-    let x: Vec<D> = data(&mut rng, len, offset, spread);
-    let residual: Vec<D> = data(&mut rng, len, 0.0, 1.0);
-    let dy: Vec<D> = data(&mut rng, len, 0.0, 1.0);
+    let x: Vec<D> = rng.data(len, offset, spread);
+    let residual: Vec<D> = rng.data(len, 0.0, 1.0);
+    let dy: Vec<D> = rng.data(len, 0.0, 1.0);
     let bn = layer(&mut rng, shape.c);
     let tol = tol::<f32>(offset.abs() / spread)
         + if std::mem::size_of::<D>() == 2 {
@@ -336,8 +330,8 @@ fn check_backward<D: Data<Param = f32>>(shape: Shape, layout: Layout, seed: u64)
 fn check_backward_plain(shape: Shape, layout: Layout, seed: u64) {
     let mut rng = Rng::new(seed);
     let len = shape.numel().unwrap();
-    let x: Vec<f32> = data(&mut rng, len, 1.0, 2.0);
-    let dy: Vec<f32> = data(&mut rng, len, 0.0, 1.0);
+    let x: Vec<f32> = rng.data(len, 1.0, 2.0);
+    let dy: Vec<f32> = rng.data(len, 0.0, 1.0);
     let bn = layer(&mut rng, shape.c);
     let mut y = vec![0.0f32; len];
     let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
@@ -382,9 +376,9 @@ fn fused_backward_is_the_derivative() {
     for layout in [Layout::Nchw, Layout::Nhwc] {
         let mut rng = Rng::new(17);
         let len = shape.numel().unwrap();
-        let x: Vec<f64> = data(&mut rng, len, 0.5, 2.0);
-        let residual: Vec<f64> = data(&mut rng, len, 0.0, 1.0);
-        let coef: Vec<f64> = data(&mut rng, len, 0.0, 1.0);
+        let x: Vec<f64> = rng.data(len, 0.5, 2.0);
+        let residual: Vec<f64> = rng.data(len, 0.0, 1.0);
+        let coef: Vec<f64> = rng.data(len, 0.0, 1.0);
         let mut bn = BatchNorm::<f64>::new(shape.c);
         bn.weight = vec![1.3, -0.7];
         bn.bias = vec![0.2, 0.1];

@@ -44,13 +44,6 @@ impl Half for bf16 {
     }
 }
 
-/// `n` values `offset + spread * u`, rounded to `D`.
-fn data<D: Data>(rng: &mut Rng, n: usize, offset: f64, spread: f64) -> Vec<D> {
-    (0..n)
-        .map(|_| D::from_f64(offset + spread * rng.signed()))
-        .collect()
-}
-
 /// Asserts that every output is within one unit in the last place of `want` rounded to `D`
 /// where `|want|` is at least 1/256 of `scale` (the size of the terms the output is computed
 /// from), else within that or the `f32` bound `tol * (1 + scale)`.
@@ -90,7 +83,7 @@ fn layer(rng: &mut Rng, c: usize) -> BatchNorm<f32> {
 fn setup<D: Data>(shape: Shape, seed: u64) -> (Vec<D>, BatchNorm<f32>, f64) {
     let mut rng = Rng::new(seed);
     let (offset, spread) = rng.offset_spread();
-    let x = data::<D>(&mut rng, shape.numel().unwrap(), offset, spread);
+    let x = rng.data::<D>(shape.numel().unwrap(), offset, spread);
     (
         x,
         layer(&mut rng, shape.c),
@@ -196,7 +189,7 @@ fn check_eval<D: Half>(shape: Shape, layout: Layout, seed: u64) {
 fn check_backward<D: Half>(shape: Shape, layout: Layout, seed: u64) {
     let (x, bn, tol) = setup::<D>(shape, seed);
     let mut rng = Rng::new(seed ^ 1);
-    let dy = data::<D>(&mut rng, x.len(), 0.0, 1.0);
+    let dy = rng.data::<D>(x.len(), 0.0, 1.0);
     let mut y = vec![D::default(); x.len()];
     let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
     let want = oracle::backward(&bn, &x, &dy, &saved, shape, layout);
@@ -293,7 +286,7 @@ fn check_adversarial<D: Half>(huge: f64) {
     let shape = Shape::new(3, 5, 37);
     for layout in [Layout::Nchw, Layout::Nhwc] {
         let mut rng = Rng::new(7);
-        let mut x = data::<D>(&mut rng, shape.numel().unwrap(), 0.0, 1.0);
+        let mut x = rng.data::<D>(shape.numel().unwrap(), 0.0, 1.0);
         let at = |c: usize, i: usize| shape.index(layout, i % 3, c, i % 37);
         x[at(1, 4)] = D::from_f64(f64::NAN);
         x[at(2, 9)] = D::from_f64(f64::INFINITY);

@@ -28,6 +28,9 @@ pub(crate) trait Buffers: Span {
     fn streaming(&self) -> bool {
         false
     }
+    /// Asks for the cache lines of what the epilogue will read (a residual), ahead of the map.
+    #[inline(always)]
+    fn prefetch_epilogue(&self) {}
     /// `out[i .. i + n] = f(in[i .. i + n])` with `n = WIDTH`, or `n < WIDTH` for a tail.
     fn map<L: Lanes<Mem = Self::Data>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>);
     /// The full vector of input at `i`.
@@ -301,6 +304,9 @@ pub(crate) trait Epilogue<D: Data>: Send + Sized {
     fn split_at(self, mid: usize) -> (Self, Self);
     /// Applied to the vector `v` that goes to output index `i..i + n` (`n <= WIDTH`).
     fn apply<L: Lanes<Mem = D>>(&self, i: usize, n: usize, v: L) -> L;
+    /// Asks for the cache lines of what it reads.
+    #[inline(always)]
+    fn prefetch(&self) {}
 }
 
 /// `y = relu(v)`.
@@ -329,6 +335,10 @@ impl<D: Data, const RELU: bool> Epilogue<D> for Residual<'_, D, RELU> {
     fn split_at(self, mid: usize) -> (Self, Self) {
         let (a, b) = self.residual.split_at(mid);
         (Residual { residual: a }, Residual { residual: b })
+    }
+    #[inline(always)]
+    fn prefetch(&self) {
+        super::stats::prefetch(self.residual)
     }
     #[inline(always)]
     fn apply<L: Lanes<Mem = D>>(&self, i: usize, n: usize, v: L) -> L {
@@ -419,6 +429,10 @@ impl<B: Buffers, E: Epilogue<B::Data>> Buffers for Then<B, E> {
     }
     fn streaming(&self) -> bool {
         self.buf.streaming()
+    }
+    #[inline(always)]
+    fn prefetch_epilogue(&self) {
+        self.epilogue.prefetch()
     }
     #[inline(always)]
     fn map<L: Lanes<Mem = Self::Data>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {

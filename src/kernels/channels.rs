@@ -26,6 +26,9 @@ use super::stats::{
 use crate::element::{tiny_squares, Data, Element};
 use crate::moments::Moments;
 
+/// Images ahead that the map of a group asks for the residual of.
+const AHEAD: usize = 1;
+
 /// The most channels in a group: their parameters live on the stack.
 pub(crate) const GROUP: usize = 64;
 
@@ -179,7 +182,16 @@ pub(crate) fn train_channels<L: Lanes, B: Buffers<Data = L::Mem>>(
         for (j, (p, m)) in params.iter_mut().zip(out.iter()).enumerate() {
             *p = finish(first + j, m);
         }
+        // A residual is read in short stretches (the group's runs of each image), which the
+        // hardware prefetchers do not follow from one to the next: ask for the next image's
+        // while this one is mapped.
+        for i in 0..spans.len().min(AHEAD) {
+            span(spans, i).prefetch_epilogue();
+        }
         for i in 0..spans.len() {
+            if i + AHEAD < spans.len() {
+                span(spans, i + AHEAD).prefetch_epilogue();
+            }
             normalize_group::<L, B>(span(spans, i), 0, s, &params[..out.len()]);
         }
     }

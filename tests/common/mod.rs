@@ -34,7 +34,7 @@ impl Rng {
         (offset, spread)
     }
     /// `n` values `offset + spread * u`, u uniform in [-1, 1), rounded to `T`.
-    pub fn data<T: Element>(&mut self, n: usize, offset: f64, spread: f64) -> Vec<T> {
+    pub fn data<T: Data>(&mut self, n: usize, offset: f64, spread: f64) -> Vec<T> {
         (0..n)
             .map(|_| T::from_f64(offset + spread * self.signed()))
             .collect()
