@@ -5,7 +5,11 @@
 //! f64 oracle; totals weigh each shape by how often it occurs.
 //!
 //! `cargo run --release --example resnet50 [-- --quick] [--batch 1,32] [--threads 1,2]
-//! [--isa avx2] [--layers] [--csv]`
+//! [--isa avx2] [--layers] [--csv] [--fused]`
+//!
+//! `--fused` times the network's batch norms as it runs them: each with its ReLU fused
+//! (`Fuse::relu()`, and `backward_fused`), the last of each bottleneck block with the residual
+//! too (`Fuse::add_relu`, the residual's gradient written), the downsampling ones plain.
 //!
 //! `--layers` adds a row per distinct shape; `--csv` prints
 //! `resnet50 bN,layout,op,threads,median_ms,min_ms,copy_ms,bytes` lines of the totals instead
@@ -14,7 +18,7 @@
 mod common;
 
 use batchnorm::{with_isa, Isa, Layout, Shape};
-use common::{arg, Case, Timing, OPS, RESNET50};
+use common::{arg, Case, Timing, FUSED_OPS, OPS, RESNET50};
 use std::time::Duration;
 
 fn list(args: &[String], flag: &str, default: Vec<usize>) -> Vec<usize> {
@@ -35,6 +39,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let has = |f: &str| args.iter().any(|a| a == f);
     let (quick, csv, per_layer) = (has("--quick"), has("--csv"), has("--layers"));
+    let fused = has("--fused");
     let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     let batches = list(&args, "--batch", vec![1, 32]);
     let mut threads = list(&args, "--threads", vec![1, all]);
@@ -49,7 +54,12 @@ fn main() {
     let min_calls = if quick { 3 } else { 7 };
     if !csv {
         println!(
-            "ResNet-50 batch norms (53 layers), f32, isa {}, {all} hardware threads",
+            "ResNet-50 batch norms (53 layers{}), f32, isa {}, {all} hardware threads",
+            if fused {
+                ", each with its ReLU and residual fused"
+            } else {
+                ""
+            },
             isa.map_or(format!("default ({})", Isa::current().name()), |i| i
                 .name()
                 .to_string())
@@ -72,10 +82,25 @@ fn main() {
                         .num_threads(t)
                         .build()
                         .expect("thread pool");
-                    for (oi, (op, tensors)) in OPS.into_iter().enumerate() {
+                    let ops = OPS.into_iter().enumerate().flat_map(|(oi, (plain, _))| {
+                        layer_ops(fused, c, hw, count, oi, plain)
+                            .into_iter()
+                            .map(move |(op, n)| (oi, op, n))
+                    });
+                    for (oi, op, count) in ops {
+                        let all_ops = OPS.iter().chain(&FUSED_OPS);
+                        let tensors = all_ops.clone().find(|o| o.0 == op).expect("an op").1;
                         let bytes = tensors * 4.0 * case.len() as f64;
-                        let (timing, copy_t, err) =
-                            pool.install(|| on_isa(&mut || case.time(op, t, budget, min_calls)));
+                        let is_fused = FUSED_OPS.iter().any(|f| f.0 == op);
+                        let (timing, copy_t, err) = pool.install(|| {
+                            on_isa(&mut || {
+                                if is_fused {
+                                    case.time_fused(op, t, budget, min_calls)
+                                } else {
+                                    case.time(op, t, budget, min_calls)
+                                }
+                            })
+                        });
                         assert!(
                             err < 1e-5,
                             "{batch}x{c}x{hw}x{hw} {layout:?} {op}: error {err:e}"
@@ -126,6 +151,35 @@ fn main() {
                 }
             }
         }
+    }
+}
+
+/// The operations the `count` layers of shape (`c`, `hw`) run for op `oi` of [`OPS`], and how
+/// many layers run each: `plain` for all of them, or with `fused` as the network runs them. In
+/// torchvision's bottlenecks the layers of 4x width (256 at 56, 512 at 28, 1024 at 14, 2048 at
+/// 7) are each block's last batch norm (residual and ReLU) but one, the downsampling branch's
+/// (no ReLU); every other batch norm has a ReLU.
+fn layer_ops(
+    fused: bool,
+    c: usize,
+    hw: usize,
+    count: usize,
+    oi: usize,
+    plain: &'static str,
+) -> Vec<(&'static str, usize)> {
+    if !fused {
+        return vec![(plain, count)];
+    }
+    let last = [(256, 56), (512, 28), (1024, 14), (2048, 7)].contains(&(c, hw));
+    let (relu, add_relu) = match oi {
+        0 => ("eval+relu", "eval+add+relu"),
+        1 => ("train+relu", "train+add+relu"),
+        _ => ("backward+relu", "backward+add+relu"),
+    };
+    if last {
+        vec![(add_relu, count - 1), (plain, 1)]
+    } else {
+        vec![(relu, count)]
     }
 }
 

@@ -158,7 +158,9 @@ pub struct Case<D = f32> {
 /// (op, tensors moved: residual and x read and y written for the forward passes; x, y and dy
 /// read and dx and the residual's gradient written for backward).
 /// `backward+relu` is the backward of a batch norm + ReLU (no residual's gradient).
-pub const FUSED_OPS: [(&str, f64); 7] = [
+pub const FUSED_OPS: [(&str, f64); 9] = [
+    ("eval+relu", 2.0),
+    ("train+relu", 2.0),
     ("eval+add+relu", 3.0),
     ("eval, add, relu", 3.0),
     ("train+add+relu", 3.0),
@@ -177,7 +179,8 @@ struct Fused<D> {
     /// A copy of two and a half tensors each way (up to 5 tensors moved).
     src: Vec<D>,
     dst: Vec<D>,
-    want: [Vec<f64>; 4],
+    /// The references of eval and train with a residual, backward, eval and train without.
+    want: [Vec<f64>; 5],
 }
 
 /// `y += r`, one element at a time: a separate pass of the unfused work.
@@ -269,7 +272,16 @@ impl<D: Data<Param = f32>> Case<D> {
                 )
                 .0
                 .dx,
-                Vec::new(),
+                oracle::epilogue::<D>(
+                    &oracle::forward_eval(&self.bn, &self.x, shape, layout),
+                    None,
+                    true,
+                ),
+                oracle::epilogue::<D>(
+                    &oracle::forward_train(&self.bn, &self.x, shape, layout).y,
+                    None,
+                    true,
+                ),
             ];
             let src: Vec<D> = self
                 .x
@@ -313,6 +325,14 @@ impl<D: Data<Param = f32>> Case<D> {
             budget,
             min_calls,
             || match op {
+                "eval+relu" => bn
+                    .forward_eval_fused(x, y, shape, layout, Fuse::relu())
+                    .unwrap(),
+                "train+relu" => {
+                    layer
+                        .forward_train_fused(x, y, shape, layout, Fuse::relu())
+                        .unwrap();
+                }
                 "eval+add+relu" => bn
                     .forward_eval_fused(x, y, shape, layout, Fuse::add_relu(&residual[..]))
                     .unwrap(),
@@ -360,6 +380,8 @@ impl<D: Data<Param = f32>> Case<D> {
         );
         let want = &self.fused.as_ref().expect("made above").want;
         let err = match op {
+            "eval+relu" => max_error(&self.y, &want[3]),
+            "train+relu" => max_error(&self.y, &want[4]),
             "eval+add+relu" | "eval, add, relu" => max_error(&self.y, &want[0]),
             "train+add+relu" | "train, add, relu" => max_error(&self.y, &want[1]),
             _ => max_error(&self.dx, &want[2]),
