@@ -872,3 +872,232 @@ pub fn check_half(data: &[u8], which: Option<usize>) {
         each_path(which, || verify_half(&h, &run_half(&h)));
     }
 }
+
+/// A case with a fused epilogue: the residual (when there is one) is either the case's `dy`
+/// or its `x` backwards (adversarial values in the residual too), as the input's
+/// second-to-last byte picks, which also picks the ReLU.
+#[derive(Clone, Debug)]
+pub struct FusedCase {
+    pub case: Case,
+    pub residual: Option<Vec<f32>>,
+    pub relu: bool,
+}
+
+impl FusedCase {
+    pub fn of(case: Case, flags: u8) -> Self {
+        let residual = match flags >> 1 & 3 {
+            0 => None,
+            1 | 2 => Some(case.dy.clone()),
+            _ => Some(case.x.iter().rev().copied().collect()),
+        };
+        FusedCase {
+            case,
+            residual,
+            relu: flags & 1 == 1,
+        }
+    }
+
+    fn fuse(&self) -> batchnorm::Fuse<'_, f32> {
+        batchnorm::Fuse {
+            residual: self.residual.as_deref(),
+            relu: self.relu,
+        }
+    }
+
+    /// `relu(y + residual)` in f32, one value at a time: the separate passes.
+    pub fn epilogue(&self, y: &[f32]) -> Vec<f32> {
+        y.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let v = v + self.residual.as_ref().map_or(0.0, |r| r[i]);
+                if self.relu && v < 0.0 {
+                    0.0
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+}
+
+/// The fused calls and, on the same path, the plain calls they must equal.
+#[derive(Clone, Debug)]
+pub struct FusedRun {
+    pub eval: Vec<f32>,
+    pub eval_in_place: Vec<f32>,
+    pub plain_eval: Vec<f32>,
+    /// Training: the saved statistics and the layer after the call, fused and plain.
+    pub train: Result<(SavedStats<f32>, BatchNorm<f32>), Error>,
+    pub plain_train: Result<(SavedStats<f32>, BatchNorm<f32>), Error>,
+    pub train_y: Vec<f32>,
+    pub train_in_place: Vec<f32>,
+    pub plain_train_y: Vec<f32>,
+    /// Backward of the fused training: with the residual's gradient, without it, and the
+    /// plain backward of the masked `dy`.
+    pub dx: Vec<f32>,
+    pub d_residual: Vec<f32>,
+    pub dx_alone: Vec<f32>,
+    pub plain_dx: Vec<f32>,
+    pub grads: Vec<Gradients<f32>>,
+}
+
+pub fn run_fused(h: &FusedCase) -> FusedRun {
+    let (shape, layout, layer, x) = (h.case.shape, h.case.layout, &h.case.layer, &h.case.x);
+    let len = x.len();
+    let fuse = h.fuse();
+    let mut eval = vec![0.0f32; len];
+    let mut eval_in_place = x.clone();
+    let mut plain_eval = vec![0.0f32; len];
+    layer
+        .forward_eval_fused(x, &mut eval, shape, layout, fuse)
+        .expect("fused inference");
+    layer
+        .forward_eval_fused_in_place(&mut eval_in_place, shape, layout, fuse)
+        .expect("fused inference in place");
+    layer
+        .forward_eval(x, &mut plain_eval, shape, layout)
+        .expect("inference");
+    type Train<'a> =
+        &'a dyn Fn(&mut BatchNorm<f32>, &mut Vec<f32>) -> Result<SavedStats<f32>, Error>;
+    let train_with = |y: &mut Vec<f32>, f: Train<'_>| {
+        let mut bn = layer.clone();
+        f(&mut bn, y).map(|saved| (saved, bn))
+    };
+    let (mut train_y, mut train_in_place, mut plain_train_y) =
+        (vec![0.0f32; len], x.clone(), vec![0.0f32; len]);
+    let train = train_with(&mut train_y, &|bn, y| {
+        bn.forward_train_fused(x, y, shape, layout, fuse)
+    });
+    let in_place = train_with(&mut train_in_place, &|bn, y| {
+        bn.forward_train_fused_in_place(y, shape, layout, fuse)
+    });
+    assert_eq!(
+        train.is_ok(),
+        in_place.is_ok(),
+        "in place refused differently"
+    );
+    let plain_train = train_with(&mut plain_train_y, &|bn, y| {
+        bn.forward_train(x, y, shape, layout)
+    });
+    let mut run = FusedRun {
+        eval,
+        eval_in_place,
+        plain_eval,
+        train,
+        plain_train,
+        train_y,
+        train_in_place,
+        plain_train_y,
+        dx: vec![],
+        d_residual: vec![],
+        dx_alone: vec![],
+        plain_dx: vec![],
+        grads: vec![],
+    };
+    let Ok((saved, _)) = &run.train else {
+        return run;
+    };
+    let (y, dy) = (&run.train_y, &h.case.dy);
+    let masked: Vec<f32> = dy
+        .iter()
+        .zip(y)
+        .map(|(&d, &y)| if h.relu && y <= 0.0 { 0.0 } else { d })
+        .collect();
+    let (mut dx, mut d_residual, mut dx_alone, mut plain_dx) = (
+        vec![0.0f32; len],
+        vec![0.0f32; len],
+        vec![0.0f32; len],
+        vec![0.0f32; len],
+    );
+    let relu = h.relu;
+    let back = |dx: &mut [f32], dr: Option<&mut [f32]>| {
+        layer
+            .backward_fused(x, y, dy, saved, dx, dr, shape, layout, relu)
+            .expect("fused backward")
+    };
+    let grads = vec![
+        back(&mut dx, Some(&mut d_residual)),
+        back(&mut dx_alone, None),
+        layer
+            .backward(x, &masked, saved, &mut plain_dx, shape, layout)
+            .expect("backward"),
+    ];
+    (
+        run.dx,
+        run.d_residual,
+        run.dx_alone,
+        run.plain_dx,
+        run.grads,
+    ) = (dx, d_residual, dx_alone, plain_dx, grads);
+    run
+}
+
+/// The fused calls equal the separate passes bit for bit (every NaN as one): inference and
+/// training's output are the plain output, then `+ residual`, then the ReLU, in f32 (the
+/// epilogue acts on the value the plain call would store); the in-place twins the same;
+/// training's statistics and running statistics those of the plain call; the fused backward
+/// the plain backward of `dy` masked where `y <= 0`, with the residual's gradient that mask.
+/// With the plain calls checked against the oracle (the other targets), this checks the fused
+/// ones on every path and every adversarial value.
+pub fn verify_fused(h: &FusedCase, got: &FusedRun) -> Verdict {
+    let want = bits(&h.epilogue(&got.plain_eval));
+    ensure!(bits(&got.eval) == want, "fused inference differs");
+    ensure!(
+        bits(&got.eval_in_place) == want,
+        "fused inference in place differs"
+    );
+    let (train, plain) = match (&got.train, &got.plain_train) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(a), Err(b)) => {
+            ensure!(a == b, "refusals differ: {a:?} vs {b:?}");
+            return Ok(());
+        }
+        (a, b) => return Err(format!("fused {:?} vs plain {:?}", a.is_ok(), b.is_ok())),
+    };
+    let same_stats = |a: &[f32], b: &[f32]| bits(a) == bits(b);
+    ensure!(
+        same_stats(&train.0.mean, &plain.0.mean) && same_stats(&train.0.invstd, &plain.0.invstd),
+        "saved statistics differ"
+    );
+    ensure!(
+        same_stats(&train.1.running_mean, &plain.1.running_mean)
+            && same_stats(&train.1.running_var, &plain.1.running_var)
+            && train.1.num_batches_tracked == plain.1.num_batches_tracked,
+        "running statistics differ"
+    );
+    let want = bits(&h.epilogue(&got.plain_train_y));
+    ensure!(bits(&got.train_y) == want, "fused training differs");
+    ensure!(
+        bits(&got.train_in_place) == want,
+        "fused training in place differs"
+    );
+    let masked: Vec<f32> = h
+        .case
+        .dy
+        .iter()
+        .zip(&got.train_y)
+        .map(|(&d, &y)| if h.relu && y <= 0.0 { 0.0 } else { d })
+        .collect();
+    ensure!(bits(&got.d_residual) == bits(&masked), "d_residual differs");
+    let want = bits(&got.plain_dx);
+    ensure!(bits(&got.dx) == want, "fused dx differs");
+    ensure!(
+        bits(&got.dx_alone) == want,
+        "fused dx without d_residual differs"
+    );
+    for g in &got.grads[..2] {
+        ensure!(
+            same_stats(&g.weight, &got.grads[2].weight) && same_stats(&g.bias, &got.grads[2].bias),
+            "fused gradients differ"
+        );
+    }
+    Ok(())
+}
+
+/// The case with the epilogue its second-to-last byte picks, on every path or the one
+/// `which` picks.
+pub fn check_fused(data: &[u8], which: Option<usize>) {
+    let Some(case) = decode(data) else { return };
+    let h = FusedCase::of(case, data[data.len() - 2]);
+    each_path(which, || verify_fused(&h, &run_fused(&h)));
+}

@@ -20,7 +20,7 @@ cd "$(dirname "$0")"
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(forward_train forward_eval moments_merge backward half)
+[ ${#targets[@]} -gt 0 ] || targets=(forward_train forward_eval moments_merge backward half fused)
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 build=()
 if [ "${FUZZ_SANITIZER:-address}" = none ]; then

@@ -6,6 +6,7 @@
 mod element;
 mod error;
 mod exec;
+mod fold;
 mod fuse;
 mod kernels;
 mod layer;

@@ -59,6 +59,57 @@ fn half_corpus() {
     replay("half", props::check_half);
 }
 
+#[test]
+#[cfg_attr(miri, ignore = "reads the corpus from disk")]
+fn fused_corpus() {
+    replay("fused", props::check_fused);
+}
+
+/// The fused verifier rejects a fused output, statistic or gradient one unit in the last
+/// place off the separate passes, for each epilogue.
+#[test]
+fn fused_verifier_rejects_wrong_results() {
+    let up = |v: f32| f32::from_bits(v.to_bits() + 1);
+    for flags in [1u8, 2, 3, 6, 7] {
+        for layout_flag in [0u8, 1] {
+            let case = plain_case(layout_flag);
+            let (shape, layout) = (case.shape, case.layout);
+            let at = |c: usize| shape.index(layout, 1, c, 5);
+            let h = props::FusedCase::of(case, flags);
+            rejects(
+                "fused",
+                &props::run_fused(&h),
+                |r| props::verify_fused(&h, r),
+                &[
+                    ("eval y", &|r| r.eval[at(1)] = up(r.eval[at(1)])),
+                    ("in-place eval", &|r| {
+                        r.eval_in_place[at(2)] = up(r.eval_in_place[at(2)])
+                    }),
+                    ("train y", &|r| r.train_y[at(3)] = up(r.train_y[at(3)])),
+                    ("in-place train", &|r| {
+                        r.train_in_place[at(0)] = up(r.train_in_place[at(0)])
+                    }),
+                    ("saved mean", &|r| {
+                        let m = &mut r.train.as_mut().unwrap().0.mean[1];
+                        *m = up(*m)
+                    }),
+                    ("running var", &|r| {
+                        let v = &mut r.train.as_mut().unwrap().1.running_var[2];
+                        *v = up(*v)
+                    }),
+                    ("dx", &|r| r.dx[at(4)] = up(r.dx[at(4)])),
+                    ("dx alone", &|r| r.dx_alone[at(1)] = up(r.dx_alone[at(1)])),
+                    ("d_residual", &|r| r.d_residual[at(2)] = 7.0),
+                    ("dweight", &|r| {
+                        r.grads[0].weight[3] = up(r.grads[0].weight[3])
+                    }),
+                    ("dbias", &|r| r.grads[1].bias[0] = up(r.grads[1].bias[0])),
+                ],
+            );
+        }
+    }
+}
+
 /// The 16-bit verifier rejects an output two units in the last place off, a wrong in-place
 /// result, and a number where a NaN input must give NaN.
 fn half_verifier_rejects<D: props::Half>(step: fn(D) -> D) {
