@@ -16,6 +16,8 @@ pub mod oracle;
 mod parallel;
 mod shape;
 
+pub mod capi;
+
 pub use element::{Data, Element};
 pub use error::Error;
 pub use fuse::Fuse;
