@@ -41,6 +41,25 @@ pub enum Error {
         /// Spatial size.
         spatial: usize,
     },
+    /// An array (`ndarray` views, candle tensors) has fewer than two dimensions: batch and
+    /// channels come first.
+    Rank {
+        /// Its number of dimensions.
+        ndim: usize,
+    },
+    /// An array's strides are neither the standard order (NCHW) nor channels-last (NHWC)
+    /// over dense memory: a slice with gaps, a broadcast, negative strides, another order.
+    Strides {
+        /// Its dimensions.
+        dims: Vec<usize>,
+        /// Its strides, in elements.
+        strides: Vec<isize>,
+    },
+    /// An array's shape or layout differs from the input's.
+    Mismatch {
+        /// Which array: `"y"`, `"dy"`, `"dx"`, ...
+        what: &'static str,
+    },
 }
 
 impl fmt::Display for Error {
@@ -64,6 +83,19 @@ impl fmt::Display for Error {
                 f,
                 "shape {n} x {c} x {spatial} has more elements than usize can count"
             ),
+            Error::Rank { ndim } => write!(
+                f,
+                "an array of {ndim} dimensions: batch and channels need at least 2"
+            ),
+            Error::Strides { dims, strides } => write!(
+                f,
+                "an array of shape {dims:?} and strides {strides:?} is neither standard \
+                 (NCHW) nor channels-last (NHWC) contiguous; make it so (for example with \
+                 `as_standard_layout`) before the call"
+            ),
+            Error::Mismatch { what } => {
+                write!(f, "`{what}` has a different shape or layout from `x`")
+            }
         }
     }
 }

@@ -17,6 +17,8 @@ mod parallel;
 mod shape;
 
 pub mod capi;
+#[cfg(feature = "ndarray")]
+pub mod ndarray;
 
 pub use element::{Data, Element};
 pub use error::Error;

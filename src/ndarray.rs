@@ -1,0 +1,182 @@
+//! `ndarray` views (`ndarray` feature): the layer's calls on arrays of any dimension >= 2
+//! with the channels on axis 1, as PyTorch holds them (`(N, C)`, `(N, C, L)`,
+//! `(N, C, H, W)`, `(N, C, D, H, W)`), the layout read from the strides:
+//!
+//! - standard (row-major) order is NCHW;
+//! - channels-last order, axis 1 the fastest and the others row-major (what
+//!   `permuted_axes([0, 3, 1, 2])` makes of a standard `(N, H, W, C)` array), is NHWC;
+//! - anything else (a slice with gaps, broadcast or negative strides, another axis order) is
+//!   [`Error::Strides`]: never a copy behind the caller's back.
+//!
+//! Axes of length 1 may have any stride, as ndarray allows. When both orders describe the
+//! memory (`c == 1`, or one spatial position), they are the same order and NCHW is used.
+//!
+//! ```
+//! use batchnorm::BatchNorm;
+//! use ndarray::{Array4, ArrayView4};
+//!
+//! let mut bn = BatchNorm::<f32>::new(3);
+//! // NCHW
+//! let x = Array4::from_shape_fn((2, 3, 4, 5), |(n, c, h, w)| (n + c * h + w) as f32);
+//! let mut y = Array4::zeros(x.raw_dim());
+//! let saved = bn.forward_train_array(x.view(), y.view_mut())?;
+//! // NHWC memory seen as (N, C, H, W)
+//! let nhwc = Array4::from_shape_fn((2, 4, 5, 3), |(n, h, w, c)| (n + c * h + w) as f32);
+//! let x_cl: ArrayView4<f32> = nhwc.view().permuted_axes([0, 3, 1, 2]);
+//! let mut y_cl = Array4::<f32>::zeros((2, 4, 5, 3));
+//! bn.forward_eval_array(x_cl, y_cl.view_mut().permuted_axes([0, 3, 1, 2]))?;
+//! # let _ = saved;
+//! # Ok::<(), batchnorm::Error>(())
+//! ```
+
+use crate::element::{Data, Element};
+use crate::error::Error;
+use crate::layer::{BatchNorm, Gradients, SavedStats};
+use crate::shape::{Layout, Shape};
+use ::ndarray::{ArrayView, ArrayViewMut, Dimension};
+
+/// The shape and layout of an array with the channels on axis 1, from its dimensions and
+/// strides (in elements), or why it has neither layout.
+pub fn shape_layout(dims: &[usize], strides: &[isize]) -> Result<(Shape, Layout), Error> {
+    if dims.len() < 2 {
+        return Err(Error::Rank { ndim: dims.len() });
+    }
+    let (n, c) = (dims[0], dims[1]);
+    let spatial = dims[2..]
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or(Error::Overflow { n, c, spatial: 0 })?;
+    let shape = Shape::new(n, c, spatial);
+    shape.numel()?;
+    // Axes from the slowest to the fastest in each layout.
+    let spatial_axes = 2..dims.len();
+    let nchw: Vec<usize> = [0, 1].into_iter().chain(spatial_axes.clone()).collect();
+    let nhwc: Vec<usize> = [0].into_iter().chain(spatial_axes).chain([1]).collect();
+    for (order, layout) in [(nchw, Layout::Nchw), (nhwc, Layout::Nhwc)] {
+        if dense_in(&order, dims, strides) {
+            return Ok((shape, layout));
+        }
+    }
+    Err(Error::Strides {
+        dims: dims.to_vec(),
+        strides: strides.to_vec(),
+    })
+}
+
+/// Whether the axes, taken in `order` from the slowest to the fastest, tile memory densely:
+/// each axis's stride the product of the lengths of the faster ones (axes of length 1 free).
+/// An empty array is dense in any order.
+fn dense_in(order: &[usize], dims: &[usize], strides: &[isize]) -> bool {
+    if dims.contains(&0) {
+        return true;
+    }
+    let mut expected = 1usize;
+    for &axis in order.iter().rev() {
+        if dims[axis] != 1 && usize::try_from(strides[axis]).ok() != Some(expected) {
+            return false;
+        }
+        expected = expected.saturating_mul(dims[axis]);
+    }
+    true
+}
+
+fn layout_of(
+    dims: &[usize],
+    strides: &[isize],
+    what: &'static str,
+    want: Option<(Shape, Layout)>,
+) -> Result<(Shape, Layout), Error> {
+    let found = shape_layout(dims, strides)?;
+    match want {
+        Some(want) if want != found => Err(Error::Mismatch { what }),
+        _ => Ok(found),
+    }
+}
+
+/// An input view's elements in memory order, with its shape and layout (the same as
+/// `want`'s, when given).
+fn input<'a, E, I: Dimension>(
+    a: &ArrayView<'a, E, I>,
+    what: &'static str,
+    want: Option<(Shape, Layout)>,
+) -> Result<(&'a [E], Shape, Layout), Error> {
+    let (shape, layout) = layout_of(a.shape(), a.strides(), what, want)?;
+    let data = a.to_slice_memory_order().ok_or(Error::Strides {
+        dims: a.shape().to_vec(),
+        strides: a.strides().to_vec(),
+    })?;
+    Ok((data, shape, layout))
+}
+
+/// [`input`] for an output view.
+fn output<'a, E, I: Dimension>(
+    a: ArrayViewMut<'a, E, I>,
+    what: &'static str,
+    want: Option<(Shape, Layout)>,
+) -> Result<&'a mut [E], Error> {
+    let (dims, strides) = (a.shape().to_vec(), a.strides().to_vec());
+    layout_of(&dims, &strides, what, want)?;
+    a.into_slice_memory_order()
+        .ok_or(Error::Strides { dims, strides })
+}
+
+impl<T: Element> BatchNorm<T> {
+    /// [`forward_train`](Self::forward_train) on arrays: `y` of the same shape and layout as
+    /// `x` (see the [module](crate::ndarray) for the layouts).
+    pub fn forward_train_array<E: Data<Param = T>, I: Dimension>(
+        &mut self,
+        x: ArrayView<'_, E, I>,
+        y: ArrayViewMut<'_, E, I>,
+    ) -> Result<SavedStats<T>, Error> {
+        let (x, shape, layout) = input(&x, "x", None)?;
+        let y = output(y, "y", Some((shape, layout)))?;
+        self.forward_train(x, y, shape, layout)
+    }
+
+    /// [`forward_train_in_place`](Self::forward_train_in_place) on an array.
+    pub fn forward_train_array_in_place<E: Data<Param = T>, I: Dimension>(
+        &mut self,
+        xy: ArrayViewMut<'_, E, I>,
+    ) -> Result<SavedStats<T>, Error> {
+        let (shape, layout) = shape_layout(xy.shape(), xy.strides())?;
+        let xy = output(xy, "x", None)?;
+        self.forward_train_in_place(xy, shape, layout)
+    }
+
+    /// [`forward_eval`](Self::forward_eval) on arrays: `y` of the same shape and layout as
+    /// `x`.
+    pub fn forward_eval_array<E: Data<Param = T>, I: Dimension>(
+        &self,
+        x: ArrayView<'_, E, I>,
+        y: ArrayViewMut<'_, E, I>,
+    ) -> Result<(), Error> {
+        let (x, shape, layout) = input(&x, "x", None)?;
+        let y = output(y, "y", Some((shape, layout)))?;
+        self.forward_eval(x, y, shape, layout)
+    }
+
+    /// [`forward_eval_in_place`](Self::forward_eval_in_place) on an array.
+    pub fn forward_eval_array_in_place<E: Data<Param = T>, I: Dimension>(
+        &self,
+        xy: ArrayViewMut<'_, E, I>,
+    ) -> Result<(), Error> {
+        let (shape, layout) = shape_layout(xy.shape(), xy.strides())?;
+        let xy = output(xy, "x", None)?;
+        self.forward_eval_in_place(xy, shape, layout)
+    }
+
+    /// [`backward`](Self::backward) on arrays: `dy` and `dx` of the same shape and layout as
+    /// `x`.
+    pub fn backward_array<E: Data<Param = T>, I: Dimension>(
+        &self,
+        x: ArrayView<'_, E, I>,
+        dy: ArrayView<'_, E, I>,
+        saved: &SavedStats<T>,
+        dx: ArrayViewMut<'_, E, I>,
+    ) -> Result<Gradients<T>, Error> {
+        let (x, shape, layout) = input(&x, "x", None)?;
+        let (dy, ..) = input(&dy, "dy", Some((shape, layout)))?;
+        let dx = output(dx, "dx", Some((shape, layout)))?;
+        self.backward(x, dy, saved, dx, shape, layout)
+    }
+}
