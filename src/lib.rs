@@ -16,6 +16,8 @@ pub mod oracle;
 mod parallel;
 mod shape;
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod capi;
 #[cfg(feature = "ndarray")]
 pub mod ndarray;

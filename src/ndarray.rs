@@ -35,58 +35,13 @@ use crate::layer::{BatchNorm, Gradients, SavedStats};
 use crate::shape::{Layout, Shape};
 use ::ndarray::{ArrayView, ArrayViewMut, Dimension};
 
-/// The shape and layout of an array with the channels on axis 1, from its dimensions and
-/// strides (in elements), or why it has neither layout.
-pub fn shape_layout(dims: &[usize], strides: &[isize]) -> Result<(Shape, Layout), Error> {
-    if dims.len() < 2 {
-        return Err(Error::Rank { ndim: dims.len() });
-    }
-    let (n, c) = (dims[0], dims[1]);
-    let spatial = dims[2..]
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or(Error::Overflow { n, c, spatial: 0 })?;
-    let shape = Shape::new(n, c, spatial);
-    shape.numel()?;
-    // Axes from the slowest to the fastest in each layout.
-    let spatial_axes = 2..dims.len();
-    let nchw: Vec<usize> = [0, 1].into_iter().chain(spatial_axes.clone()).collect();
-    let nhwc: Vec<usize> = [0].into_iter().chain(spatial_axes).chain([1]).collect();
-    for (order, layout) in [(nchw, Layout::Nchw), (nhwc, Layout::Nhwc)] {
-        if dense_in(&order, dims, strides) {
-            return Ok((shape, layout));
-        }
-    }
-    Err(Error::Strides {
-        dims: dims.to_vec(),
-        strides: strides.to_vec(),
-    })
-}
-
-/// Whether the axes, taken in `order` from the slowest to the fastest, tile memory densely:
-/// each axis's stride the product of the lengths of the faster ones (axes of length 1 free).
-/// An empty array is dense in any order.
-fn dense_in(order: &[usize], dims: &[usize], strides: &[isize]) -> bool {
-    if dims.contains(&0) {
-        return true;
-    }
-    let mut expected = 1usize;
-    for &axis in order.iter().rev() {
-        if dims[axis] != 1 && usize::try_from(strides[axis]).ok() != Some(expected) {
-            return false;
-        }
-        expected = expected.saturating_mul(dims[axis]);
-    }
-    true
-}
-
 fn layout_of(
     dims: &[usize],
     strides: &[isize],
     what: &'static str,
     want: Option<(Shape, Layout)>,
 ) -> Result<(Shape, Layout), Error> {
-    let found = shape_layout(dims, strides)?;
+    let found = Shape::from_strides(dims, strides)?;
     match want {
         Some(want) if want != found => Err(Error::Mismatch { what }),
         _ => Ok(found),
@@ -138,7 +93,7 @@ impl<T: Element> BatchNorm<T> {
         &mut self,
         xy: ArrayViewMut<'_, E, I>,
     ) -> Result<SavedStats<T>, Error> {
-        let (shape, layout) = shape_layout(xy.shape(), xy.strides())?;
+        let (shape, layout) = Shape::from_strides(xy.shape(), xy.strides())?;
         let xy = output(xy, "x", None)?;
         self.forward_train_in_place(xy, shape, layout)
     }
@@ -160,7 +115,7 @@ impl<T: Element> BatchNorm<T> {
         &self,
         xy: ArrayViewMut<'_, E, I>,
     ) -> Result<(), Error> {
-        let (shape, layout) = shape_layout(xy.shape(), xy.strides())?;
+        let (shape, layout) = Shape::from_strides(xy.shape(), xy.strides())?;
         let xy = output(xy, "x", None)?;
         self.forward_eval_in_place(xy, shape, layout)
     }

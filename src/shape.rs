@@ -60,4 +60,59 @@ impl Shape {
             Layout::Nhwc => (n * self.spatial + s) * self.c + c,
         }
     }
+
+    /// The shape and layout of an array with the channels on axis 1 (`(N, C, spatial...)`, as
+    /// PyTorch, ndarray and candle hold them), from its dimensions and strides in elements:
+    /// standard order is NCHW; channels-last (axis 1 the fastest, the others in order) is NHWC;
+    /// axes of length 1 may have any stride, and where both orders fit (one channel or one
+    /// position: the same memory) it is NCHW. Anything else is [`Error::Strides`]; fewer than
+    /// two dimensions [`Error::Rank`].
+    pub fn from_strides(dims: &[usize], strides: &[isize]) -> Result<(Shape, Layout), Error> {
+        if dims.len() < 2 {
+            return Err(Error::Rank { ndim: dims.len() });
+        }
+        if strides.len() != dims.len() {
+            return Err(Error::Strides {
+                dims: dims.to_vec(),
+                strides: strides.to_vec(),
+            });
+        }
+        let (n, c) = (dims[0], dims[1]);
+        let spatial = dims[2..]
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or(Error::Overflow { n, c, spatial: 0 })?;
+        let shape = Shape::new(n, c, spatial);
+        shape.numel()?;
+        // Axes from the slowest to the fastest in each layout.
+        let spatial_axes = 2..dims.len();
+        let nchw: Vec<usize> = [0, 1].into_iter().chain(spatial_axes.clone()).collect();
+        let nhwc: Vec<usize> = [0].into_iter().chain(spatial_axes).chain([1]).collect();
+        for (order, layout) in [(nchw, Layout::Nchw), (nhwc, Layout::Nhwc)] {
+            if dense_in(&order, dims, strides) {
+                return Ok((shape, layout));
+            }
+        }
+        Err(Error::Strides {
+            dims: dims.to_vec(),
+            strides: strides.to_vec(),
+        })
+    }
+}
+
+/// Whether the axes, taken in `order` from the slowest to the fastest, tile memory densely:
+/// each axis's stride the product of the lengths of the faster ones (axes of length 1 free).
+/// An empty array is dense in any order.
+fn dense_in(order: &[usize], dims: &[usize], strides: &[isize]) -> bool {
+    if dims.contains(&0) {
+        return true;
+    }
+    let mut expected = 1usize;
+    for &axis in order.iter().rev() {
+        if dims[axis] != 1 && usize::try_from(strides[axis]).ok() != Some(expected) {
+            return false;
+        }
+        expected = expected.saturating_mul(dims[axis]);
+    }
+    true
 }
