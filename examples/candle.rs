@@ -9,7 +9,6 @@
 //! `--quick`: shapes C and D only.
 
 #[path = "common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use batchnorm::candle as ours;
@@ -30,8 +29,7 @@ fn main() -> candle_core::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let dev = Device::Cpu;
     println!(
-        "candle {} layers, f32, NCHW, {} rayon threads; median call, both called alternately",
-        "BatchNorm",
+        "candle BatchNorm layers, f32, NCHW, {} rayon threads; median call, both called alternately",
         rayon::current_num_threads()
     );
     println!("| shape | op | candle_nn ms | ours ms | ours faster | candle_nn GB/s | ours GB/s |");
