@@ -55,6 +55,16 @@ pub enum Error {
         /// Its strides, in elements.
         strides: Vec<isize>,
     },
+    /// A synchronized call's collective failed (see [`crate::Collective`]); the layer is
+    /// untouched.
+    Collective(CollectiveError),
+    /// A synchronized call was abandoned because another worker's input was refused (that
+    /// worker gets the reason), or because the workers' layers disagree on the channel count;
+    /// the layer is untouched. `rank`: the worker, where the collective tells.
+    Peer {
+        /// The worker's rank, where known.
+        rank: Option<usize>,
+    },
     /// An array's shape or layout differs from the input's.
     Mismatch {
         /// Which array: `"y"`, `"dy"`, `"dx"`, ...
@@ -93,6 +103,14 @@ impl fmt::Display for Error {
                  (NCHW) nor channels-last (NHWC) contiguous; make it so (for example with \
                  `as_standard_layout`) before the call"
             ),
+            Error::Collective(e) => write!(f, "the collective failed: {}", e.0),
+            Error::Peer { rank: Some(rank) } => write!(
+                f,
+                "worker {rank} refused its input or has another channel count; nothing done"
+            ),
+            Error::Peer { rank: None } => {
+                write!(f, "another worker refused its input; nothing done")
+            }
             Error::Mismatch { what } => {
                 write!(f, "`{what}` has a different shape or layout from `x`")
             }
@@ -100,7 +118,31 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Collective(e) => Some(&*e.0),
+            _ => None,
+        }
+    }
+}
+
+/// The error of a [`crate::Collective`], kept as its source. Two are equal when they are the
+/// same error or say the same.
+#[derive(Clone, Debug)]
+pub struct CollectiveError(pub std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl PartialEq for CollectiveError {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl CollectiveError {
+    pub(crate) fn of(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::Collective(CollectiveError(std::sync::Arc::new(e)))
+    }
+}
 
 /// `Err(Error::Length)` unless `got == expected`.
 pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), Error> {

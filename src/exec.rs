@@ -14,7 +14,8 @@
 
 use crate::element::Data;
 use crate::kernels::backward::{
-    fill_back, BackAffine, BackwardRows, BackwardRuns, GradSums, GradSumsRows, GradSumsRuns,
+    fill_back, BackAffine, BackwardRows, BackwardRuns, ChannelBack, GradSums, GradSumsRows,
+    GradSumsRuns,
 };
 use crate::kernels::buffers::{Buffers, Grad, Param, Span};
 use crate::kernels::channels::{self, BackwardChannels, TrainChannels};
@@ -535,69 +536,156 @@ where
                 })
             });
         }
-        let sums = match plan {
-            Plan::Runs { n, c, s } => {
-                let inputs = g.inputs();
-                let gated = !g.y.is_empty();
-                Pieces::new(n, c, s, par).map(
-                    c,
-                    par,
-                    |ch, runs, cols| {
-                        let at = |i: usize| ((runs.start + i) * c + ch) * s + cols.start;
-                        let len = cols.len();
-                        simd.vectorize(GradSumsRuns {
-                            count: runs.len(),
-                            len,
-                            run: |i| inputs.at(at(i), len),
-                            hi: centers[ch],
-                            gated,
-                        })
-                    },
-                    GradSums::add,
-                )
-            }
-            Plan::Rows { rows, c } => row_pieces(
-                rows,
-                c,
-                2 * std::mem::size_of_val(g.x),
-                par,
-                |rows, cols, out: &mut [GradSums]| {
-                    simd.vectorize(GradSumsRows {
-                        g: g.inputs(),
-                        c,
-                        rows,
-                        cols,
-                        hi: centers,
-                        out,
-                    })
-                },
-                |acc, _| *acc,
-                GradSums::add,
-            ),
-        };
+        let sums = grad_sums_with(simd, &g, plan, par, centers);
         let mut storage = Vec::new();
         let p = fill_back(&mut storage, sums.len(), |ch| finish(ch, sums[ch]));
-        let len = g.len();
-        match plan {
-            Plan::Runs { c, s, .. } => {
-                parallel::for_each_span(g, s, par.grain(len, s), 0, &|first, mut span| {
-                    simd.vectorize(BackwardRuns {
-                        g: &mut span,
-                        s,
-                        params: channel_cycle(first, c, |ch| p.get(ch)),
-                    })
-                })
-            }
-            Plan::Rows { c, .. } => {
-                parallel::for_each_span(g, c, par.grain(len, c), 0, &|_, mut span| {
-                    simd.vectorize(BackwardRows {
-                        g: &mut span,
-                        c,
-                        p: &p,
-                    })
-                })
-            }
-        }
+        backward_map_with(simd, g, plan, par, &p);
         sums
+    }
+}
+
+/// The backward pass's per-channel sums alone (the reduce of [`backward`]), for callers that
+/// combine them with other workers' before the map ([`backward_map`]).
+pub(crate) fn grad_sums<D: Data>(
+    g: &Grad<'_, D>,
+    shape: Shape,
+    layout: Layout,
+    centers: &[D::Param],
+) -> Vec<GradSums> {
+    let (plan, par) = (
+        Plan::of(shape, layout),
+        Par::for_work(g.len(), shape.c, parallel::REDUCE),
+    );
+    dispatch(
+        Isa::current(),
+        GradSumsJob {
+            g,
+            plan,
+            par,
+            centers,
+        },
+    )
+}
+
+/// `dx` alone (the map of [`backward`]) with every channel's coefficients `p`.
+pub(crate) fn backward_map<D: Data>(
+    g: Grad<'_, D>,
+    shape: Shape,
+    layout: Layout,
+    p: &ChannelBack<'_, D::Param>,
+) {
+    let (plan, par) = (
+        Plan::of(shape, layout),
+        Par::for_work(g.len(), shape.c, parallel::MAP),
+    );
+    let mut g = g;
+    g.stream = plan.streams::<D>(3 * g.len());
+    dispatch(Isa::current(), BackMapJob { g, plan, par, p })
+}
+
+struct GradSumsJob<'g, 'a, 'c, D: Data> {
+    g: &'g Grad<'a, D>,
+    plan: Plan,
+    par: Par,
+    centers: &'c [D::Param],
+}
+
+impl<D: Data> WithSimd for GradSumsJob<'_, '_, '_, D> {
+    type Output = Vec<GradSums>;
+    fn with_simd<S: Simd>(self, simd: S) -> Vec<GradSums> {
+        grad_sums_with(simd, self.g, self.plan, self.par, self.centers)
+    }
+}
+
+struct BackMapJob<'a, 'p, D: Data> {
+    g: Grad<'a, D>,
+    plan: Plan,
+    par: Par,
+    p: &'p ChannelBack<'p, D::Param>,
+}
+
+impl<D: Data> WithSimd for BackMapJob<'_, '_, D> {
+    type Output = ();
+    fn with_simd<S: Simd>(self, simd: S) {
+        backward_map_with(simd, self.g, self.plan, self.par, self.p)
+    }
+}
+
+/// The backward sums over the pieces of `plan`, unfused.
+#[inline(always)]
+fn grad_sums_with<S: Simd, D: Data>(
+    simd: S,
+    g: &Grad<'_, D>,
+    plan: Plan,
+    par: Par,
+    centers: &[D::Param],
+) -> Vec<GradSums> {
+    match plan {
+        Plan::Runs { n, c, s } => {
+            let inputs = g.inputs();
+            let gated = !g.y.is_empty();
+            Pieces::new(n, c, s, par).map(
+                c,
+                par,
+                |ch, runs, cols| {
+                    let at = |i: usize| ((runs.start + i) * c + ch) * s + cols.start;
+                    let len = cols.len();
+                    simd.vectorize(GradSumsRuns {
+                        count: runs.len(),
+                        len,
+                        run: |i| inputs.at(at(i), len),
+                        hi: centers[ch],
+                        gated,
+                    })
+                },
+                GradSums::add,
+            )
+        }
+        Plan::Rows { rows, c } => row_pieces(
+            rows,
+            c,
+            2 * std::mem::size_of_val(g.x),
+            par,
+            |rows, cols, out: &mut [GradSums]| {
+                simd.vectorize(GradSumsRows {
+                    g: g.inputs(),
+                    c,
+                    rows,
+                    cols,
+                    hi: centers,
+                    out,
+                })
+            },
+            |acc, _| *acc,
+            GradSums::add,
+        ),
+    }
+}
+
+/// `dx` over the spans of `plan` with the coefficients `p`.
+#[inline(always)]
+fn backward_map_with<S: Simd, D: Data>(
+    simd: S,
+    g: Grad<'_, D>,
+    plan: Plan,
+    par: Par,
+    p: &ChannelBack<'_, D::Param>,
+) {
+    let len = g.len();
+    match plan {
+        Plan::Runs { c, s, .. } => {
+            parallel::for_each_span(g, s, par.grain(len, s), 0, &|first, mut span| {
+                simd.vectorize(BackwardRuns {
+                    g: &mut span,
+                    s,
+                    params: channel_cycle(first, c, |ch| p.get(ch)),
+                })
+            })
+        }
+        Plan::Rows { c, .. } => {
+            parallel::for_each_span(g, c, par.grain(len, c), 0, &|_, mut span| {
+                simd.vectorize(BackwardRows { g: &mut span, c, p })
+            })
+        }
     }
 }

@@ -329,7 +329,7 @@ impl<T: Element> BatchNorm<T> {
         Ok(gradients(&sums, invstd))
     }
 
-    fn check_backward<D: Data>(
+    pub(crate) fn check_backward<D: Data>(
         &self,
         x: &[D],
         dy: &[D],
@@ -341,8 +341,18 @@ impl<T: Element> BatchNorm<T> {
         check_len("dx", x.len(), dx.len())
     }
 
+    /// [`check`](Self::check) and the momentum: everything training checks but the count
+    /// of values per channel.
+    pub(crate) fn check_train(&self, shape: Shape, len: usize) -> Result<(), Error> {
+        self.check(shape, len)?;
+        match self.momentum {
+            Some(m) if !(m.is_finite() && (0.0..=1.0).contains(&m)) => Err(Error::Momentum(m)),
+            _ => Ok(()),
+        }
+    }
+
     /// Checks the parameters against `shape` and `len` input elements.
-    fn check(&self, shape: Shape, len: usize) -> Result<(), Error> {
+    pub(crate) fn check(&self, shape: Shape, len: usize) -> Result<(), Error> {
         let total = shape.numel()?;
         if shape.c != self.channels() {
             return Err(Error::Channels {
@@ -363,12 +373,7 @@ impl<T: Element> BatchNorm<T> {
         shape: Shape,
         layout: Layout,
     ) -> Result<SavedStats<T>, Error> {
-        self.check(shape, buf.len())?;
-        if let Some(m) = self.momentum {
-            if !(m.is_finite() && (0.0..=1.0).contains(&m)) {
-                return Err(Error::Momentum(m));
-            }
-        }
+        self.check_train(shape, buf.len())?;
         if shape.per_channel() < 2 {
             return Err(Error::TooFewValues {
                 per_channel: shape.per_channel(),
@@ -398,7 +403,7 @@ impl<T: Element> BatchNorm<T> {
 
     /// Moves the running statistics towards the batch's `moments` (the running variance
     /// taking `M2 * running_var_of_m2`) and returns what backward needs, in one loop.
-    fn update_running(
+    pub(crate) fn update_running(
         &mut self,
         moments: &[Moments],
         running_var_of_m2: f64,
@@ -450,7 +455,10 @@ impl<T: Element> BatchNorm<T> {
 }
 
 /// `dweight = invstd * Σ dy (x - mean)` and `dbias = Σ dy` from the kernels' sums.
-fn gradients<T: Element>(sums: &[GradSums], invstd: impl Fn(usize) -> f64) -> Gradients<T> {
+pub(crate) fn gradients<T: Element>(
+    sums: &[GradSums],
+    invstd: impl Fn(usize) -> f64,
+) -> Gradients<T> {
     Gradients {
         weight: sums
             .iter()

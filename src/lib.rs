@@ -15,6 +15,7 @@ mod ops;
 pub mod oracle;
 mod parallel;
 mod shape;
+pub mod sync;
 
 #[cfg(feature = "candle")]
 pub mod candle;
@@ -23,7 +24,7 @@ pub mod capi;
 pub mod ndarray;
 
 pub use element::{Data, Element};
-pub use error::Error;
+pub use error::{CollectiveError, Error};
 pub use fuse::Fuse;
 /// The `half` crate this one was built with, so that callers name the same `f16` and `bf16`.
 pub use half;
@@ -38,3 +39,4 @@ pub use parallel::DEFAULT_PARALLEL_THRESHOLD;
 #[doc(hidden)]
 pub use parallel::{with_parallel_threshold, with_stream_threshold};
 pub use shape::{Layout, Shape};
+pub use sync::{Collective, LocalGroup};
