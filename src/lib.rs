@@ -11,6 +11,8 @@ mod fuse;
 mod kernels;
 mod layer;
 mod moments;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 mod ops;
 pub mod oracle;
 mod parallel;
