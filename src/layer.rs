@@ -289,16 +289,28 @@ impl<T: Element> BatchNorm<T> {
         let m = shape.per_channel() as f64;
         let invstd = |c: usize| saved.invstd[c].to_f64();
         let sums = exec::backward(g, shape, layout, &saved.mean, |c, s| {
-            let (w, is) = (self.weight[c].to_f64(), invstd(c));
-            let dweight = s.dy_xc * is;
-            BackAffine {
-                hi: saved.mean[c],
-                a: T::from_f64(w * is),
-                b: T::from_f64(-w * is * is * dweight / m),
-                c: T::from_f64(-w * is * s.dy / m),
-            }
+            self.batch_back_affine(c, saved, s, m)
         });
         Ok(gradients(&sums, invstd))
+    }
+
+    /// Channel `c`'s coefficients of training's `dx` from its sums `s` over `m` values:
+    /// `dx = w·is·dy - w·is²·dweight/m·(x - mean) - w·is·Σdy/m`, `dweight = Σ dy·(x - mean)·is`.
+    pub(crate) fn batch_back_affine(
+        &self,
+        c: usize,
+        saved: &SavedStats<T>,
+        s: GradSums,
+        m: f64,
+    ) -> BackAffine<T> {
+        let (w, is) = (self.weight[c].to_f64(), saved.invstd[c].to_f64());
+        let dweight = s.dy_xc * is;
+        BackAffine {
+            hi: saved.mean[c],
+            a: T::from_f64(w * is),
+            b: T::from_f64(-w * is * is * dweight / m),
+            c: T::from_f64(-w * is * s.dy / m),
+        }
     }
 
     /// The backward pass of inference mode, where the running statistics are constants (frozen

@@ -21,7 +21,7 @@
 use crate::element::{Data, Element};
 use crate::error::{check_len, CollectiveError, Error};
 use crate::exec;
-use crate::kernels::backward::{fill_back, BackAffine, GradSums};
+use crate::kernels::backward::{fill_back, GradSums};
 use crate::kernels::buffers::{Grad, Split};
 use crate::kernels::normalize::{fill_affine, Affine};
 use crate::layer::{gradients, BatchNorm, Gradients, SavedStats};
@@ -158,13 +158,7 @@ impl<T: Element> BatchNorm<T> {
         let invstd = |ch: usize| saved.invstd[ch].to_f64();
         let mut storage = Vec::new();
         let p = fill_back(&mut storage, c, |ch| {
-            let (w, is, s) = (self.weight[ch].to_f64(), invstd(ch), sums[ch]);
-            BackAffine {
-                hi: saved.mean[ch],
-                a: T::from_f64(w * is),
-                b: T::from_f64(-w * is * is * (s.dy_xc * is) / m),
-                c: T::from_f64(-w * is * s.dy / m),
-            }
+            self.batch_back_affine(ch, saved, sums[ch], m)
         });
         exec::backward_map(Grad::new(x, dy, &[], dx), shape, layout, &p);
         Ok(gradients(&sums, invstd))

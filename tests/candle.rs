@@ -8,22 +8,15 @@ use batchnorm::candle as ours;
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, Optimizer, VarBuilder, VarMap};
 
+/// A tensor's values in f64.
+fn values(t: &Tensor) -> Vec<f64> {
+    let t = t.to_dtype(DType::F64).unwrap();
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
 /// Largest |a - b| / (1 + |b|) over all elements.
 fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let a: Vec<f64> = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let (a, b) = (values(a), values(b));
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(&b)
