@@ -136,10 +136,22 @@ pub extern "C" fn bn_version() -> *const c_char {
 pub extern "C" fn bn_layer_new(channels: usize) -> *mut bn_layer {
     let mut layer = std::ptr::null_mut();
     let status = entry(|| {
-        if channels > isize::MAX as usize / std::mem::size_of::<f32>() {
-            return Err(invalid(format!("{channels} channels are too many")));
-        }
-        layer = Box::into_raw(Box::new(bn_layer(BatchNorm::new(channels))));
+        // Allocated fallibly: a failed allocation would abort the process, not unwind.
+        let filled = |value: f32| {
+            let mut v = Vec::new();
+            v.try_reserve_exact(channels)
+                .map_err(|_| invalid(format!("no memory for {channels} channels")))?;
+            v.resize(channels, value);
+            Ok::<_, Fail>(v)
+        };
+        let bn = BatchNorm {
+            weight: filled(1.0)?,
+            bias: filled(0.0)?,
+            running_mean: filled(0.0)?,
+            running_var: filled(1.0)?,
+            ..BatchNorm::new(0)
+        };
+        layer = Box::into_raw(Box::new(bn_layer(bn)));
         Ok(())
     });
     debug_assert!(status == BN_OK || layer.is_null());

@@ -370,6 +370,9 @@ fn refusals_write_nothing() {
         bn_layer_free(layer);
         bn_layer_free(null_mut());
     }
+    // Channels beyond memory: NULL and a message, not an abort.
+    assert!(bn_layer_new(usize::MAX / 8).is_null());
+    assert!(last_error().contains("no memory"), "{}", last_error());
     // SAFETY: a NUL-terminated static string.
     let version = unsafe { CStr::from_ptr(bn_version()) }.to_str().unwrap();
     assert_eq!(version, env!("CARGO_PKG_VERSION"));
