@@ -422,6 +422,20 @@ impl bn_tensor {
         }
     }
 
+    /// `Error::Channels` unless the layer has `c` channels: checked before any slice is made
+    /// from the caller's pointers, whose sizes follow from `c`.
+    fn check_channels(&self, layer: &BatchNorm<f32>) -> Result<(), Fail> {
+        if self.c == layer.channels() {
+            Ok(())
+        } else {
+            Err(Error::Channels {
+                expected: layer.channels(),
+                got: self.c,
+            }
+            .into())
+        }
+    }
+
     fn shape_layout(&self) -> Result<(Shape, Layout), Fail> {
         let layout = match self.layout {
             BN_NCHW => Layout::Nchw,
@@ -476,6 +490,7 @@ pub unsafe extern "C" fn bn_forward_train(
     entry(|| {
         // SAFETY: the caller's contract.
         let layer = &mut unsafe { layer_mut(layer) }?.0;
+        tensor.check_channels(layer)?;
         let call = Call {
             tensor,
             x,
@@ -524,6 +539,7 @@ pub unsafe extern "C" fn bn_forward_eval(
     entry(|| {
         // SAFETY: the caller's contract.
         let layer = &unsafe { layer_ref(layer) }?.0;
+        tensor.check_channels(layer)?;
         let call = Call {
             tensor,
             x,
@@ -558,6 +574,7 @@ pub unsafe extern "C" fn bn_backward(
     entry(|| {
         // SAFETY: the caller's contract.
         let layer = &unsafe { layer_ref(layer) }?.0;
+        tensor.check_channels(layer)?;
         let back = Back {
             tensor,
             x,
@@ -798,10 +815,7 @@ fn aligned<T>(p: *mut T, what: &str) -> Result<*mut T, Fail> {
 /// # Safety
 /// A non-NULL `p` points to `len` initialized elements that nothing writes for `'a`.
 unsafe fn slice<'a, T>(p: *const T, len: usize, what: &str) -> Result<&'a [T], Fail> {
-    let p = aligned(p.cast_mut(), what)?;
-    if len > isize::MAX as usize / std::mem::size_of::<T>().max(1) {
-        return Err(invalid(format!("`{what}` is larger than memory")));
-    }
+    let p = checked(p.cast_mut(), len, what)?;
     // SAFETY: non-NULL, aligned, `len` elements by the caller's contract, size within isize.
     Ok(unsafe { std::slice::from_raw_parts(p, len) })
 }
@@ -812,10 +826,19 @@ unsafe fn slice<'a, T>(p: *const T, len: usize, what: &str) -> Result<&'a [T], F
 /// A non-NULL `p` points to `len` initialized elements that nothing else reads or writes for
 /// `'a`.
 unsafe fn slice_mut<'a, T>(p: *mut T, len: usize, what: &str) -> Result<&'a mut [T], Fail> {
-    // SAFETY: the caller's contract.
-    let s = unsafe { slice(p, len, what) }?;
-    // SAFETY: as `slice`, and exclusive by the caller's contract.
-    Ok(unsafe { std::slice::from_raw_parts_mut(s.as_ptr().cast_mut(), len) })
+    let p = checked(p, len, what)?;
+    // SAFETY: as `slice`, and exclusive by the caller's contract (made from the caller's
+    // mutable pointer itself, so that writes through it are allowed).
+    Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
+}
+
+/// `p` after checking that it is non-NULL and aligned and that `len` elements fit in `isize`.
+fn checked<T>(p: *mut T, len: usize, what: &str) -> Result<*mut T, Fail> {
+    let p = aligned(p, what)?;
+    if len > isize::MAX as usize / std::mem::size_of::<T>().max(1) {
+        return Err(invalid(format!("`{what}` is larger than memory")));
+    }
+    Ok(p)
 }
 
 /// [`slice_mut`], or `None` for a NULL `p`.
