@@ -100,8 +100,11 @@ fn check_conv_then_bn(seed: u64, n: usize, c_in: usize, c_out: usize, hw: usize,
 fn folded_conv_equals_conv_then_batch_norm() {
     check_conv_then_bn(1, 2, 3, 5, 7, 3);
     check_conv_then_bn(2, 1, 1, 1, 1, 1);
-    check_conv_then_bn(3, 3, 4, 17, 5, 1);
-    check_conv_then_bn(4, 1, 2, 8, 9, 5);
+    if !cfg!(miri) {
+        // Larger ones natively: Miri interprets every multiply of the direct convolution.
+        check_conv_then_bn(3, 3, 4, 17, 5, 1);
+        check_conv_then_bn(4, 1, 2, 8, 9, 5);
+    }
 }
 
 /// Every folded value is the float64 formula rounded once to the weight's type, for a

@@ -70,7 +70,9 @@ fn fused_corpus() {
 #[test]
 fn fused_verifier_rejects_wrong_results() {
     let up = |v: f32| f32::from_bits(v.to_bits() + 1);
-    for flags in [1u8, 2, 3, 6, 7] {
+    // Under Miri (minutes per case) the residual-and-ReLU epilogue only.
+    let flags: &[u8] = if cfg!(miri) { &[7] } else { &[1, 2, 3, 6, 7] };
+    for &flags in flags {
         for layout_flag in [0u8, 1] {
             let case = plain_case(layout_flag);
             let (shape, layout) = (case.shape, case.layout);
