@@ -31,6 +31,7 @@
 
 use crate::element::{Data, Element};
 use crate::error::Error;
+use crate::fuse::Fuse;
 use crate::layer::{BatchNorm, Gradients, SavedStats};
 use crate::shape::{Layout, Shape};
 use ::ndarray::{ArrayView, ArrayViewMut, Dimension};
@@ -83,9 +84,22 @@ impl<T: Element> BatchNorm<T> {
         x: ArrayView<'_, E, I>,
         y: ArrayViewMut<'_, E, I>,
     ) -> Result<SavedStats<T>, Error> {
+        self.forward_train_array_fused(x, y, None, false)
+    }
+
+    /// [`forward_train_fused`](Self::forward_train_fused) on arrays:
+    /// `y = relu?(bn(x) + residual?)`, the residual of the same shape and layout as `x`.
+    pub fn forward_train_array_fused<E: Data<Param = T>, I: Dimension>(
+        &mut self,
+        x: ArrayView<'_, E, I>,
+        y: ArrayViewMut<'_, E, I>,
+        residual: Option<ArrayView<'_, E, I>>,
+        relu: bool,
+    ) -> Result<SavedStats<T>, Error> {
         let (x, shape, layout) = input(&x, "x", None)?;
+        let fuse = fuse(residual, relu, (shape, layout))?;
         let y = output(y, "y", Some((shape, layout)))?;
-        self.forward_train(x, y, shape, layout)
+        self.forward_train_fused(x, y, shape, layout, fuse)
     }
 
     /// [`forward_train_in_place`](Self::forward_train_in_place) on an array.
@@ -105,9 +119,22 @@ impl<T: Element> BatchNorm<T> {
         x: ArrayView<'_, E, I>,
         y: ArrayViewMut<'_, E, I>,
     ) -> Result<(), Error> {
+        self.forward_eval_array_fused(x, y, None, false)
+    }
+
+    /// [`forward_eval_fused`](Self::forward_eval_fused) on arrays:
+    /// `y = relu?(bn(x) + residual?)`, the residual of the same shape and layout as `x`.
+    pub fn forward_eval_array_fused<E: Data<Param = T>, I: Dimension>(
+        &self,
+        x: ArrayView<'_, E, I>,
+        y: ArrayViewMut<'_, E, I>,
+        residual: Option<ArrayView<'_, E, I>>,
+        relu: bool,
+    ) -> Result<(), Error> {
         let (x, shape, layout) = input(&x, "x", None)?;
+        let fuse = fuse(residual, relu, (shape, layout))?;
         let y = output(y, "y", Some((shape, layout)))?;
-        self.forward_eval(x, y, shape, layout)
+        self.forward_eval_fused(x, y, shape, layout, fuse)
     }
 
     /// [`forward_eval_in_place`](Self::forward_eval_in_place) on an array.
@@ -134,4 +161,41 @@ impl<T: Element> BatchNorm<T> {
         let dx = output(dx, "dx", Some((shape, layout)))?;
         self.backward(x, dy, saved, dx, shape, layout)
     }
+
+    /// [`backward_fused`](Self::backward_fused) on arrays: `y` the fused training's output,
+    /// `dy`, `dx` and `d_residual` of the same shape and layout as `x`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_array_fused<E: Data<Param = T>, I: Dimension>(
+        &self,
+        x: ArrayView<'_, E, I>,
+        y: ArrayView<'_, E, I>,
+        dy: ArrayView<'_, E, I>,
+        saved: &SavedStats<T>,
+        dx: ArrayViewMut<'_, E, I>,
+        d_residual: Option<ArrayViewMut<'_, E, I>>,
+        relu: bool,
+    ) -> Result<Gradients<T>, Error> {
+        let (x, shape, layout) = input(&x, "x", None)?;
+        let want = Some((shape, layout));
+        let (y, ..) = input(&y, "y", want)?;
+        let (dy, ..) = input(&dy, "dy", want)?;
+        let dx = output(dx, "dx", want)?;
+        let dr = d_residual
+            .map(|d| output(d, "d_residual", want))
+            .transpose()?;
+        self.backward_fused(x, y, dy, saved, dx, dr, shape, layout, relu)
+    }
+}
+
+/// The [`Fuse`] of an optional residual array (of the input's shape and layout `want`).
+fn fuse<E, I: Dimension>(
+    residual: Option<ArrayView<'_, E, I>>,
+    relu: bool,
+    want: (Shape, Layout),
+) -> Result<Fuse<'_, E>, Error> {
+    let residual = match residual {
+        Some(r) => Some(input(&r, "residual", Some(want))?.0),
+        None => None,
+    };
+    Ok(Fuse { residual, relu })
 }

@@ -1,12 +1,13 @@
 //! `ndarray` views (`ndarray` feature): every dimension from 2 to 5, standard (NCHW) and
-//! channels-last (NHWC) arrays give the slice API's results bit for bit; other strides, ranks
+//! channels-last (NHWC) arrays give the slice API's results bit for bit, fused epilogues
+//! included; other strides, ranks
 //! and mismatched outputs are refused with the layer untouched.
 #![cfg(feature = "ndarray")]
 
 mod common;
 
 use batchnorm::half::f16;
-use batchnorm::{BatchNorm, Data, Error, Layout, Shape};
+use batchnorm::{BatchNorm, Data, Error, Fuse, Layout, Shape};
 use common::{assert_identical, Rng};
 use ndarray::{s, ArrayD, ArrayViewD, IxDyn};
 
@@ -52,6 +53,7 @@ fn check<E: Data<Param = f32>>(dims: &[usize], layout: Layout, seed: u64) {
     let mut rng = Rng::new(seed);
     let (x, perm) = array::<E>(&mut rng, dims, layout);
     let (dy, _) = array::<E>(&mut rng, dims, layout);
+    let (r, _) = array::<E>(&mut rng, dims, layout);
     let shape = Shape::new(dims[0], dims[1], dims[2..].iter().product());
     let xs = x.as_slice().unwrap();
     // Where both orders describe the memory (one channel or one position), it is NCHW.
@@ -95,6 +97,76 @@ fn check<E: Data<Param = f32>>(dims: &[usize], layout: Layout, seed: u64) {
         &want,
         &format!("eval in place {what}"),
     );
+
+    // Fused: residual and ReLU, training, inference and backward with the residual's gradient.
+    let fuse = Fuse {
+        residual: Some(r.as_slice().unwrap()),
+        relu: true,
+    };
+    let mut yf = x.clone();
+    let saved_f = bn
+        .forward_train_array_fused(
+            view(&x, &perm),
+            yf.view_mut().permuted_axes_if(&perm),
+            Some(view(&r, &perm)),
+            true,
+        )
+        .unwrap();
+    let mut want_f = vec![E::default(); xs.len()];
+    let want_saved_f = plain
+        .forward_train_fused(xs, &mut want_f, shape, layout, fuse)
+        .unwrap();
+    assert_identical(
+        yf.as_slice().unwrap(),
+        &want_f,
+        &format!("fused train {what}"),
+    );
+    assert_eq!((&saved_f, &bn), (&want_saved_f, &plain), "{what}");
+    let mut ye = x.clone();
+    bn.forward_eval_array_fused(
+        view(&x, &perm),
+        ye.view_mut().permuted_axes_if(&perm),
+        Some(view(&r, &perm)),
+        true,
+    )
+    .unwrap();
+    plain
+        .forward_eval_fused(xs, &mut want, shape, layout, fuse)
+        .unwrap();
+    assert_identical(ye.as_slice().unwrap(), &want, &format!("fused eval {what}"));
+    let (mut dxf, mut dr) = (x.clone(), x.clone());
+    let gf = bn
+        .backward_array_fused(
+            view(&x, &perm),
+            view(&yf, &perm),
+            view(&dy, &perm),
+            &saved_f,
+            dxf.view_mut().permuted_axes_if(&perm),
+            Some(dr.view_mut().permuted_axes_if(&perm)),
+            true,
+        )
+        .unwrap();
+    let mut want_dr = vec![E::default(); xs.len()];
+    let want_gf = plain
+        .backward_fused(
+            xs,
+            yf.as_slice().unwrap(),
+            dy.as_slice().unwrap(),
+            &saved_f,
+            &mut want,
+            Some(&mut want_dr),
+            shape,
+            layout,
+            true,
+        )
+        .unwrap();
+    assert_identical(dxf.as_slice().unwrap(), &want, &format!("fused dx {what}"));
+    assert_identical(
+        dr.as_slice().unwrap(),
+        &want_dr,
+        &format!("d_residual {what}"),
+    );
+    assert_eq!(gf, want_gf, "{what}");
 
     let mut dx = x.clone();
     let g = bn
@@ -229,6 +301,13 @@ fn other_strides_are_refused_untouched() {
     assert_eq!(
         trained.forward_train_array(x.view(), small.view_mut()),
         Err(Error::Mismatch { what: "y" })
+    );
+    // A residual in the other layout.
+    let r_nhwc = ArrayD::<f32>::zeros(IxDyn(&[2, 6, 5, 4]));
+    let r_view = r_nhwc.view().permuted_axes(IxDyn(&[0, 3, 1, 2]));
+    assert_eq!(
+        trained.forward_train_array_fused(x.view(), out.view_mut(), Some(r_view), true),
+        Err(Error::Mismatch { what: "residual" })
     );
     assert_eq!(trained, bn, "a refused call trained");
     assert!(out.iter().all(|&v| v == 7.0), "a refused call wrote");
