@@ -256,18 +256,18 @@ pub unsafe extern "C" fn bn_layer_get(
             Region::output(running_var, floats(c), "running_var"),
             Region::output(num_batches_tracked, 8, "num_batches_tracked"),
         ])?;
-        if !num_batches_tracked.is_null() {
-            aligned(num_batches_tracked, "num_batches_tracked")?;
-        }
-        // SAFETY: room for `c` floats behind each non-NULL pointer by the caller's contract;
-        // disjoint. All are checked before any is written.
-        let outputs = unsafe {
-            [
-                optional_mut(weight, c, "weight")?,
-                optional_mut(bias, c, "bias")?,
-                optional_mut(running_mean, c, "running_mean")?,
-                optional_mut(running_var, c, "running_var")?,
-            ]
+        // SAFETY: room for `c` floats (one u64) behind each non-NULL pointer by the caller's
+        // contract; disjoint. All are checked before any is written.
+        let (outputs, batches) = unsafe {
+            (
+                [
+                    optional_mut(weight, c, "weight")?,
+                    optional_mut(bias, c, "bias")?,
+                    optional_mut(running_mean, c, "running_mean")?,
+                    optional_mut(running_var, c, "running_var")?,
+                ],
+                optional_mut(num_batches_tracked, 1, "num_batches_tracked")?,
+            )
         };
         let fields = [
             &layer.weight,
@@ -280,11 +280,8 @@ pub unsafe extern "C" fn bn_layer_get(
                 out.copy_from_slice(values);
             }
         }
-        if !num_batches_tracked.is_null() {
-            // SAFETY: non-NULL and writable by the caller's contract.
-            unsafe {
-                *aligned(num_batches_tracked, "num_batches_tracked")? = layer.num_batches_tracked
-            };
+        if let Some(batches) = batches {
+            batches[0] = layer.num_batches_tracked;
         }
         Ok(())
     })
@@ -547,6 +544,7 @@ pub unsafe extern "C" fn bn_forward_eval(
             residual,
             relu: relu != 0,
         };
+        disjoint(&call.regions()?)?;
         by_dtype!(tensor.dtype, call.eval(layer))
     })
 }
@@ -616,15 +614,15 @@ impl Call {
         Ok(r)
     }
 
-    /// The call's tensors as slices: `x` and `y`, or `y` alone (in place), and the fuse.
+    /// The call's tensors as slices: `x` and `y`, or `y` alone (in place), and the fuse. The
+    /// caller has checked [`regions`](Self::regions) disjoint (with any other outputs).
     fn tensors<D: Data>(&self) -> Result<(Io<'_, D>, Fuse<'_, D>), Fail> {
         let len = self.len()?;
-        disjoint(&self.regions()?)?;
         let residual = if self.residual.is_null() {
             None
         } else {
             // SAFETY: the caller's contract gives `len` elements behind each
-            // non-NULL pointer; the regions are disjoint but for `x == y`, one buffer.
+            // non-NULL pointer; the regions were checked disjoint but for `x == y`, one buffer.
             Some(unsafe { slice(self.residual.cast::<D>(), len, "residual") }?)
         };
         let fuse = Fuse {
