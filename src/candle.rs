@@ -212,11 +212,8 @@ impl BatchNorm {
         Ok(layer)
     }
 
-    /// Checks the input and returns it as the op sees it: its memory as a standard tensor
-    /// (NCHW as it is; a channels-last view permuted to `(N, spatial..., C)`; other strides
-    /// made contiguous), the layout, and the permutation that turns an output of that
-    /// shape back into the input's axes.
-    fn memory(&self, x: &Tensor) -> Result<(Tensor, Layout, Option<Vec<usize>>)> {
+    /// The device, element type, rank and channel count of an input, or why not.
+    fn check_input(&self, x: &Tensor) -> Result<()> {
         if !x.device().is_cpu() {
             bail!(
                 "batchnorm::candle runs on the CPU; this tensor is on {:?}",
@@ -236,6 +233,15 @@ impl BatchNorm {
                 self.channels()
             );
         }
+        Ok(())
+    }
+
+    /// Checks the input and returns it as the op sees it: its memory as a standard tensor
+    /// (NCHW as it is; a channels-last view permuted to `(N, spatial..., C)`; other strides
+    /// made contiguous), the layout, and the permutation that turns an output of that
+    /// shape back into the input's axes.
+    fn memory(&self, x: &Tensor) -> Result<(Tensor, Layout, Option<Vec<usize>>)> {
+        self.check_input(x)?;
         let (mem, layout, back) = match layout_of(x) {
             Ok(Layout::Nhwc) => {
                 let rank = x.rank();
@@ -255,7 +261,7 @@ impl BatchNorm {
     /// standard (NCHW) or channels-last tensor that no other tensor's graph needs: candle's
     /// in-place operations are not tracked by autograd.
     pub fn forward_inplace(&self, x: &Tensor) -> Result<()> {
-        self.memory(x)?;
+        self.check_input(x)?;
         let layout = layout_of(x).map_err(candle_core::Error::wrap)?;
         let (w, b) = self.affine(x)?;
         x.inplace_op1(&EvalInPlace {
