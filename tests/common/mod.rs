@@ -174,6 +174,11 @@ pub fn config(cases: u32) -> ProptestConfig {
             ..ProptestConfig::default()
         }
     } else {
+        // `PROPTEST_CASES` overrides every test's count (for a longer soak than CI's).
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(cases);
         ProptestConfig {
             cases,
             ..ProptestConfig::default()
