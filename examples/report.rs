@@ -3,7 +3,7 @@
 //! measured in the same run, per shape, layout, operation, thread count and instruction set.
 //!
 //! `cargo run --release --example report [-- --quick] [--isa portable | --isas] [--threads N]
-//! [--csv] [--dtype f16 | bf16] [--fused]`
+//! [--csv] [--dtype f16 | bf16] [--fused] [--shapes ABF] [--layout nchw | nhwc]`
 //!
 //! Each operation is timed alternately with a memory copy of the same bytes on the same
 //! threads (median of the calls, minimum beside it). Without `--isa`, calls choose their
@@ -14,7 +14,8 @@
 //! with a column for the time the same call takes on `f32` tensors, measured in the same run.
 //! `--fused` adds ResNet's fused blocks (`y = relu(bn(x) + residual)` in inference and
 //! training, and its backward with the residual's gradient) beside the same work done as
-//! separate passes (the batch norm, then an add loop, then a ReLU loop).
+//! separate passes (the batch norm, then an add loop, then a ReLU loop). `--shapes` keeps the
+//! shapes whose letters it lists, `--layout` one layout.
 
 mod common;
 
@@ -122,13 +123,22 @@ fn report<D: Data<Param = f32>>(args: &[String]) {
         if half { "---|" } else { "" }
     );
     let shapes = if quick { &SHAPES[2..4] } else { &SHAPES[..] };
+    let letters = arg::<String>(&args, "--shapes");
+    let only = arg::<String>(&args, "--layout").map(|l| l.to_lowercase());
     for &(name, shape) in shapes {
+        if letters.as_ref().is_some_and(|l| !l.contains(&name[..1])) {
+            continue;
+        }
         let layouts: &[Layout] = if shape.spatial == 1 {
             &[Layout::Nchw] // (N, C): both layouts are the same memory
         } else {
             &[Layout::Nchw, Layout::Nhwc]
         };
-        for &layout in layouts {
+        let wanted = |l: &&Layout| {
+            only.as_deref()
+                .is_none_or(|o| format!("{l:?}").to_lowercase() == o)
+        };
+        for &layout in layouts.iter().filter(wanted) {
             let mut case = Case::<D>::new(shape, layout);
             let mut single = half.then(|| Case::<f32>::new(shape, layout));
             for &t in &threads {

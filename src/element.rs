@@ -18,25 +18,38 @@ mod private {
 
     /// Per-thread scratch storage of parameter arrays.
     pub trait Scratch: Sized {
-        /// Runs `f` on this thread's scratch vector of this type (a fresh one if it is
-        /// already in use further up the stack).
+        /// Runs `f` on one of this thread's scratch vectors of this type (each call nested in
+        /// another gets a vector of its own, kept for the next call as deeply nested).
         fn with_scratch<R>(f: impl FnOnce(&mut Vec<Self>) -> R) -> R;
     }
 
+    type Stack<T> = std::cell::Cell<Vec<Vec<T>>>;
+
     thread_local! {
-        static SCRATCH_F32: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-        static SCRATCH_F64: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
+        static SCRATCH_F32: Stack<f32> = const { std::cell::Cell::new(Vec::new()) };
+        static SCRATCH_F64: Stack<f64> = const { std::cell::Cell::new(Vec::new()) };
     }
 
-    /// Runs `f` on the vector in `slot`, taken out for the call (so a nested call finds an
-    /// empty one rather than a borrowed one) and put back after.
+    /// Scratch vectors kept per thread and type: the depth of the deepest nesting (the
+    /// inference path fills its parameters, and rotated rows a rotated copy of them).
+    const KEPT: usize = 4;
+
+    /// Runs `f` on a vector taken from the stack in `slot` (a new one when it is empty), put
+    /// back after: a nested call takes another, and no call allocates once the vectors of
+    /// its depth have grown.
     fn borrow<T: 'static, R>(
-        slot: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
+        slot: &'static std::thread::LocalKey<Stack<T>>,
         f: impl FnOnce(&mut Vec<T>) -> R,
     ) -> R {
-        let mut v = slot.take();
+        let mut stack = slot.take();
+        let mut v = stack.pop().unwrap_or_default();
+        slot.set(stack);
         let r = f(&mut v);
-        slot.set(v);
+        let mut stack = slot.take();
+        if stack.len() < KEPT {
+            stack.push(v);
+        }
+        slot.set(stack);
         r
     }
 

@@ -12,12 +12,12 @@
 //! split by blocks of columns or by spans of rows ([`row_pieces`]), their maps by spans of
 //! rows. Where streaming stores pay is decided here too ([`Plan::streams`]).
 
-use crate::element::Data;
+use crate::element::{Data, Element};
 use crate::kernels::backward::{
     fill_back, BackAffine, BackwardRows, BackwardRuns, ChannelBack, GradSums, GradSumsRows,
     GradSumsRuns,
 };
-use crate::kernels::buffers::{Buffers, Grad, Param, Span};
+use crate::kernels::buffers::{rotated_arrays, rotation_of, Buffers, Grad, Param, Span};
 use crate::kernels::channels::{self, BackwardChannels, TrainChannels};
 use crate::kernels::normalize::{fill_affine, Affine, ChannelAffine, NormalizeRows, NormalizeRuns};
 use crate::kernels::simd::{Simd, WithSimd};
@@ -54,15 +54,19 @@ impl Plan {
     }
 
     /// Whether a normalization that moves `elements` elements (input and output together)
-    /// writes its output with streaming stores: NCHW runs of at least a cache line (they are
-    /// mapped in whole vectors laid over the span, [`crate::kernels::normalize::map_runs`], so
-    /// every line is written whole) and at least [`parallel::stream_threshold`] bytes.
-    /// Streaming stores that fill a line only in part (NHWC rows whose start is not aligned,
+    /// writes its output with streaming stores: at least [`parallel::stream_threshold`] bytes,
+    /// written in whole cache lines. NCHW runs of at least a line are (they are mapped in
+    /// whole vectors laid over the span, [`crate::kernels::normalize::map_runs`]); rows are
+    /// when a row is a whole number of lines (they are mapped shifted to the output's first
+    /// line, [`row_pieces`]). Streaming stores that fill a line only in part (unaligned rows,
     /// or the ends of short runs mapped one by one) made a 32x2048x7x7 inference 12x slower.
     fn streams<T>(self, elements: usize) -> bool {
         let size = std::mem::size_of::<T>();
-        matches!(self, Plan::Runs { s, .. } if s.saturating_mul(size) >= 64)
-            && elements.saturating_mul(size) >= parallel::stream_threshold()
+        let whole_lines = match self {
+            Plan::Runs { s, .. } => s.saturating_mul(size) >= 64,
+            Plan::Rows { c, .. } => c > 0 && c.saturating_mul(size).is_multiple_of(64),
+        };
+        whole_lines && elements.saturating_mul(size) >= parallel::stream_threshold()
     }
 
     /// Whether training and backward take the fused NCHW path: the channels keep every
@@ -79,7 +83,7 @@ impl Plan {
     fn isa<B: Buffers>(self, buf: &B) -> Isa {
         match self {
             Plan::Runs { .. } => Isa::current(),
-            Plan::Rows { .. } => Isa::for_rows(&[buf.input(), buf.output()]),
+            Plan::Rows { c, .. } => Isa::for_rows(&[buf.input(), buf.output()], c),
         }
     }
 
@@ -458,13 +462,26 @@ fn apply_plan<S: Simd, B: Buffers>(
             })
         }
         Plan::Rows { c, .. } => {
-            parallel::for_each_span(buf, c, par.grain(len, c), 0, &|_, mut span| {
-                simd.vectorize(NormalizeRows {
-                    buf: &mut span,
-                    c,
-                    p,
+            let rotation = rows_rotation(c, buf.output(), &[buf.input()], buf.streaming());
+            let run = |p: &ChannelAffine<'_, Param<B>>| {
+                parallel::for_each_span(buf, c, par.grain(len, c), 0, &|_, mut span| {
+                    simd.vectorize(NormalizeRows {
+                        buf: &mut span,
+                        c,
+                        p,
+                        rotation,
+                    })
                 })
-            })
+            };
+            if rotation == 0 {
+                run(p)
+            } else {
+                scratch::<Param<B>, _>(|storage| {
+                    let [hi, scale, shift] =
+                        rotated_arrays(storage, [p.hi, p.scale, p.shift], rotation);
+                    run(&ChannelAffine { hi, scale, shift })
+                })
+            }
         }
     }
 }
@@ -683,9 +700,48 @@ fn backward_map_with<S: Simd, D: Data>(
             })
         }
         Plan::Rows { c, .. } => {
-            parallel::for_each_span(g, c, par.grain(len, c), 0, &|_, mut span| {
-                simd.vectorize(BackwardRows { g: &mut span, c, p })
-            })
+            let rotation = rows_rotation(c, g.dx, &[g.x, g.dy, g.y], g.stream);
+            let run = |p: &ChannelBack<'_, D::Param>| {
+                parallel::for_each_span(g, c, par.grain(len, c), 0, &|_, mut span| {
+                    simd.vectorize(BackwardRows {
+                        g: &mut span,
+                        c,
+                        p,
+                        rotation,
+                    })
+                })
+            };
+            if rotation == 0 {
+                run(p)
+            } else {
+                scratch::<D::Param, _>(|storage| {
+                    let [hi, a, b, c] = rotated_arrays(storage, [p.hi, p.a, p.b, p.c], rotation);
+                    run(&ChannelBack { hi, a, b, c })
+                })
+            }
         }
     }
+}
+
+/// The rotation ([`rotation_of`]) with which rows of `c` channels are mapped onto `output`:
+/// rows of whole lines are mapped shifted onto the output's lines, the parameters rotated to
+/// match (every span of rows starts as the output does), where that pays: with streaming
+/// stores (they then write whole lines), or when every (non-empty) input is as far into its
+/// line as the output (every access is then within a line, and AVX-512 stays,
+/// [`Isa::for_rows`]). Elsewhere rotating would only cost its copy of the parameters.
+fn rows_rotation<T>(c: usize, output: &[T], inputs: &[&[T]], streaming: bool) -> usize {
+    let offset = |b: &[T]| b.as_ptr() as usize % 64;
+    let alike = inputs
+        .iter()
+        .all(|b| b.is_empty() || offset(b) == offset(output));
+    if streaming || alike {
+        rotation_of(output, c)
+    } else {
+        0
+    }
+}
+
+/// [`Element`]'s per-thread scratch vector of `T` (for rotated parameters of rows).
+fn scratch<T: Element, R>(f: impl FnOnce(&mut Vec<T>) -> R) -> R {
+    T::with_scratch(f)
 }

@@ -6,7 +6,7 @@
 //! `dx = a * dy + b * xc + c` ([`BackAffine`]). As in the statistics, f32 accumulator lanes add
 //! at most [`MAX_CHAIN`] values before their sums move to `f64`.
 
-use super::buffers::{aligned_arrays, Grad};
+use super::buffers::{aligned_arrays, row_pieces, Grad};
 use super::lanes::{load_tile, load_upto, Lanes};
 use super::normalize::{map_runs, RunIo, RunMap};
 use super::simd::{Simd, WithSimd};
@@ -419,6 +419,17 @@ impl<L: Lanes> BackLanes<L> {
         }
     }
 
+    /// The coefficients of the `n` channels from `c0` (zeros past `n < WIDTH`).
+    #[inline(always)]
+    fn load(p: &ChannelBack<'_, L::Elem>, c0: usize, n: usize) -> Self {
+        BackLanes {
+            hi: load_upto(p.hi, c0, n),
+            a: load_upto(p.a, c0, n),
+            b: load_upto(p.b, c0, n),
+            c: load_upto(p.c, c0, n),
+        }
+    }
+
     /// `a * dy + b * (x - hi) + c`.
     #[inline(always)]
     fn dx(&self, xv: L, dv: L) -> L {
@@ -529,34 +540,56 @@ pub(crate) fn backward_group<L: Lanes, const GATED: bool>(
     }
 }
 
-/// `dx` for whole rows of `c` channels (NHWC).
+/// `dx` for whole rows of `c` channels (NHWC), in the pieces of [`row_pieces`] with `p`
+/// rotated by `rotation` (0 unless streaming).
 #[inline(always)]
 pub(crate) fn backward_rows<L: Lanes, const GATED: bool>(
     g: &mut Grad<'_, L::Mem>,
     c: usize,
     p: &ChannelBack<'_, L::Elem>,
+    rotation: usize,
+) {
+    if g.stream {
+        backward_pieces::<L, GATED, true>(g, c, p, rotation);
+        super::store_fence();
+    } else {
+        backward_pieces::<L, GATED, false>(g, c, p, rotation);
+    }
+}
+
+/// [`backward_rows`], streaming with `STREAM`.
+#[inline(always)]
+fn backward_pieces<L: Lanes, const GATED: bool, const STREAM: bool>(
+    g: &mut Grad<'_, L::Mem>,
+    c: usize,
+    p: &ChannelBack<'_, L::Elem>,
+    rotation: usize,
 ) {
     let w = L::WIDTH;
-    let rows = g.dx.len().checked_div(c).unwrap_or(0);
-    let full = c - c % w;
-    let at = |v: &[L::Elem], c0: usize, n: usize| load_upto::<L>(v, c0, n);
-    let params = |c0: usize, n: usize| BackLanes {
-        hi: at(p.hi, c0, n),
-        a: at(p.a, c0, n),
-        b: at(p.b, c0, n),
-        c: at(p.c, c0, n),
+    // A tail shorter than a vector is done as an overlapping last vector where the piece is
+    // at least a vector wide and nothing streams (`dx` is written, never read, so the overlap
+    // recomputes the same values), else as a partial one.
+    let tail = |first: usize, n: usize| {
+        let full = n - n % w;
+        (full < n).then(|| {
+            let (c0, m) = if n >= w && !STREAM {
+                (n - w, w)
+            } else {
+                (full, n - full)
+            };
+            (c0, m, BackLanes::<L>::load(p, first + c0, m))
+        })
     };
-    // A row tail shorter than a vector is done as an overlapping last vector where the row is
-    // at least a vector wide (`dx` is written, never read, so the overlap recomputes the same
-    // values), else as a partial one.
-    let tail = (full < c).then(|| if c >= w { (c - w, w) } else { (0, c) });
-    let last = tail.map(|(c0, n)| params(c0, n));
-    let whole = (&p.hi[..full], &p.a[..full], &p.b[..full], &p.c[..full]);
-    for r in 0..rows {
-        let inputs = g.inputs().at(r * c, c);
-        let dx = &mut g.dx[r * c..(r + 1) * c];
-        let params = (whole.0.chunks_exact(w).zip(whole.1.chunks_exact(w)))
-            .zip(whole.2.chunks_exact(w).zip(whole.3.chunks_exact(w)));
+    // The tail of a whole row, made once: most pieces are whole rows.
+    let row_tail = tail(0, c);
+    let pieces = row_pieces(g.dx.len(), c, rotation);
+    let rows = (0..pieces.rows).map(|r| (pieces.start + r * c, c, 0));
+    for (start, n, first) in rows.chain(pieces.head).chain(pieces.tail) {
+        let inputs = g.inputs().at(start, n);
+        let dx = &mut g.dx[start..start + n];
+        let full = n - n % w;
+        let (hi, a) = (chunks(p.hi, first, full, w), chunks(p.a, first, full, w));
+        let params = (hi.zip(a)).zip(chunks(p.b, first, full, w).zip(chunks(p.c, first, full, w)));
         for (j, (((hi, a), (b, c)), out)) in params.zip(dx.chunks_exact_mut(w)).enumerate() {
             let f = BackLanes {
                 hi: L::load(hi),
@@ -565,11 +598,20 @@ pub(crate) fn backward_rows<L: Lanes, const GATED: bool>(
                 c: L::load(c),
             };
             let (x, dz) = inputs.read::<L, GATED>(j * w, w, L::Elem::ZERO);
-            f.dx(x, dz).write(out);
+            if STREAM {
+                f.dx(x, dz).write_stream(out);
+            } else {
+                f.dx(x, dz).write(out);
+            }
         }
-        if let (Some((c0, n)), Some(f)) = (tail, last) {
-            let (x, dz) = inputs.read::<L, GATED>(c0, n, L::Elem::ZERO);
-            if n == w {
+        let tail = if (first, n) == (0, c) {
+            row_tail
+        } else {
+            tail(first, n)
+        };
+        if let Some((c0, m, f)) = tail {
+            let (x, dz) = inputs.read::<L, GATED>(c0, m, L::Elem::ZERO);
+            if m == w {
                 f.dx(x, dz).write(&mut dx[c0..]);
             } else {
                 f.dx(x, dz).write_partial(&mut dx[c0..]);
@@ -638,6 +680,12 @@ impl<D: Data> WithSimd for GradSumsRows<'_, D> {
     }
 }
 
+/// The `n / w` vectors of `v` from `first`.
+#[inline(always)]
+fn chunks<T>(v: &[T], first: usize, n: usize, w: usize) -> std::slice::ChunksExact<'_, T> {
+    v[first..first + n].chunks_exact(w)
+}
+
 /// [`backward_runs`] as a kernel: `dx` of runs of `s` values, run `r` with `params(r)`.
 pub(crate) struct BackwardRuns<'g, 'a, D, F> {
     pub g: &'g mut Grad<'a, D>,
@@ -662,6 +710,8 @@ pub(crate) struct BackwardRows<'g, 'a, 'p, D: Data> {
     pub g: &'g mut Grad<'a, D>,
     pub c: usize,
     pub p: &'p ChannelBack<'p, D::Param>,
+    /// The rotation of `p` ([`row_pieces`]).
+    pub rotation: usize,
 }
 
 impl<D: Data> WithSimd for BackwardRows<'_, '_, '_, D> {
@@ -669,9 +719,9 @@ impl<D: Data> WithSimd for BackwardRows<'_, '_, '_, D> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, _: S) {
         if self.g.y.is_empty() {
-            backward_rows::<D::Lanes<S>, false>(self.g, self.c, self.p)
+            backward_rows::<D::Lanes<S>, false>(self.g, self.c, self.p, self.rotation)
         } else {
-            backward_rows::<D::Lanes<S>, true>(self.g, self.c, self.p)
+            backward_rows::<D::Lanes<S>, true>(self.g, self.c, self.p, self.rotation)
         }
     }
 }

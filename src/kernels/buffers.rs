@@ -296,6 +296,74 @@ pub(crate) fn aligned_arrays<T: Element, const K: usize>(
     })
 }
 
+/// `K` per-channel arrays of `len` elements (or empty) rotated left by `by` into `buf`, as
+/// [`aligned_arrays`] lays them out: `out[i] = array[(i + by) % len]`, an empty array staying
+/// empty. A row kernel whose output starts `by` elements before a cache line walks the rows
+/// shifted by `by` ([`row_pieces`]), so that its vectors are written whole lines; the rotated
+/// arrays give each of those vectors its channels' parameters with aligned loads.
+pub(crate) fn rotated_arrays<'b, T: Element, const K: usize>(
+    buf: &'b mut Vec<T>,
+    arrays: [&[T]; K],
+    by: usize,
+) -> [&'b mut [T]; K] {
+    let len = arrays.iter().map(|a| a.len()).max().unwrap_or(0);
+    let mut out = aligned_arrays::<T, K>(buf, len);
+    for (o, a) in out.iter_mut().zip(arrays) {
+        if a.is_empty() {
+            *o = &mut [];
+        } else {
+            let (head, tail) = a.split_at(by % len);
+            o[..tail.len()].copy_from_slice(tail);
+            o[tail.len()..].copy_from_slice(head);
+        }
+    }
+    out
+}
+
+/// How a row kernel maps `len` elements of rows of `c` channels whose output starts
+/// `rotation` elements before a 64-byte line, with parameter arrays rotated by `rotation`
+/// ([`rotated_arrays`]). Without rotation, the rows. With it, a head piece of the `rotation`
+/// elements before the first line (channels `0..rotation`, the rotated arrays' last), rows
+/// shifted by `rotation` (every one starting on a line when `c` fills whole lines), and a
+/// short last piece. A piece is `(start, n, first)`: `n` elements from `start`, with the
+/// parameters from index `first` of the rotated arrays.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowPieces {
+    pub head: Option<(usize, usize, usize)>,
+    /// Whole (shifted) rows: row `r` starts at `start + r * c`, parameters from index 0.
+    pub start: usize,
+    pub rows: usize,
+    pub tail: Option<(usize, usize, usize)>,
+}
+
+/// [`RowPieces`] of `len` elements.
+#[inline(always)]
+pub(crate) fn row_pieces(len: usize, c: usize, rotation: usize) -> RowPieces {
+    let head = (rotation > 0 && len > 0).then(|| (0, rotation.min(len), c - rotation));
+    let start = rotation.min(len);
+    let rows = (len - start).checked_div(c).unwrap_or(0);
+    let end = start + rows * c;
+    RowPieces {
+        head,
+        start,
+        rows,
+        tail: (end < len).then(|| (end, len - end, 0)),
+    }
+}
+
+/// The rotation ([`row_pieces`]) that puts `output`'s rows of `c` channels on cache lines:
+/// the elements before its first 64-byte boundary, where a row is a whole number of lines and
+/// the output starts on an element boundary; else 0.
+pub(crate) fn rotation_of<T>(output: &[T], c: usize) -> usize {
+    let size = std::mem::size_of::<T>();
+    let head = output.as_ptr().align_offset(64);
+    if size == 0 || c == 0 || !(c * size).is_multiple_of(64) || head >= 64 / size {
+        0
+    } else {
+        head
+    }
+}
+
 /// What follows the normalization in the same pass, applied to each output vector before it
 /// is stored: a residual added, a ReLU, or both (`y = relu(bn(x) + residual)`). A type
 /// parameter of the buffers ([`Then`]), so that the plain path is the plain buffers, untouched.

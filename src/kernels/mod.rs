@@ -140,19 +140,28 @@ impl Isa {
         })
     }
 
-    /// The instruction set of a call that maps rows (NHWC, `(N, C)`) over `buffers`:
-    /// [`Isa::current`], except that where nothing forced AVX-512, it gives way to AVX2 when a
-    /// buffer is not aligned to 64 bytes. There every AVX-512 access of data and parameters
-    /// straddles two cache lines: measured on AMD Zen 5, 32x128x28x28 NHWC inference took 1.35x
-    /// as long as with AVX2 on such buffers, and as long as AVX2 on aligned ones.
+    /// The instruction set of a call that maps rows (NHWC, `(N, C)`) of `c` channels over
+    /// `buffers` (the output last): [`Isa::current`], except that where nothing forced
+    /// AVX-512, it gives way to AVX2 when the rows' vectors would straddle cache lines. There
+    /// every AVX-512 access of data and parameters straddles two lines: measured on AMD Zen 5,
+    /// 32x128x28x28 NHWC inference took 1.35x as long as with AVX2 on such buffers, and as
+    /// long as AVX2 on aligned ones. Vectors stay within lines when every buffer is aligned,
+    /// or when rows are whole lines and every buffer is as far into its line as the output
+    /// (the rows are then mapped from the output's first line, [`buffers::row_pieces`]): so
+    /// for plain `Vec`s, which the allocator starts alike.
     ///
     /// Only for 4-byte elements and wider: an AVX-512 vector of 16-bit elements is 32 bytes, a
     /// line holds two, and AVX-512 is faster there whatever the alignment (32x64x56x56 NHWC
     /// `f16` inference 1.3x, `bf16` 1.9x, on Zen 5).
-    pub(crate) fn for_rows<T>(buffers: &[&[T]]) -> Isa {
+    pub(crate) fn for_rows<T>(buffers: &[&[T]], c: usize) -> Isa {
         let isa = Isa::current();
+        let offset = |b: &&[T]| b.as_ptr() as usize % 64;
+        let out = buffers.last().map_or(0, offset);
+        let whole_lines = buffers::rotation_of(buffers.last().copied().unwrap_or(&[]), c) > 0;
         let aligned = std::mem::size_of::<T>() < 4
-            || buffers.iter().all(|b| b.as_ptr().align_offset(64) == 0);
+            || buffers
+                .iter()
+                .all(|b| offset(b) == 0 || (whole_lines && offset(b) == out));
         if isa == Isa::Avx512 && Isa::forced().is_none() && !aligned && Isa::Avx2.is_available() {
             Isa::Avx2
         } else {

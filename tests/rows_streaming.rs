@@ -1,0 +1,187 @@
+//! Streaming stores over rows (NHWC, `(N, C)`): where a row is a whole number of cache lines,
+//! large outputs are written with streaming stores, the rows walked shifted onto the output's
+//! first line and the parameters rotated to match. Streaming only changes how the values are
+//! stored, so every output must equal, bit for bit, the same call without streaming (which the
+//! other suites hold to the oracle): here for every output alignment within a line, input
+//! alignments that differ from it, both thread paths and every instruction set, every
+//! operation that writes rows (training, inference, `apply_scale_shift`, their fused
+//! epilogues, backward plain and fused with `d_residual`).
+
+mod common;
+
+use batchnorm::half::{bf16, f16};
+use batchnorm::{
+    apply_scale_shift_fused, with_isa, with_parallel_threshold, with_stream_threshold, BatchNorm,
+    Data, Fuse, Layout, Shape,
+};
+use common::{assert_identical, test_isas, Rng};
+
+/// A buffer of `len` elements starting `offset` elements past a 64-byte boundary.
+struct At<D> {
+    storage: Vec<D>,
+    start: usize,
+    len: usize,
+}
+
+impl<D: Data> At<D> {
+    fn new(values: &[D], offset: usize) -> Self {
+        let line = 64 / std::mem::size_of::<D>();
+        let mut storage = vec![D::default(); values.len() + 2 * line];
+        let start = storage.as_ptr().align_offset(64) + offset;
+        storage[start..start + values.len()].copy_from_slice(values);
+        At {
+            storage,
+            start,
+            len: values.len(),
+        }
+    }
+    fn get(&self) -> &[D] {
+        &self.storage[self.start..self.start + self.len]
+    }
+    fn get_mut(&mut self) -> &mut [D] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+/// Every output of every row-writing call, with `x`, `residual` and `dy` at `in_offset` and
+/// the outputs at `out_offset` elements past a line.
+fn outputs<D: Data>(
+    bn: &BatchNorm<D::Param>,
+    x: &[D],
+    residual: &[D],
+    dy: &[D],
+    shape: Shape,
+    layout: Layout,
+    (in_offset, out_offset): (usize, usize),
+) -> Vec<Vec<D>> {
+    let (x, residual, dy) = (
+        At::new(x, in_offset),
+        At::new(residual, in_offset),
+        At::new(dy, in_offset),
+    );
+    let zeros = vec![D::default(); x.len];
+    let mut outs = Vec::new();
+    let out = || At::new(&zeros, out_offset);
+    let fuses = [Fuse::default(), Fuse::add_relu(residual.get())];
+    for fuse in fuses {
+        let mut layer = bn.clone();
+        let (mut y, mut e, mut a) = (out(), out(), out());
+        let saved = layer
+            .forward_train_fused(x.get(), y.get_mut(), shape, layout, fuse)
+            .unwrap();
+        bn.forward_eval_fused(x.get(), e.get_mut(), shape, layout, fuse)
+            .unwrap();
+        let (scale, shift) = bn.scale_shift().unwrap();
+        apply_scale_shift_fused(x.get(), a.get_mut(), &scale, &shift, shape, layout, fuse).unwrap();
+        let (mut dx, mut dr) = (out(), out());
+        let relu = fuse.relu;
+        let d_residual = relu.then_some(dr.get_mut());
+        bn.backward_fused(
+            x.get(),
+            y.get(),
+            dy.get(),
+            &saved,
+            dx.get_mut(),
+            d_residual,
+            shape,
+            layout,
+            relu,
+        )
+        .unwrap();
+        let stats = [
+            saved.mean,
+            saved.invstd,
+            layer.running_mean,
+            layer.running_var,
+        ]
+        .concat()
+        .into_iter()
+        .map(D::from_param)
+        .collect();
+        outs.extend([y, e, a, dx, dr].iter().map(|b| b.get().to_vec()));
+        outs.push(stats);
+    }
+    outs
+}
+
+/// Streaming against not, for row widths of 1 to 3 lines of `D` and every alignment.
+fn check<D: Data>() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    let line = 64 / std::mem::size_of::<D>();
+    let mut rng = Rng::new(line as u64);
+    let cases = [
+        (Shape::new(3, line, 5), Layout::Nhwc),
+        (Shape::new(2, 2 * line, 3), Layout::Nhwc),
+        (Shape::new(7, 3 * line, 1), Layout::Nchw),
+        (Shape::new(1, line, 9), Layout::Nhwc),
+    ];
+    for (shape, layout) in cases {
+        let len = shape.numel().unwrap();
+        let x: Vec<D> = rng.data(len, 3.0, 2.0);
+        let residual: Vec<D> = rng.data(len, 0.0, 1.5);
+        let dy: Vec<D> = rng.data(len, 0.0, 1.0);
+        let mut bn = BatchNorm::<D::Param>::new(shape.c);
+        bn.weight = rng.data(shape.c, 0.5, 1.0);
+        bn.bias = rng.data(shape.c, 0.0, 1.0);
+        bn.running_mean = rng.data(shape.c, 3.0, 1.0);
+        bn.running_var = rng.data(shape.c, 4.0, 1.0);
+        for isa in test_isas() {
+            for threads in [false, true] {
+                let run = |offsets, bytes| {
+                    let f = || {
+                        with_isa(isa, || {
+                            with_stream_threshold(bytes, || {
+                                outputs(&bn, &x, &residual, &dy, shape, layout, offsets)
+                            })
+                        })
+                    };
+                    if threads {
+                        pool.install(|| with_parallel_threshold(0, f))
+                    } else {
+                        f()
+                    }
+                };
+                let want = run((0, 0), usize::MAX);
+                for out_offset in 0..line {
+                    for in_offset in [out_offset, (out_offset + 3) % line] {
+                        let got = run((in_offset, out_offset), 0);
+                        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                            let what = format!(
+                                "output {k}, {shape:?} {layout:?}, {isa:?}, threads {threads}, \
+                                 offsets {in_offset} {out_offset}"
+                            );
+                            assert_identical(g, w, &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(miri, ignore)]
+fn f32_rows() {
+    check::<f32>();
+}
+
+#[test]
+#[cfg_attr(miri, ignore)]
+fn f64_rows() {
+    check::<f64>();
+}
+
+#[test]
+#[cfg_attr(miri, ignore)]
+fn f16_rows() {
+    check::<f16>();
+}
+
+#[test]
+#[cfg_attr(miri, ignore)]
+fn bf16_rows() {
+    check::<bf16>();
+}
