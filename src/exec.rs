@@ -188,6 +188,12 @@ where
         } = self;
         if let Some((n, c, s)) = plan.fused(par) {
             let group = plan.group::<B::Data>(par);
+            // A group's map reads a residual image by image: each image's stretch asks for
+            // the next image's, `c * s` elements on.
+            let mut buf = buf;
+            if n > 1 {
+                buf.epilogue_read_ahead(c * s);
+            }
             return for_each_channel_group(buf, (n, c, s), group, par, |first, spans, out| {
                 simd.vectorize(TrainChannels {
                     spans,

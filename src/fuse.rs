@@ -72,11 +72,11 @@ pub(crate) fn with_epilogue<D: Data, B: Buffers<Data = D>, O: OverBuffers<D>>(
         }),
         (Some(residual), false) => op.run(Then {
             buf,
-            epilogue: Residual::<D, false> { residual },
+            epilogue: Residual::<D, false>::new(residual),
         }),
         (Some(residual), true) => op.run(Then {
             buf,
-            epilogue: Residual::<D, true> { residual },
+            epilogue: Residual::<D, true>::new(residual),
         }),
     }
 }

@@ -31,6 +31,8 @@ pub(crate) trait Buffers: Span {
     /// Asks for the cache lines of what the epilogue will read (a residual), ahead of the map.
     #[inline(always)]
     fn prefetch_epilogue(&self) {}
+    /// [`Epilogue::read_ahead`] of the epilogue's reads, if any.
+    fn epilogue_read_ahead(&mut self, _elements: usize) {}
     /// `out[i .. i + n] = f(in[i .. i + n])` with `n = WIDTH`, or `n < WIDTH` for a tail.
     fn map<L: Lanes<Mem = Self::Data>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>);
     /// The full vector of input at `i`.
@@ -375,6 +377,10 @@ pub(crate) trait Epilogue<D: Data>: Send + Sized {
     /// Asks for the cache lines of what it reads.
     #[inline(always)]
     fn prefetch(&self) {}
+    /// Makes every whole vector read of what it reads ask for the line `elements` further on:
+    /// a steady stream of requests for the next image's stretch while one image's is mapped,
+    /// where the stretches are too short for the hardware prefetchers.
+    fn read_ahead(&mut self, _elements: usize) {}
 }
 
 /// `y = relu(v)`.
@@ -396,21 +402,42 @@ impl<D: Data> Epilogue<D> for Relu {
 #[derive(Debug)]
 pub(crate) struct Residual<'a, D, const RELU: bool> {
     pub residual: &'a [D],
+    /// When not 0: each whole vector read asks for the residual this many elements further
+    /// on ([`Epilogue::read_ahead`]).
+    pub ahead: usize,
+}
+
+impl<'a, D, const RELU: bool> Residual<'a, D, RELU> {
+    pub fn new(residual: &'a [D]) -> Self {
+        Residual { residual, ahead: 0 }
+    }
 }
 
 impl<D: Data, const RELU: bool> Epilogue<D> for Residual<'_, D, RELU> {
     #[inline(always)]
     fn split_at(self, mid: usize) -> (Self, Self) {
         let (a, b) = self.residual.split_at(mid);
-        (Residual { residual: a }, Residual { residual: b })
+        let ahead = self.ahead;
+        (
+            Residual { residual: a, ahead },
+            Residual { residual: b, ahead },
+        )
     }
     #[inline(always)]
     fn prefetch(&self) {
         super::stats::prefetch(self.residual)
     }
+    fn read_ahead(&mut self, elements: usize) {
+        self.ahead = elements;
+    }
     #[inline(always)]
     fn apply<L: Lanes<Mem = D>>(&self, i: usize, n: usize, v: L) -> L {
         let r = if n == L::WIDTH {
+            if self.ahead > 0 {
+                // A hint, whatever the address: it may lie beyond this span's residual (in
+                // the next image's, or past the end).
+                super::stats::prefetch_line(self.residual.as_ptr().wrapping_add(i + self.ahead));
+            }
             L::read(&self.residual[i..i + n])
         } else {
             L::read_partial(&self.residual[i..i + n], L::Elem::ZERO)
@@ -501,6 +528,9 @@ impl<B: Buffers, E: Epilogue<B::Data>> Buffers for Then<B, E> {
     #[inline(always)]
     fn prefetch_epilogue(&self) {
         self.epilogue.prefetch()
+    }
+    fn epilogue_read_ahead(&mut self, elements: usize) {
+        self.epilogue.read_ahead(elements)
     }
     #[inline(always)]
     fn map<L: Lanes<Mem = Self::Data>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {

@@ -375,6 +375,19 @@ pub(crate) fn prefetch<T>(x: &[T]) {
     let _ = x;
 }
 
+/// Asks for the cache line at `p`, a hint that never faults, whatever the address.
+#[inline(always)]
+pub(crate) fn prefetch_line<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of the x86-64 baseline, and a prefetch is a hint that cannot fault,
+    // whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Brings the columns `cols` of rows `rows` of the row-major `[_, c]` matrix `x` towards the
 /// core in memory order, ahead of a column-strip-wise pass over them: prefetches when they fit
 /// in L1 (so that no demand load waits on them), else loads, one a cache line, whose chain of
