@@ -479,15 +479,9 @@ fn apply_plan<S: Simd, B: Buffers>(
                     })
                 })
             };
-            if rotation == 0 {
-                run(p)
-            } else {
-                scratch::<Param<B>, _>(|storage| {
-                    let [hi, scale, shift] =
-                        rotated_arrays(storage, [p.hi, p.scale, p.shift], rotation);
-                    run(&ChannelAffine { hi, scale, shift })
-                })
-            }
+            rotated([p.hi, p.scale, p.shift], rotation, |[hi, scale, shift]| {
+                run(&ChannelAffine { hi, scale, shift })
+            })
         }
     }
 }
@@ -717,14 +711,9 @@ fn backward_map_with<S: Simd, D: Data>(
                     })
                 })
             };
-            if rotation == 0 {
-                run(p)
-            } else {
-                scratch::<D::Param, _>(|storage| {
-                    let [hi, a, b, c] = rotated_arrays(storage, [p.hi, p.a, p.b, p.c], rotation);
-                    run(&ChannelBack { hi, a, b, c })
-                })
-            }
+            rotated([p.hi, p.a, p.b, p.c], rotation, |[hi, a, b, c]| {
+                run(&ChannelBack { hi, a, b, c })
+            })
         }
     }
 }
@@ -747,7 +736,15 @@ fn rows_rotation<T>(c: usize, output: &[T], inputs: &[&[T]], streaming: bool) ->
     }
 }
 
-/// [`Element`]'s per-thread scratch vector of `T` (for rotated parameters of rows).
-fn scratch<T: Element, R>(f: impl FnOnce(&mut Vec<T>) -> R) -> R {
-    T::with_scratch(f)
+/// `f` of the per-channel `arrays` rotated by `rotation` ([`rotated_arrays`], in this
+/// thread's scratch storage), or of `arrays` themselves when it is 0.
+fn rotated<T: Element, const K: usize, R>(
+    arrays: [&[T]; K],
+    rotation: usize,
+    f: impl FnOnce([&[T]; K]) -> R,
+) -> R {
+    if rotation == 0 {
+        return f(arrays);
+    }
+    T::with_scratch(|storage| f(rotated_arrays(storage, arrays, rotation).map(|a| &*a)))
 }
