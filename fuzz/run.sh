@@ -26,6 +26,11 @@ build=()
 if [ "${FUZZ_SANITIZER:-address}" = none ]; then
     build=(-s none --no-trace-compares)
 fi
+# Every target built first, in one cargo run when all of them are fuzzed (the shared crates
+# once, the binaries in parallel), so that `fuzz run` finds them built.
+if [ $# -eq 0 ]; then
+    cargo +nightly fuzz build "${build[@]}"
+fi
 for target in "${targets[@]}"; do
     if [ -n "${FUZZ_KEEP:-}" ]; then
         work=corpus/"$target"
