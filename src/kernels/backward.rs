@@ -541,7 +541,7 @@ pub(crate) fn backward_group<L: Lanes, const GATED: bool>(
 }
 
 /// `dx` for whole rows of `c` channels (NHWC), in the pieces of [`row_pieces`] with `p`
-/// rotated by `rotation` (0 unless streaming).
+/// rotated by `rotation` (0: not rotated).
 #[inline(always)]
 pub(crate) fn backward_rows<L: Lanes, const GATED: bool>(
     g: &mut Grad<'_, L::Mem>,

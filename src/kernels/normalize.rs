@@ -326,8 +326,8 @@ fn normalize_short<L: Lanes, B: Buffers<Data = L::Mem>>(
 }
 
 /// Normalizes whole rows of `c` channels each (NHWC), lane `j` of a vector being channel
-/// `c0 + j`, in the pieces of [`row_pieces`] with `p` rotated by `rotation` (0 unless
-/// streaming).
+/// `c0 + j`, in the pieces of [`row_pieces`] with `p` rotated by `rotation` (0: not
+/// rotated).
 #[inline(always)]
 pub(crate) fn normalize_rows<L: Lanes, B: Buffers<Data = L::Mem>>(
     buf: &mut B,
