@@ -17,7 +17,9 @@ use crate::kernels::backward::{
     fill_back, BackAffine, BackwardRows, BackwardRuns, ChannelBack, GradSums, GradSumsRows,
     GradSumsRuns,
 };
-use crate::kernels::buffers::{rotated_arrays, rotation_of, Buffers, Grad, Param, Span};
+use crate::kernels::buffers::{
+    alike_in_lines, rotated_arrays, rotation_of, Buffers, Grad, Param, Span,
+};
 use crate::kernels::channels::{self, BackwardChannels, TrainChannels};
 use crate::kernels::normalize::{fill_affine, Affine, ChannelAffine, NormalizeRows, NormalizeRuns};
 use crate::kernels::simd::{Simd, WithSimd};
@@ -725,11 +727,7 @@ fn backward_map_with<S: Simd, D: Data>(
 /// line as the output (every access is then within a line, and AVX-512 stays,
 /// [`Isa::for_rows`]). Elsewhere rotating would only cost its copy of the parameters.
 fn rows_rotation<T>(c: usize, output: &[T], inputs: &[&[T]], streaming: bool) -> usize {
-    let offset = |b: &[T]| b.as_ptr() as usize % 64;
-    let alike = inputs
-        .iter()
-        .all(|b| b.is_empty() || offset(b) == offset(output));
-    if streaming || alike {
+    if streaming || alike_in_lines(output, inputs) {
         rotation_of(output, c)
     } else {
         0

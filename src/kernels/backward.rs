@@ -6,7 +6,7 @@
 //! `dx = a * dy + b * xc + c` ([`BackAffine`]). As in the statistics, f32 accumulator lanes add
 //! at most [`MAX_CHAIN`] values before their sums move to `f64`.
 
-use super::buffers::{aligned_arrays, row_pieces, Grad};
+use super::buffers::{aligned_arrays, row_pieces, row_tail, Grad};
 use super::lanes::{load_tile, load_upto, Lanes};
 use super::normalize::{map_runs, RunIo, RunMap};
 use super::simd::{Simd, WithSimd};
@@ -566,19 +566,10 @@ fn backward_pieces<L: Lanes, const GATED: bool, const STREAM: bool>(
     rotation: usize,
 ) {
     let w = L::WIDTH;
-    // A tail shorter than a vector is done as an overlapping last vector where the piece is
-    // at least a vector wide and nothing streams (`dx` is written, never read, so the overlap
-    // recomputes the same values), else as a partial one.
+    // A tail shorter than a vector ([`row_tail`]): an overlapping last vector unless
+    // streaming (`dx` is written, never read, so the overlap recomputes the same values).
     let tail = |first: usize, n: usize| {
-        let full = n - n % w;
-        (full < n).then(|| {
-            let (c0, m) = if n >= w && !STREAM {
-                (n - w, w)
-            } else {
-                (full, n - full)
-            };
-            (c0, m, BackLanes::<L>::load(p, first + c0, m))
-        })
+        row_tail(n, w, !STREAM).map(|(c0, m)| (c0, m, BackLanes::<L>::load(p, first + c0, m)))
     };
     // The tail of a whole row, made once: most pieces are whole rows.
     let row_tail = tail(0, c);

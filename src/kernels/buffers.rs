@@ -366,6 +366,32 @@ pub(crate) fn rotation_of<T>(output: &[T], c: usize) -> usize {
     }
 }
 
+/// Whether every non-empty buffer of `others` starts as far into its 64-byte line as `output`
+/// does (as plain `Vec`s from the allocator do): rows mapped from `output`'s first line
+/// ([`row_pieces`]) then read them in whole lines too.
+pub(crate) fn alike_in_lines<T>(output: &[T], others: &[&[T]]) -> bool {
+    let offset = |b: &[T]| b.as_ptr() as usize % 64;
+    others
+        .iter()
+        .all(|b| b.is_empty() || offset(b) == offset(output))
+}
+
+/// Where the tail of a row piece of `n` elements, past its whole vectors of `w`, is mapped:
+/// `(c0, m)`, `m` elements from `c0`. An overlapping last whole vector (`m == w`) where the
+/// piece is at least a vector wide and `overlap` allows it (masked stores are slow on some
+/// CPUs), else the partial rest; `None` without a tail.
+#[inline(always)]
+pub(crate) fn row_tail(n: usize, w: usize, overlap: bool) -> Option<(usize, usize)> {
+    let full = n - n % w;
+    if full == n {
+        None
+    } else if n >= w && overlap {
+        Some((n - w, w))
+    } else {
+        Some((full, n - full))
+    }
+}
+
 /// What follows the normalization in the same pass, applied to each output vector before it
 /// is stored: a residual added, a ReLU, or both (`y = relu(bn(x) + residual)`). A type
 /// parameter of the buffers ([`Then`]), so that the plain path is the plain buffers, untouched.

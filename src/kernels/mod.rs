@@ -155,13 +155,14 @@ impl Isa {
     /// `f16` inference 1.3x, `bf16` 1.9x, on Zen 5).
     pub(crate) fn for_rows<T>(buffers: &[&[T]], c: usize) -> Isa {
         let isa = Isa::current();
-        let offset = |b: &&[T]| b.as_ptr() as usize % 64;
-        let out = buffers.last().map_or(0, offset);
-        let whole_lines = buffers::rotation_of(buffers.last().copied().unwrap_or(&[]), c) > 0;
-        let aligned = std::mem::size_of::<T>() < 4
-            || buffers
-                .iter()
-                .all(|b| offset(b) == 0 || (whole_lines && offset(b) == out));
+        let (out, inputs) = buffers
+            .split_last()
+            .map_or((&[][..], &[][..]), |(o, i)| (*o, i));
+        // Within lines: every buffer where the output is in its line, and that at its start
+        // or with rows of whole lines mapped from its first line on.
+        let within = buffers::alike_in_lines(out, inputs)
+            && (out.as_ptr().align_offset(64) == 0 || buffers::rotation_of(out, c) > 0);
+        let aligned = std::mem::size_of::<T>() < 4 || within;
         if isa == Isa::Avx512 && Isa::forced().is_none() && !aligned && Isa::Avx2.is_available() {
             Isa::Avx2
         } else {

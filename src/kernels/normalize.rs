@@ -6,7 +6,7 @@
 //! centres the data exactly. Without a centre (`hi = 0`) this is the inference engines'
 //! `y = x * scale + shift`.
 
-use super::buffers::{aligned_arrays, row_pieces, Buffers, LanesOf, Param};
+use super::buffers::{aligned_arrays, row_pieces, row_tail, Buffers, LanesOf, Param};
 use super::lanes::{load_upto, Lanes, MapAt, MapLanes};
 use super::simd::{Simd, WithSimd};
 use crate::element::Element;
@@ -355,31 +355,20 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<Data = L::Mem>>(
 struct RowParams<'a, L: Lanes> {
     whole: RowAffine<'a, L::Elem>,
     n: usize,
-    /// The tail: an overlapping last vector where the piece is at least a vector wide and
-    /// nothing streams (masked stores are slow on some CPUs; a plain store over lines just
-    /// streamed is not made), else a partial one.
-    tail: Option<(usize, AffineLanes<L>)>,
-    overlap: bool,
+    /// The tail ([`row_tail`]): `m` elements from `c0`, an overlapping last vector when
+    /// `m == WIDTH` (never over lines just streamed: no plain store after them), else partial.
+    tail: Option<(usize, usize, AffineLanes<L>)>,
 }
 
 impl<'a, L: Lanes> RowParams<'a, L> {
     #[inline(always)]
     fn new(p: &ChannelAffine<'a, L::Elem>, first: usize, n: usize, stream: bool) -> Self {
-        let w = L::WIDTH;
-        let full = n - n % w;
-        let overlap = full < n && n >= w && !stream;
-        let tail = if overlap {
-            Some((n - w, AffineLanes::load(p, first + n - w, w)))
-        } else if full < n {
-            Some((full, AffineLanes::load(p, first + full, n - full)))
-        } else {
-            None
-        };
+        let tail = row_tail(n, L::WIDTH, !stream)
+            .map(|(c0, m)| (c0, m, AffineLanes::load(p, first + c0, m)));
         RowParams {
-            whole: RowAffine::new(p, first, full),
+            whole: RowAffine::new(p, first, n - n % L::WIDTH),
             n,
             tail,
-            overlap,
         }
     }
 
@@ -388,16 +377,14 @@ impl<'a, L: Lanes> RowParams<'a, L> {
     #[inline(always)]
     fn map<B: Buffers<Data = L::Mem>>(&self, buf: &mut B, start: usize) {
         let w = L::WIDTH;
-        let last = if self.overlap {
-            Some(buf.load::<L>(start + self.n - w))
-        } else {
-            None
+        let last = match self.tail {
+            Some((c0, m, _)) if m == w => Some(buf.load::<L>(start + c0)),
+            _ => None,
         };
-        let full = self.n - self.n % w;
-        buf.map_vectors::<L>(start, full, &self.whole);
+        buf.map_vectors::<L>(start, self.n - self.n % w, &self.whole);
         match (self.tail, last) {
-            (Some((at, f)), Some(v)) => buf.store(start + at, f.apply(v)),
-            (Some((at, f)), None) => buf.map(start + at, self.n - at, &f),
+            (Some((c0, _, f)), Some(v)) => buf.store(start + c0, f.apply(v)),
+            (Some((c0, m, f)), None) => buf.map(start + c0, m, &f),
             _ => {}
         }
     }
