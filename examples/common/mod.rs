@@ -158,7 +158,7 @@ pub struct Case<D = f32> {
 /// (op, tensors moved: residual and x read and y written for the forward passes; x, y and dy
 /// read and dx and the residual's gradient written for backward).
 /// `backward+relu` is the backward of a batch norm + ReLU (no residual's gradient).
-pub const FUSED_OPS: [(&str, f64); 9] = [
+pub const FUSED_OPS: [(&str, f64); 10] = [
     ("eval+relu", 2.0),
     ("train+relu", 2.0),
     ("eval+add+relu", 3.0),
@@ -168,6 +168,9 @@ pub const FUSED_OPS: [(&str, f64); 9] = [
     ("backward+relu", 4.0),
     ("backward+add+relu", 5.0),
     ("relu, backward", 5.0),
+    // A read of the residual's bytes alone, nothing written: what the residual adds to
+    // training's memory traffic, timed as the rest is.
+    ("read residual", 1.0),
 ];
 
 /// Buffers and references of the fused operations.
@@ -181,6 +184,24 @@ struct Fused<D> {
     dst: Vec<D>,
     /// The references of eval and train with a residual, backward, eval and train without.
     want: [Vec<f64>; 5],
+}
+
+/// Reads every byte of `x` once (an exclusive or of its 8-byte words) and writes nothing, on
+/// `threads` threads of the current pool as [`copy`] does.
+fn read_pass<D: Data>(x: &[D], threads: usize) -> u64 {
+    let one = |x: &[D]| {
+        // SAFETY: every `Data` type is a plain floating-point number (f32, f64, f16, bf16):
+        // no padding, so each of its bytes is initialized and may be read as an integer.
+        let (head, words, tail) = unsafe { x.align_to::<u64>() };
+        let edge = |part: &[D]| part.len() as u64;
+        words.iter().fold(edge(head) ^ edge(tail), |a, &w| a ^ w)
+    };
+    if threads <= 1 || std::mem::size_of_val(x) < 1 << 20 {
+        one(x)
+    } else {
+        let chunk = x.len().div_ceil(threads).next_multiple_of(1024);
+        x.par_chunks(chunk).map(one).reduce(|| 0, |a, b| a ^ b)
+    }
 }
 
 /// `y += r`, one element at a time: a separate pass of the unfused work.
@@ -365,6 +386,9 @@ impl<D: Data<Param = f32>> Case<D> {
                     )
                     .unwrap();
                 }
+                "read residual" => {
+                    std::hint::black_box(read_pass(residual, threads));
+                }
                 _ => {
                     for ((o, &d), &y) in dr.iter_mut().zip(dy.iter()).zip(yf.iter()) {
                         *o = if y.to_param() <= 0.0 {
@@ -384,6 +408,7 @@ impl<D: Data<Param = f32>> Case<D> {
             "train+relu" => max_error(&self.y, &want[4]),
             "eval+add+relu" | "eval, add, relu" => max_error(&self.y, &want[0]),
             "train+add+relu" | "train, add, relu" => max_error(&self.y, &want[1]),
+            "read residual" => 0.0,
             _ => max_error(&self.dx, &want[2]),
         };
         (timing, copy_t, err)

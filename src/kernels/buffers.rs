@@ -33,6 +33,14 @@ pub(crate) trait Buffers: Span {
     fn prefetch_epilogue(&self) {}
     /// [`Epilogue::read_ahead`] of the epilogue's reads, if any.
     fn epilogue_read_ahead(&mut self, _elements: usize) {}
+    /// Whether the epilogue reads memory of its own (a residual).
+    fn epilogue_reads(&self) -> bool {
+        false
+    }
+    /// Makes every whole vector read of the input by [`map_vectors`](Self::map_vectors) ask
+    /// for the line `elements` further on (a hint, wherever that lies), so that the input a
+    /// later pass reads comes in while this one writes; only a separate output takes it.
+    fn input_read_ahead(&mut self, _elements: usize) {}
     /// `out[i .. i + n] = f(in[i .. i + n])` with `n = WIDTH`, or `n < WIDTH` for a tail.
     fn map<L: Lanes<Mem = Self::Data>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>);
     /// The full vector of input at `i`.
@@ -67,6 +75,9 @@ pub(crate) struct Split<'a, T> {
     pub y: &'a mut [T],
     /// Streaming stores in [`Buffers::put`].
     pub stream: bool,
+    /// When not 0: each whole vector read of `x` asks for the line this many elements further
+    /// on ([`Buffers::input_read_ahead`]).
+    pub ahead: usize,
 }
 
 impl<'a, T> Split<'a, T> {
@@ -75,6 +86,7 @@ impl<'a, T> Split<'a, T> {
             x,
             y,
             stream: false,
+            ahead: 0,
         }
     }
 }
@@ -88,17 +100,19 @@ impl<T: Data> Span for Split<'_, T> {
     fn split_at(self, mid: usize) -> (Self, Self) {
         let (xa, xb) = self.x.split_at(mid);
         let (ya, yb) = self.y.split_at_mut(mid);
-        let stream = self.stream;
+        let (stream, ahead) = (self.stream, self.ahead);
         (
             Split {
                 x: xa,
                 y: ya,
                 stream,
+                ahead,
             },
             Split {
                 x: xb,
                 y: yb,
                 stream,
+                ahead,
             },
         )
     }
@@ -116,11 +130,30 @@ impl<T: Data> Buffers for Split<'_, T> {
     fn streaming(&self) -> bool {
         self.stream
     }
+    fn input_read_ahead(&mut self, elements: usize) {
+        self.ahead = elements;
+    }
     #[inline(always)]
     fn map_vectors<L: Lanes<Mem = T>>(&mut self, start: usize, len: usize, f: &impl MapAt<L>) {
         let x = self.x[start..start + len].chunks_exact(L::WIDTH);
         let y = self.y[start..start + len].chunks_exact_mut(L::WIDTH);
-        if self.stream {
+        if self.ahead > 0 {
+            // A hint, whatever the address: it may lie beyond `x` (past the end of the tensor).
+            let ahead = self.ahead;
+            let read = |x: &[T]| {
+                super::stats::prefetch_line(x.as_ptr().wrapping_add(ahead));
+                L::read(x)
+            };
+            if self.stream {
+                for (j, (x, y)) in x.zip(y).enumerate() {
+                    f.apply_at(j, read(x)).write_stream(y);
+                }
+            } else {
+                for (j, (x, y)) in x.zip(y).enumerate() {
+                    f.apply_at(j, read(x)).write(y);
+                }
+            }
+        } else if self.stream {
             for (j, (x, y)) in x.zip(y).enumerate() {
                 f.apply_at(j, L::read(x)).write_stream(y);
             }
@@ -396,6 +429,8 @@ pub(crate) fn row_tail(n: usize, w: usize, overlap: bool) -> Option<(usize, usiz
 /// is stored: a residual added, a ReLU, or both (`y = relu(bn(x) + residual)`). A type
 /// parameter of the buffers ([`Then`]), so that the plain path is the plain buffers, untouched.
 pub(crate) trait Epilogue<D: Data>: Send + Sized {
+    /// Whether it reads memory of its own.
+    const READS: bool = false;
     /// The epilogue of the first `mid` elements and of the rest (cut as the buffers are).
     fn split_at(self, mid: usize) -> (Self, Self);
     /// Applied to the vector `v` that goes to output index `i..i + n` (`n <= WIDTH`).
@@ -440,6 +475,7 @@ impl<'a, D, const RELU: bool> Residual<'a, D, RELU> {
 }
 
 impl<D: Data, const RELU: bool> Epilogue<D> for Residual<'_, D, RELU> {
+    const READS: bool = true;
     #[inline(always)]
     fn split_at(self, mid: usize) -> (Self, Self) {
         let (a, b) = self.residual.split_at(mid);
@@ -557,6 +593,12 @@ impl<B: Buffers, E: Epilogue<B::Data>> Buffers for Then<B, E> {
     }
     fn epilogue_read_ahead(&mut self, elements: usize) {
         self.epilogue.read_ahead(elements)
+    }
+    fn epilogue_reads(&self) -> bool {
+        E::READS
+    }
+    fn input_read_ahead(&mut self, elements: usize) {
+        self.buf.input_read_ahead(elements)
     }
     #[inline(always)]
     fn map<L: Lanes<Mem = Self::Data>>(&mut self, i: usize, n: usize, f: &impl MapLanes<L>) {
