@@ -14,7 +14,9 @@
 //! with a column for the time the same call takes on `f32` tensors, measured in the same run.
 //! `--fused` adds ResNet's fused blocks (`y = relu(bn(x) + residual)` in inference and
 //! training, and its backward with the residual's gradient) beside the same work done as
-//! separate passes (the batch norm, then an add loop, then a ReLU loop). `--shapes` keeps the
+//! separate passes (the batch norm, then an add loop, then a ReLU loop), and a read of the
+//! residual's bytes alone (`read residual`: what the residual adds to training's memory
+//! traffic, against a copy of as many bytes, half each way). `--shapes` keeps the
 //! shapes whose letters it lists, `--layout` one layout.
 
 mod common;

@@ -209,7 +209,7 @@ where
                 // thread: plain training 32x256x28x28 1.68 -> 1.27 ms, 32x64x56x56 1.79 ->
                 // 1.53 ms, 256x64x56x56 17.2 -> 14.5 ms (`f16` 12.7 -> 9.0 ms). Not when a
                 // residual is read too and the group fits in half of L2, where it would push
-                // out the group's own `x` (32x256x28x28 with residual and ReLU 2.41 -> 2.62
+                // out the group's own `x` (32x256x28x28 with residual and ReLU 1.99 -> 2.29
                 // ms); where one channel alone is more than that, it pays with a residual as
                 // well (8x32x224x224 5.4 -> 4.8 ms).
                 let spills = plan.channel_bytes::<B::Data>() > parallel::caches().l2 / 2;
