@@ -1,7 +1,10 @@
 //! Ours against `candle_nn::BatchNorm` in a candle model's hands (`--features candle`):
 //! training forward (`forward_t(x, true)`) and training forward plus backward
 //! (`y.backward()`, which seeds `dy` with ones), f32, NCHW, on the report's shapes, both
-//! layers called alternately in the same run (median call). Also inference. Run:
+//! layers called alternately in the same run (median call). Also inference, and ResNet's
+//! block ending `relu(bn(x) + residual)`: ours fused (`forward_t_fused`) against candle_nn's
+//! batch norm followed by candle's add and ReLU, training forward and forward plus backward
+//! (the residual a variable too, so that its gradient is computed). Run:
 //!
 //! ```sh
 //! cargo run --release --features candle --example candle
@@ -55,16 +58,47 @@ fn main() -> candle_core::Result<()> {
             };
             let (t_mine, t_theirs): (Timing, Timing) =
                 time_pair(budget, 5, || run(&mine), || run(&theirs));
-            let ms = |t: Timing| t.median.as_secs_f64() * 1e3;
-            println!(
-                "| {name} | {op} | {:.3} | {:.3} | {:.2}x | {:.1} | {:.1} |",
-                ms(t_theirs),
-                ms(t_mine),
-                ms(t_theirs) / ms(t_mine),
-                t_theirs.gbs(bytes * moved),
-                t_mine.gbs(bytes * moved),
+            row(name, op, t_theirs, t_mine, bytes * moved);
+        }
+        let residual = Var::from_tensor(&Tensor::randn(0f32, 1.0, *dims, &dev)?)?;
+        // (op, bytes: x and the residual read and y written; backward also reads dy, y and
+        // x again and writes dx and the residual's gradient).
+        for (op, moved) in [("train+add+relu", 3.0), ("train+add+relu+backward", 8.0)] {
+            let backward = |y: Tensor| {
+                if op != "train+add+relu" {
+                    y.backward().unwrap();
+                }
+            };
+            let r = residual.as_tensor();
+            let (t_mine, t_theirs): (Timing, Timing) = time_pair(
+                budget,
+                5,
+                || {
+                    backward(
+                        mine.forward_t_fused(x.as_tensor(), Some(r), true, true)
+                            .unwrap(),
+                    )
+                },
+                || {
+                    let y = theirs.forward_t(x.as_tensor(), true).unwrap();
+                    backward((y + r).unwrap().relu().unwrap())
+                },
             );
+            row(name, op, t_theirs, t_mine, bytes * moved);
         }
     }
     Ok(())
+}
+
+/// A row of the table: candle_nn's and our median times, their ratio and GB/s.
+fn row(name: &str, op: &str, theirs: Timing, mine: Timing, bytes: f64) {
+    let ms = |t: Timing| t.median.as_secs_f64() * 1e3;
+    println!(
+        "| {name} | {op} | {:.3} | {:.3} | {:.2}x | {:.1} | {:.1} |",
+        ms(theirs),
+        ms(mine),
+        ms(theirs) / ms(mine),
+        theirs.gbs(bytes),
+        mine.gbs(bytes),
+    );
 }

@@ -13,6 +13,8 @@
 //! - Semantics: PyTorch's (biased variance to normalize, unbiased for the running variance,
 //!   `running = (1 - momentum) * running + momentum * batch`), which `candle_nn::BatchNorm`
 //!   also follows; `remove_mean: false` is refused.
+//! - Fused: [`BatchNorm::forward_t_fused`] adds a residual and a ReLU in the same pass
+//!   (ResNet's `relu(bn(x) + shortcut)`), forward and backward.
 //!
 //! ```
 //! use batchnorm::candle::batch_norm;
@@ -31,13 +33,14 @@
 //! ```
 
 use crate::element::Data;
+use crate::fuse::Fuse;
 use crate::half::{bf16, f16};
 use crate::layer::{BatchNorm as Layer, Gradients, SavedStats};
 use crate::shape::{Layout, Shape};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp1, Layout as CandleLayout, ModuleT,
-    Result, Tensor, Var,
+    bail, CpuStorage, CustomOp3, DType, InplaceOp1, Layout as CandleLayout, ModuleT, Result,
+    Tensor, Var,
 };
 use candle_nn::{BatchNormConfig, Init, VarBuilder};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -238,23 +241,11 @@ impl BatchNorm {
 
     /// Checks the input and returns it as the op sees it: its memory as a standard tensor
     /// (NCHW as it is; a channels-last view permuted to `(N, spatial..., C)`; other strides
-    /// made contiguous), the layout, and the permutation that turns an output of that
-    /// shape back into the input's axes.
-    fn memory(&self, x: &Tensor) -> Result<(Tensor, Layout, Option<Vec<usize>>)> {
+    /// made contiguous), and the layout.
+    fn memory(&self, x: &Tensor) -> Result<(Tensor, Layout)> {
         self.check_input(x)?;
-        let (mem, layout, back) = match layout_of(x) {
-            Ok(Layout::Nhwc) => {
-                let rank = x.rank();
-                let to_memory: Vec<usize> = [0].into_iter().chain(2..rank).chain([1]).collect();
-                let back: Vec<usize> = [0, rank - 1].into_iter().chain(1..rank - 1).collect();
-                (x.permute(to_memory)?, Layout::Nhwc, Some(back))
-            }
-            Ok(Layout::Nchw) => (x.clone(), Layout::Nchw, None),
-            Err(_) => (x.contiguous()?, Layout::Nchw, None),
-        };
-        // Dense memory that candle does not call contiguous (odd strides on axes of length
-        // 1) is copied once, which changes nothing else.
-        Ok((mem.contiguous()?, layout, back))
+        let layout = layout_of(x).unwrap_or(Layout::Nchw);
+        Ok((in_memory_order(x, layout)?, layout))
     }
 
     /// Normalizes `x` in place with the running statistics (inference). `x` must be a
@@ -271,20 +262,70 @@ impl BatchNorm {
     }
 }
 
-impl ModuleT for BatchNorm {
-    /// Training (`train`: batch statistics, running statistics updated) or inference (running
-    /// statistics); differentiable in `x`, weight and bias either way.
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (mem, layout, back) = self.memory(x)?;
+impl BatchNorm {
+    /// `y = relu(bn(x) + residual)` in one pass, the residual and the ReLU each optional
+    /// (ResNet's blocks: [`Fuse`](crate::Fuse)), training (`train`) or inference as
+    /// [`forward_t`](ModuleT::forward_t); differentiable in `x`, the residual, weight and bias.
+    /// The backward pass gates the gradient with the output (`y > 0`, as PyTorch's
+    /// `threshold_backward`) and runs this crate's fused backward. The residual has `x`'s
+    /// shape and type; in `x`'s memory layout it is read as it lies, in another it is copied
+    /// into that layout first.
+    ///
+    /// ```
+    /// use batchnorm::candle::batch_norm;
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    ///
+    /// let varmap = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    /// let bn = batch_norm(4, 1e-5, vb.pp("bn"))?;
+    /// let x = Tensor::randn(0f32, 1.0, (2, 4, 3, 3), &Device::Cpu)?;
+    /// let shortcut = Tensor::randn(0f32, 1.0, (2, 4, 3, 3), &Device::Cpu)?;
+    /// let y = bn.forward_t_fused(&x, Some(&shortcut), true, true)?; // relu(bn(x) + shortcut)
+    /// let grads = y.sum_all()?.backward()?;
+    /// let d_shortcut = grads.get(&shortcut);
+    /// # let _ = d_shortcut;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn forward_t_fused(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (mem, layout) = self.memory(x)?;
         let (w, b) = self.affine(x)?;
         let op = Forward {
             layer: self.layer(&w, &b)?,
             layout,
             train,
             saved: Arc::new(Mutex::new(None)),
+            relu,
+            residual: residual.is_some(),
         };
         let saved = op.saved.clone();
-        let y = mem.apply_op3(&w, &b, op)?;
+        let y = match residual {
+            Some(r) => {
+                if r.dims() != x.dims() || r.dtype() != x.dtype() {
+                    bail!(
+                        "batchnorm::candle: residual of shape {:?} and type {:?} for an input \
+                         of shape {:?} and type {:?}",
+                        r.shape(),
+                        r.dtype(),
+                        x.shape(),
+                        x.dtype()
+                    );
+                }
+                if !r.device().same_device(x.device()) {
+                    bail!("batchnorm::candle: the residual is on another device");
+                }
+                // The weight and bias end to end: a custom op takes at most three tensors.
+                let wb = Tensor::cat(&[&w, &b], 0)?;
+                mem.apply_op3(&in_memory_order(r, layout)?, &wb, op)?
+            }
+            None => mem.apply_op3(&w, &b, op)?,
+        };
         if train {
             let trained = lock(&saved);
             let Some((_, layer)) = trained.as_ref() else {
@@ -297,10 +338,42 @@ impl ModuleT for BatchNorm {
             self.running_var
                 .set(&Tensor::from_slice(&layer.running_var, c, device)?)?;
         }
-        match back {
-            Some(back) => y.permute(back),
-            None => Ok(y),
+        match layout {
+            // Back from `(N, spatial..., C)` to `(N, C, spatial...)`, channels-last strides.
+            Layout::Nhwc => {
+                let rank = y.rank();
+                y.permute(
+                    [0, rank - 1]
+                        .into_iter()
+                        .chain(1..rank - 1)
+                        .collect::<Vec<_>>(),
+                )
+            }
+            Layout::Nchw => Ok(y),
         }
+    }
+}
+
+impl ModuleT for BatchNorm {
+    /// Training (`train`: batch statistics, running statistics updated) or inference (running
+    /// statistics); differentiable in `x`, weight and bias either way.
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_t_fused(x, None, false, train)
+    }
+}
+
+/// `x`'s memory in `layout` as a standard tensor: `(N, spatial..., C)` for channels-last (a
+/// permuted view of a channels-last tensor, copied if `x` lies otherwise), `x` contiguous for
+/// NCHW. Dense memory that candle does not call contiguous (odd strides on axes of length 1)
+/// is copied once, which changes nothing else.
+fn in_memory_order(x: &Tensor, layout: Layout) -> Result<Tensor> {
+    match layout {
+        Layout::Nhwc => {
+            let rank = x.rank();
+            let order: Vec<usize> = [0].into_iter().chain(2..rank).chain([1]).collect();
+            x.permute(order)?.contiguous()
+        }
+        Layout::Nchw => x.contiguous(),
     }
 }
 
@@ -370,13 +443,18 @@ impl Storable for bf16 {
 /// statistics moved.
 type Trained = (SavedStats<f32>, Layer<f32>);
 
-/// `y = bn(x)` over (x, weight, bias): training or inference with the layer's parameters.
+/// `y = relu(bn(x) + residual)` (each part of the epilogue optional) over (x, weight, bias),
+/// or (x, residual, weight and bias end to end) with a residual: training or inference with
+/// the layer's parameters, which it holds (the parameter tensors are inputs for autograd).
 struct Forward {
     layer: Layer<f32>,
     layout: Layout,
     train: bool,
     /// Training: what the backward pass needs, and the layer with its running statistics moved.
     saved: Arc<Mutex<Option<Trained>>>,
+    relu: bool,
+    /// Whether the second input is a residual.
+    residual: bool,
 }
 
 impl Forward {
@@ -384,19 +462,28 @@ impl Forward {
         &self,
         x: &CpuStorage,
         l: &CandleLayout,
+        residual: Option<(&CpuStorage, &CandleLayout)>,
     ) -> Result<(CpuStorage, candle_core::Shape)> {
         let x = elements::<D>(x, l)?;
+        let residual = match residual {
+            Some((r, lr)) => Some(elements::<D>(r, lr)?),
+            None => None,
+        };
+        let fuse = Fuse {
+            residual,
+            relu: self.relu,
+        };
         let shape = shape_of(l.dims(), self.layout);
         let mut y = vec![D::default(); x.len()];
         if self.train {
             let mut layer = self.layer.clone();
             let saved = layer
-                .forward_train(x, &mut y, shape, self.layout)
+                .forward_train_fused(x, &mut y, shape, self.layout, fuse)
                 .map_err(candle_core::Error::wrap)?;
             *lock(&self.saved) = Some((saved, layer));
         } else {
             self.layer
-                .forward_eval(x, &mut y, shape, self.layout)
+                .forward_eval_fused(x, &mut y, shape, self.layout, fuse)
                 .map_err(candle_core::Error::wrap)?;
         }
         Ok((D::storage(y), l.shape().clone()))
@@ -412,23 +499,37 @@ impl CustomOp3 for Forward {
         &self,
         x: &CpuStorage,
         l: &CandleLayout,
-        _: &CpuStorage,
-        _: &CandleLayout,
+        second: &CpuStorage,
+        l2: &CandleLayout,
         _: &CpuStorage,
         _: &CandleLayout,
     ) -> Result<(CpuStorage, candle_core::Shape)> {
-        by_storage!(x, run(self, x, l))
+        let residual = self.residual.then_some((second, l2));
+        if residual.is_some() && second.dtype() != x.dtype() {
+            bail!(
+                "batchnorm::candle: the residual is {:?}, x {:?}",
+                second.dtype(),
+                x.dtype()
+            );
+        }
+        by_storage!(x, run(self, x, l, residual))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        weight: &Tensor,
-        _bias: &Tensor,
-        _y: &Tensor,
+        second: &Tensor,
+        third: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let mut layer = self.layer.clone();
+        let c = layer.channels();
+        let weight = if self.residual {
+            third.narrow(0, 0, c)?
+        } else {
+            second.clone()
+        };
         layer.weight = weight.to_vec1()?;
         let saved = if self.train {
             let saved = lock(&self.saved);
@@ -443,53 +544,106 @@ impl CustomOp3 for Forward {
             layer,
             layout: self.layout,
             saved,
+            relu: self.relu,
+            residual: self.residual,
             grads: Mutex::new(None),
         };
-        let dx = x.apply_op2_no_bwd(&dy.contiguous()?, &op)?;
+        let dx = x.apply_op3_no_bwd(&dy.contiguous()?, &y.contiguous()?, &op)?;
         let grads = lock(&op.grads).take();
-        let Some(g) = grads else {
+        let Some((g, d_residual)) = grads else {
             bail!("batchnorm::candle: the backward op did not run");
         };
-        let c = g.weight.len();
         let dweight = Tensor::from_vec(g.weight, c, x.device())?;
         let dbias = Tensor::from_vec(g.bias, c, x.device())?;
-        Ok((Some(dx), Some(dweight), Some(dbias)))
+        Ok(match d_residual {
+            Some(dr) => (
+                Some(dx),
+                Some(dr),
+                Some(Tensor::cat(&[&dweight, &dbias], 0)?),
+            ),
+            None => (Some(dx), Some(dweight), Some(dbias)),
+        })
     }
 }
 
-/// `dx` over (x, dy), keeping the parameter gradients: training's backward with the saved
-/// statistics, or inference's with the running ones.
+/// `dx` over (x, dy, y), keeping the parameter gradients and, with a residual, its gradient:
+/// training's backward with the saved statistics, or inference's with the running ones,
+/// `dy` gated by `y > 0` with a ReLU.
 struct Backward {
     layer: Layer<f32>,
     layout: Layout,
     saved: Option<SavedStats<f32>>,
-    grads: Mutex<Option<Gradients<f32>>>,
+    relu: bool,
+    residual: bool,
+    grads: Mutex<Option<(Gradients<f32>, Option<Tensor>)>>,
 }
 
 impl Backward {
     fn run<D: Storable>(
         &self,
-        x: &CpuStorage,
-        lx: &CandleLayout,
-        dy: &CpuStorage,
-        ldy: &CandleLayout,
+        (x, lx): (&CpuStorage, &CandleLayout),
+        (dy, ldy): (&CpuStorage, &CandleLayout),
+        (y, ly): (&CpuStorage, &CandleLayout),
     ) -> Result<(CpuStorage, candle_core::Shape)> {
-        let (x, dy) = (elements::<D>(x, lx)?, elements::<D>(dy, ldy)?);
+        let (x, dy, y) = (
+            elements::<D>(x, lx)?,
+            elements::<D>(dy, ldy)?,
+            elements::<D>(y, ly)?,
+        );
         let shape = shape_of(lx.dims(), self.layout);
         let mut dx = vec![D::default(); x.len()];
+        let mut dr = if self.residual {
+            vec![D::default(); x.len()]
+        } else {
+            Vec::new()
+        };
+        let (layer, layout) = (&self.layer, self.layout);
         let grads = match &self.saved {
-            Some(saved) => self
-                .layer
-                .backward(x, dy, saved, &mut dx, shape, self.layout),
-            None => self.layer.backward_eval(x, dy, &mut dx, shape, self.layout),
+            Some(saved) => {
+                let d_residual = self.residual.then_some(&mut dr[..]);
+                layer.backward_fused(
+                    x, y, dy, saved, &mut dx, d_residual, shape, layout, self.relu,
+                )
+            }
+            None if self.relu || self.residual => {
+                // Inference's backward has no fused twin: the gated gradient first (the
+                // residual's gradient, kept when there is a residual).
+                let mut dz: Vec<D> = dy
+                    .iter()
+                    .zip(y)
+                    .map(|(&d, &y)| {
+                        let gated = self.relu && y.to_param() <= 0.0;
+                        if gated {
+                            D::default()
+                        } else {
+                            d
+                        }
+                    })
+                    .collect();
+                let grads = layer.backward_eval(x, &dz, &mut dx, shape, layout);
+                if self.residual {
+                    std::mem::swap(&mut dr, &mut dz);
+                }
+                grads
+            }
+            None => layer.backward_eval(x, dy, &mut dx, shape, layout),
         }
         .map_err(candle_core::Error::wrap)?;
-        *lock(&self.grads) = Some(grads);
+        let d_residual = if self.residual {
+            Some(Tensor::from_vec(
+                dr,
+                lx.shape().clone(),
+                &candle_core::Device::Cpu,
+            )?)
+        } else {
+            None
+        };
+        *lock(&self.grads) = Some((grads, d_residual));
         Ok((D::storage(dx), lx.shape().clone()))
     }
 }
 
-impl CustomOp2 for Backward {
+impl CustomOp3 for Backward {
     fn name(&self) -> &'static str {
         "batchnorm-backward"
     }
@@ -500,15 +654,18 @@ impl CustomOp2 for Backward {
         lx: &CandleLayout,
         dy: &CpuStorage,
         ldy: &CandleLayout,
+        y: &CpuStorage,
+        ly: &CandleLayout,
     ) -> Result<(CpuStorage, candle_core::Shape)> {
-        if x.dtype() != dy.dtype() {
+        if x.dtype() != dy.dtype() || x.dtype() != y.dtype() {
             bail!(
-                "batchnorm::candle: dy is {:?}, x {:?}",
+                "batchnorm::candle: dy is {:?}, y {:?}, x {:?}",
                 dy.dtype(),
+                y.dtype(),
                 x.dtype()
             );
         }
-        by_storage!(x, run(self, x, lx, dy, ldy))
+        by_storage!(x, run(self, (x, lx), (dy, ldy), (y, ly)))
     }
 }
 

@@ -24,6 +24,22 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// A variable holding `t`'s values (`(N, C, H, W)`), in NHWC memory when `channels_last`,
+/// and the `(N, C, H, W)` view of it that goes into a layer (channels-last strides then).
+/// (`Var::from_tensor` copies into a standard tensor, so the view is made after it.)
+fn variable(t: &Tensor, channels_last: bool) -> (candle_core::Var, Tensor) {
+    if channels_last {
+        let v = candle_core::Var::from_tensor(&t.permute((0, 2, 3, 1)).unwrap()).unwrap();
+        let view = v.as_tensor().permute((0, 3, 1, 2)).unwrap();
+        assert_eq!(view.stride()[1], 1, "a channels-last view");
+        (v, view)
+    } else {
+        let v = candle_core::Var::from_tensor(t).unwrap();
+        let view = v.as_tensor().clone();
+        (v, view)
+    }
+}
+
 struct Net<B> {
     c1: candle_nn::Conv2d,
     bn1: B,
@@ -140,15 +156,8 @@ fn a_small_cnn_trains_as_with_candle_nn() {
 fn check_call(dtype: DType, channels_last: bool, train: bool, tol: f64) {
     let dev = Device::Cpu;
     let (n, c, h, w) = (3, 5, 4, 7);
-    let x = Tensor::randn(10f32, 3.0, (n, c, h, w), &dev).unwrap();
-    let x = if channels_last {
-        // NHWC memory, seen as (N, C, H, W).
-        let nhwc = x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
-        nhwc.permute((0, 3, 1, 2)).unwrap()
-    } else {
-        x
-    };
     // The values of the 16-bit type, for both sides.
+    let x = Tensor::randn(10f32, 3.0, (n, c, h, w), &dev).unwrap();
     let x = x.to_dtype(dtype).unwrap();
     let probe = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
     let probe = probe.to_dtype(dtype).unwrap();
@@ -170,8 +179,8 @@ fn check_call(dtype: DType, channels_last: bool, train: bool, tol: f64) {
                 v
             })
             .collect();
-        let xv = candle_core::Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
-        let y = layer.forward_t(xv.as_tensor(), train).unwrap();
+        let (xv, input) = variable(&x.to_dtype(dtype).unwrap(), channels_last);
+        let y = layer.forward_t(&input, train).unwrap();
         assert_eq!(y.dims(), x.dims());
         assert_eq!(y.dtype(), dtype);
         let probe = probe.to_dtype(dtype).unwrap();
@@ -285,5 +294,142 @@ fn bad_input_is_an_error() {
     // The running statistics are untouched by a refused training call.
     let before = bn.running_mean().to_vec1::<f32>().unwrap();
     let _ = bn.forward_t(&Tensor::zeros((1, 3, 1), DType::F32, &dev).unwrap(), true);
+    assert_eq!(bn.running_mean().to_vec1::<f32>().unwrap(), before);
+}
+
+/// `forward_t_fused` against the same work done with our plain layer and candle's add and
+/// ReLU: outputs, the gradients of x, the residual, weight and bias, and the running
+/// statistics, in `dtype`, NCHW or channels-last (the residual in the other layout too).
+/// `x` takes the values -2, 0, 2 and the residual -0.5, 0.5, 1 (weight 0.75, bias 0.5), so
+/// that no value before the ReLU lies within roundings of 0, where the two sides could gate
+/// the gradient differently (checked below).
+fn check_fused(dtype: DType, channels_last: bool, residual: bool, relu: bool, train: bool) {
+    let dev = Device::Cpu;
+    let (n, c, h, w) = (3, 5, 4, 7);
+    let len = n * c * h * w;
+    let from = |values: [f32; 3], k: usize| {
+        let v: Vec<f32> = (0..len).map(|i| values[(i * k + i / 5) % 3]).collect();
+        Tensor::from_vec(v, (n, c, h, w), &dev).unwrap()
+    };
+    let x = from([-2.0, 0.0, 2.0], 11).to_dtype(dtype).unwrap();
+    let r = from([-0.5, 0.5, 1.0], 5).to_dtype(dtype).unwrap();
+    let probe = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+    let varmaps = [VarMap::new(), VarMap::new()];
+    let run = |varmap: &VarMap, fused: bool| {
+        let vb = VarBuilder::from_varmap(varmap, dtype, &dev);
+        let bn = ours::batch_norm(c, 1e-5, vb).unwrap();
+        let vars: Vec<_> = [("weight", 0.75), ("bias", 0.5)]
+            .iter()
+            .map(|&(name, value)| {
+                let v = varmap.data().lock().unwrap()[name].clone();
+                v.set(
+                    &Tensor::full(value, c, &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap();
+                v
+            })
+            .collect();
+        let (xv, input) = variable(&x, channels_last);
+        // The residual lies in the other layout half of the time.
+        let (rv, r_input) = variable(&r, channels_last != relu);
+        let res = residual.then_some(&r_input);
+        let y = if fused {
+            bn.forward_t_fused(&input, res, relu, train).unwrap()
+        } else {
+            let y = bn.forward_t(&input, train).unwrap();
+            let y = match res {
+                Some(r) => (y + r).unwrap(),
+                None => y,
+            };
+            let nearest = values(&y).iter().fold(f64::INFINITY, |m, v| m.min(v.abs()));
+            assert!(nearest > 0.4, "a value {nearest} before the ReLU is near 0");
+            if relu {
+                y.relu().unwrap()
+            } else {
+                y
+            }
+        };
+        assert_eq!(y.dims(), x.dims());
+        assert_eq!(y.dtype(), dtype);
+        if fused {
+            assert_eq!(
+                y.stride(),
+                input.stride(),
+                "the output has the input's layout"
+            );
+        }
+        let loss = (&y * &probe.to_dtype(dtype).unwrap()).unwrap();
+        let loss = loss.to_dtype(DType::F32).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let mut out = vec![
+            y,
+            grads.get(xv.as_tensor()).expect("dx").clone(),
+            grads.get(vars[0].as_tensor()).expect("dweight").clone(),
+            grads.get(vars[1].as_tensor()).expect("dbias").clone(),
+            bn.running_mean().clone(),
+            bn.running_var().clone(),
+        ];
+        if residual {
+            out.push(grads.get(rv.as_tensor()).expect("d_residual").clone());
+        }
+        out
+    };
+    let (fused, separate) = (run(&varmaps[0], true), run(&varmaps[1], false));
+    // f32: the fused output rounds once where the separate add rounds twice; 16-bit: the
+    // separate passes round the normalized value to the type before adding (one rounding of
+    // the type, relative 2^-11 or 2^-8, more near cancellation with the residual).
+    let tol = match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 4e-3,
+        _ => 3e-2,
+    };
+    let names = [
+        "y",
+        "dx",
+        "dweight",
+        "dbias",
+        "running_mean",
+        "running_var",
+        "d_residual",
+    ];
+    for ((name, a), b) in names.iter().zip(&fused).zip(&separate) {
+        let d = rel_diff(a, b);
+        assert!(
+            d <= tol,
+            "{name} ({dtype:?}, channels_last {channels_last}, residual {residual}, relu \
+             {relu}, train {train}): {d:e}"
+        );
+    }
+}
+
+#[test]
+fn fused_calls_are_the_separate_passes() {
+    for train in [true, false] {
+        for channels_last in [false, true] {
+            for (residual, relu) in [(true, true), (true, false), (false, true)] {
+                check_fused(DType::F32, channels_last, residual, relu, train);
+                check_fused(DType::F16, channels_last, residual, relu, train);
+                check_fused(DType::BF16, channels_last, residual, relu, train);
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_bad_input_is_an_error() {
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let bn = ours::batch_norm(3, 1e-5, vb).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 4), &dev).unwrap();
+    let before = bn.running_mean().to_vec1::<f32>().unwrap();
+    let err = |r: Result<Tensor>| r.expect_err("accepted").to_string();
+    let short = Tensor::zeros((2, 3, 3), DType::F32, &dev).unwrap();
+    assert!(err(bn.forward_t_fused(&x, Some(&short), true, true)).contains("residual"));
+    let f16 = x.to_dtype(DType::F16).unwrap();
+    assert!(err(bn.forward_t_fused(&x, Some(&f16), false, true)).contains("residual"));
     assert_eq!(bn.running_mean().to_vec1::<f32>().unwrap(), before);
 }
