@@ -34,6 +34,7 @@ use crate::error::Error;
 use crate::fuse::Fuse;
 use crate::layer::{BatchNorm, Gradients, SavedStats};
 use crate::shape::{Layout, Shape};
+use crate::sync::Collective;
 use ::ndarray::{ArrayView, ArrayViewMut, Dimension};
 
 fn layout_of(
@@ -184,6 +185,43 @@ impl<T: Element> BatchNorm<T> {
             .map(|d| output(d, "d_residual", want))
             .transpose()?;
         self.backward_fused(x, y, dy, saved, dx, dr, shape, layout, relu)
+    }
+
+    /// [`forward_train_sync`](Self::forward_train_sync) on arrays: this worker's slice `x`
+    /// of the batch and `y` of the same shape and layout. Views refused here (strides, a
+    /// mismatch) are this worker's error in the collective call, which it still makes, so
+    /// that no other worker waits (they get [`Error::Peer`]).
+    pub fn forward_train_sync_array<E: Data<Param = T>, I: Dimension, C: Collective>(
+        &mut self,
+        x: ArrayView<'_, E, I>,
+        y: ArrayViewMut<'_, E, I>,
+        comm: &C,
+    ) -> Result<SavedStats<T>, Error> {
+        let tensors = input(&x, "x", None).and_then(|(x, shape, layout)| {
+            let y = output(y, "y", Some((shape, layout)))?;
+            Ok((x, y, shape, layout))
+        });
+        self.forward_train_sync_of(tensors, comm)
+    }
+
+    /// [`backward_sync`](Self::backward_sync) on arrays: `dy` and `dx` of the same shape and
+    /// layout as `x`; refused views as in
+    /// [`forward_train_sync_array`](Self::forward_train_sync_array).
+    pub fn backward_sync_array<E: Data<Param = T>, I: Dimension, C: Collective>(
+        &self,
+        x: ArrayView<'_, E, I>,
+        dy: ArrayView<'_, E, I>,
+        saved: &SavedStats<T>,
+        dx: ArrayViewMut<'_, E, I>,
+        comm: &C,
+    ) -> Result<Gradients<T>, Error> {
+        let tensors = input(&x, "x", None).and_then(|(x, shape, layout)| {
+            let want = Some((shape, layout));
+            let (dy, ..) = input(&dy, "dy", want)?;
+            let dx = output(dx, "dx", want)?;
+            Ok((x, dy, dx, shape, layout))
+        });
+        self.backward_sync_of(tensors, saved, comm)
     }
 }
 

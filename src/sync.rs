@@ -41,6 +41,14 @@ pub trait Collective {
     fn all_reduce_sum(&self, values: &mut [f64]) -> Result<(), Self::Error>;
 }
 
+/// A worker's tensors for [`BatchNorm::forward_train_sync`] (x, y, shape, layout), or why its
+/// caller refused them before the call.
+pub(crate) type TrainTensors<'a, D> = Result<(&'a [D], &'a mut [D], Shape, Layout), Error>;
+
+/// A worker's tensors for [`BatchNorm::backward_sync`] (x, dy, dx, shape, layout), or why its
+/// caller refused them before the call.
+pub(crate) type BackTensors<'a, D> = Result<(&'a [D], &'a [D], &'a mut [D], Shape, Layout), Error>;
+
 impl<T: Element> BatchNorm<T> {
     /// [`forward_train`](Self::forward_train) of this worker's slice `x` of a batch split
     /// over the workers of `comm` (along N; a worker may hold none, `n = 0`): the statistics
@@ -56,25 +64,38 @@ impl<T: Element> BatchNorm<T> {
         layout: Layout,
         comm: &C,
     ) -> Result<SavedStats<T>, Error> {
+        self.forward_train_sync_of(Ok((x, y, shape, layout)), comm)
+    }
+
+    /// [`forward_train_sync`](Self::forward_train_sync) of `tensors` (x, y, shape, layout),
+    /// or of nothing when the caller already refused them (the error is this worker's part
+    /// in the collective call, then its result).
+    pub(crate) fn forward_train_sync_of<D: Data<Param = T>, C: Collective>(
+        &mut self,
+        tensors: TrainTensors<'_, D>,
+        comm: &C,
+    ) -> Result<SavedStats<T>, Error> {
         let c = self.channels();
-        let local = self
-            .check_train(shape, x.len())
-            .and_then(|()| check_len("y", x.len(), y.len()));
+        let local = tensors.and_then(|(x, y, shape, layout)| {
+            self.check_train(shape, x.len())?;
+            check_len("y", x.len(), y.len())?;
+            Ok((x, y, shape, layout))
+        });
         // A header as a first "channel": count = 1 if this worker's input was refused, mean =
         // its channel count, m2 = its values per channel (exact in f64 up to 2^53).
         let mut message = vec![Moments {
             count: local.is_err() as u64,
             mean: c as f64,
-            m2: shape.per_channel() as f64,
+            m2: local.as_ref().map_or(0.0, |t| t.2.per_channel() as f64),
         }];
         match &local {
-            Ok(()) => message.extend(exec::moments(x, shape, layout)),
+            Ok((x, _, shape, layout)) => message.extend(exec::moments(x, *shape, *layout)),
             Err(_) => message.resize(c + 1, Moments::default()),
         }
         let all = comm
             .all_gather_moments(&message)
             .map_err(CollectiveError::of)?;
-        local?;
+        let (x, y, shape, layout) = local?;
         let mut count = 0.0;
         for (rank, m) in all.iter().enumerate() {
             if m.len() != c + 1 || m[0].count != 0 || m[0].mean != c as f64 {
@@ -127,24 +148,39 @@ impl<T: Element> BatchNorm<T> {
         layout: Layout,
         comm: &C,
     ) -> Result<Gradients<T>, Error> {
+        self.backward_sync_of(Ok((x, dy, dx, shape, layout)), saved, comm)
+    }
+
+    /// [`backward_sync`](Self::backward_sync) of `tensors` (x, dy, dx, shape, layout), or of
+    /// nothing when the caller already refused them (as
+    /// [`forward_train_sync_of`](Self::forward_train_sync_of)).
+    pub(crate) fn backward_sync_of<D: Data<Param = T>, C: Collective>(
+        &self,
+        tensors: BackTensors<'_, D>,
+        saved: &SavedStats<T>,
+        comm: &C,
+    ) -> Result<Gradients<T>, Error> {
         let c = self.channels();
-        let local = self
-            .check_backward(x, dy, dx, shape)
-            .and_then(|()| check_len("saved.mean", c, saved.mean.len()))
-            .and_then(|()| check_len("saved.invstd", c, saved.invstd.len()));
+        let mut local = tensors.and_then(|(x, dy, dx, shape, layout)| {
+            self.check_backward(x, dy, dx, shape)?;
+            check_len("saved.mean", c, saved.mean.len())?;
+            check_len("saved.invstd", c, saved.invstd.len())?;
+            Ok((x, dy, dx, shape, layout))
+        });
         // [refused workers, values per channel, Σ dy per channel, Σ dy·(x - mean) per channel]
         let mut values = vec![0.0; 2 + 2 * c];
         values[0] = local.is_err() as u8 as f64;
-        values[1] = shape.per_channel() as f64;
-        if local.is_ok() {
-            let sums = exec::grad_sums(&Grad::new(x, dy, &[], dx), shape, layout, &saved.mean);
+        if let Ok((x, dy, dx, shape, layout)) = &mut local {
+            values[1] = shape.per_channel() as f64;
+            let g = Grad::new(x, dy, &[], dx);
+            let sums = exec::grad_sums(&g, *shape, *layout, &saved.mean);
             for (ch, s) in sums.iter().enumerate() {
                 (values[2 + ch], values[2 + c + ch]) = (s.dy, s.dy_xc);
             }
         }
         comm.all_reduce_sum(&mut values)
             .map_err(CollectiveError::of)?;
-        local?;
+        let (x, dy, dx, shape, layout) = local?;
         if values[0] != 0.0 {
             return Err(Error::Peer { rank: None });
         }

@@ -7,7 +7,7 @@
 mod common;
 
 use batchnorm::half::f16;
-use batchnorm::{BatchNorm, Data, Error, Fuse, Layout, Shape};
+use batchnorm::{BatchNorm, Data, Error, Fuse, Gradients, Layout, LocalGroup, SavedStats, Shape};
 use common::{assert_identical, Rng};
 use ndarray::{s, ArrayD, ArrayViewD, IxDyn};
 
@@ -317,4 +317,126 @@ fn other_strides_are_refused_untouched() {
     }
     .to_string()
     .contains("channels-last"));
+}
+
+/// What one worker of a synchronized call returns: the statistics, `y`, the gradients, `dx`
+/// (memory order) and its layer after the calls.
+type WorkerResult = (
+    Result<SavedStats<f32>, Error>,
+    Vec<f32>,
+    Result<Gradients<f32>, Error>,
+    Vec<f32>,
+    BatchNorm<f32>,
+);
+
+/// Each worker's `(x, permutation, dy)` through the synchronized calls, every worker on its
+/// own thread over a `LocalGroup`: the array calls with `arrays`, else the slice calls on
+/// the arrays' memory. `gapped` makes worker 0 pass `x` with gaps (refused as strides).
+fn sync_workers(
+    bn: &BatchNorm<f32>,
+    workers: &[(ArrayD<f32>, Vec<usize>, ArrayD<f32>)],
+    layout: Layout,
+    arrays: bool,
+    gapped: bool,
+) -> Vec<WorkerResult> {
+    let groups = LocalGroup::new(workers.len());
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .into_iter()
+            .zip(workers)
+            .enumerate()
+            .map(|(rank, (comm, (x, perm, dy)))| {
+                let mut layer = bn.clone();
+                scope.spawn(move || {
+                    let mut y = x.clone();
+                    let mut dx = x.clone();
+                    let (saved, grads) = if arrays {
+                        let xv = view(x, perm);
+                        let xv = if gapped && rank == 0 {
+                            xv.slice_move(s![.., .., ..;2, ..]).into_dyn()
+                        } else {
+                            xv
+                        };
+                        let y_view = y.view_mut().permuted_axes_if(perm);
+                        let saved = layer.forward_train_sync_array(xv.view(), y_view, &comm);
+                        let probe = saved.clone().unwrap_or(SavedStats {
+                            mean: vec![0.0; bn.channels()],
+                            invstd: vec![1.0; bn.channels()],
+                        });
+                        let dx_view = dx.view_mut().permuted_axes_if(perm);
+                        let grads =
+                            layer.backward_sync_array(xv, view(dy, perm), &probe, dx_view, &comm);
+                        (saved, grads)
+                    } else {
+                        let d = x.shape();
+                        let (n, c) = (d[0], bn.channels());
+                        let shape = Shape::new(n, c, x.len() / (n * c).max(1));
+                        let xs = x.as_slice().unwrap();
+                        let ys = y.as_slice_mut().unwrap();
+                        let saved = layer.forward_train_sync(xs, ys, shape, layout, &comm);
+                        let s = saved.as_ref().unwrap();
+                        let dys = dy.as_slice().unwrap();
+                        let dxs = dx.as_slice_mut().unwrap();
+                        let grads = layer.backward_sync(xs, dys, s, dxs, shape, layout, &comm);
+                        (saved, grads)
+                    };
+                    let y = y.as_slice().unwrap().to_vec();
+                    let dx = dx.as_slice().unwrap().to_vec();
+                    (saved, y, grads, dx, layer)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Synchronized calls on arrays: two workers holding 2 and 4 images of a batch, NCHW and
+/// channels-last, give the slice calls' results bit for bit (statistics, outputs, gradients,
+/// running statistics); a worker whose view is refused gets its own error and the other
+/// `Error::Peer`, in both calls, with neither waiting and both layers untouched.
+#[test]
+fn synchronized_arrays_are_the_slice_calls() {
+    for layout in [Layout::Nchw, Layout::Nhwc] {
+        let mut rng = Rng::new(11);
+        let bn = layer(&mut rng, 5);
+        let workers: Vec<_> = [2, 4]
+            .iter()
+            .map(|&n| {
+                let (x, perm) = array::<f32>(&mut rng, &[n, 5, 3, 4], layout);
+                let (dy, _) = array::<f32>(&mut rng, &[n, 5, 3, 4], layout);
+                (x, perm, dy)
+            })
+            .collect();
+        let got = sync_workers(&bn, &workers, layout, true, false);
+        let want = sync_workers(&bn, &workers, layout, false, false);
+        for (rank, (g, w)) in got.iter().zip(&want).enumerate() {
+            let what = format!("{layout:?} worker {rank}");
+            assert_eq!(g.0, w.0, "{what}: statistics");
+            assert!(g.0.is_ok(), "{what}");
+            assert_identical(&g.1, &w.1, &format!("{what}: y"));
+            assert_eq!(g.2, w.2, "{what}: gradients");
+            assert_identical(&g.3, &w.3, &format!("{what}: dx"));
+            assert_eq!(g.4, w.4, "{what}: layer");
+        }
+        // Running statistics moved with the whole batch, the same on both workers.
+        assert_eq!(got[0].4, got[1].4);
+        assert_ne!(got[0].4, bn);
+
+        let refused = sync_workers(&bn, &workers, layout, true, true);
+        assert!(
+            is_strides(refused[0].0.clone()),
+            "{layout:?}: {:?}",
+            refused[0].0
+        );
+        assert_eq!(refused[1].0, Err(Error::Peer { rank: Some(0) }));
+        assert!(
+            is_strides(refused[0].2.clone()),
+            "{layout:?}: {:?}",
+            refused[0].2
+        );
+        assert_eq!(refused[1].2, Err(Error::Peer { rank: None }));
+        for r in &refused {
+            assert_eq!(r.4, bn, "{layout:?}: a layer moved");
+        }
+    }
 }
