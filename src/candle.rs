@@ -33,7 +33,7 @@
 //! ```
 
 use crate::element::Data;
-use crate::fuse::Fuse;
+use crate::fuse::{relu_gradient, Fuse};
 use crate::half::{bf16, f16};
 use crate::layer::{BatchNorm as Layer, Gradients, SavedStats};
 use crate::shape::{Layout, Shape};
@@ -600,25 +600,17 @@ impl Backward {
                 )
             }
             None if self.relu || self.residual => {
-                // Inference's backward has no fused twin: the gated gradient first (the
-                // residual's gradient, kept when there is a residual).
-                let mut dz: Vec<D> = dy
-                    .iter()
-                    .zip(y)
-                    .map(|(&d, &y)| {
-                        let gated = self.relu && y.to_param() <= 0.0;
-                        if gated {
-                            D::default()
-                        } else {
-                            d
-                        }
-                    })
-                    .collect();
-                let grads = layer.backward_eval(x, &dz, &mut dx, shape, layout);
-                if self.residual {
-                    std::mem::swap(&mut dr, &mut dz);
-                }
-                grads
+                // Inference's backward has no fused twin: the gated gradient first, written
+                // as the residual's gradient when there is a residual.
+                let mut scratch = Vec::new();
+                let dz = if self.residual {
+                    &mut dr
+                } else {
+                    scratch.resize(x.len(), D::default());
+                    &mut scratch
+                };
+                relu_gradient(dy, y, self.relu, dz);
+                layer.backward_eval(x, dz, &mut dx, shape, layout)
             }
             None => layer.backward_eval(x, dy, &mut dx, shape, layout),
         }

@@ -1,7 +1,7 @@
 //! Fused epilogues: `y = relu(bn(x) + residual)` in the pass that normalizes, as ResNets use
 //! every batch norm (with its ReLU, and the last of each block with the residual too).
 
-use crate::element::Data;
+use crate::element::{Data, Element};
 use crate::error::{check_len, Error};
 use crate::kernels::buffers::{Buffers, Relu, Residual, Then};
 
@@ -78,5 +78,19 @@ pub(crate) fn with_epilogue<D: Data, B: Buffers<Data = D>, O: OverBuffers<D>>(
             buf,
             epilogue: Residual::<D, true>::new(residual),
         }),
+    }
+}
+
+/// `dz = relu'(y) · dy`: `dy` where the output `y > 0`, 0 where `y <= 0` (PyTorch's
+/// `threshold_backward` rule, so a NaN output passes its gradient); `dy` itself without
+/// `relu`. The backward of the fused epilogue before the batch norm's own.
+pub(crate) fn relu_gradient<D: Data>(dy: &[D], y: &[D], relu: bool, dz: &mut [D]) {
+    let zero = <D::Param as Element>::ZERO;
+    for ((o, &d), &y) in dz.iter_mut().zip(dy).zip(y) {
+        *o = if relu && y.to_param() <= zero {
+            D::from_param(zero)
+        } else {
+            d
+        };
     }
 }

@@ -3,7 +3,7 @@
 use crate::element::{Data, Element};
 use crate::error::{check_eps, check_len, check_xy, Error};
 use crate::exec;
-use crate::fuse::{with_epilogue, Fuse, OverBuffers};
+use crate::fuse::{relu_gradient, with_epilogue, Fuse, OverBuffers};
 use crate::kernels::backward::{BackAffine, GradSums};
 use crate::kernels::buffers::{Buffers, Grad, Split};
 use crate::kernels::normalize::{fill_affine, Affine};
@@ -266,13 +266,7 @@ impl<T: Element> BatchNorm<T> {
         // The residual's gradient is written anyway: write it first and read it back as the
         // batch norm's `dy` (the same bytes moved as gating `dy` in both passes, and one
         // tensor fewer than writing it from the second).
-        for ((o, &d), &y) in dr.iter_mut().zip(dy).zip(y) {
-            *o = if relu && y.to_param() <= T::ZERO {
-                D::from_param(T::ZERO)
-            } else {
-                d
-            };
-        }
+        relu_gradient(dy, y, relu, dr);
         self.train_backward(Grad::new(x, dr, &[], dx), saved, shape, layout)
     }
 
