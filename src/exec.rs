@@ -20,7 +20,7 @@ use crate::kernels::backward::{
 use crate::kernels::buffers::{
     alike_in_lines, rotated_arrays, rotation_of, Buffers, Grad, Param, Span,
 };
-use crate::kernels::channels::{self, BackwardChannels, TrainChannels};
+use crate::kernels::channels::{self, BackwardChannels, MomentsChannels, TrainChannels};
 use crate::kernels::normalize::{fill_affine, Affine, ChannelAffine, NormalizeRows, NormalizeRuns};
 use crate::kernels::simd::{Simd, WithSimd};
 use crate::kernels::stats::{MomentsRows, MomentsRuns, PivotSums};
@@ -52,6 +52,16 @@ impl Plan {
         (parallel::caches().l2 / 2 / self.channel_bytes::<T>().max(1))
             .min(by_threads)
             .clamp(1, channels::GROUP)
+    }
+
+    /// Channels per task of the NCHW statistics by channel groups ([`stats_runs`]), when they
+    /// take that path: with more than one image, and channels enough for every thread. As
+    /// many as [`channels::GROUP`] (the longer a group's span of each image, the closer its
+    /// reading is to one sequential stream), leaving four groups a thread.
+    fn stats_group(self, par: Par) -> Option<usize> {
+        let (n, c, _) = self.fused(par)?;
+        let by_threads = if par.on { c / (4 * par.threads) } else { c };
+        (n > 1).then(|| by_threads.clamp(1, channels::GROUP))
     }
 
     /// The bytes of one channel (all images).
@@ -316,7 +326,11 @@ impl Pieces {
     }
 }
 
-/// Moments of the channels of NCHW runs, pieces of channels in parallel.
+/// Moments of the channels of NCHW runs: by channel groups, each read image by image in
+/// long stretches ([`Plan::stats_group`]), or else by pieces of channels, in parallel.
+/// Measured on Zen 5, one thread, groups against pieces (a channel's runs one after
+/// another): 32x256x28x28 0.80 -> 0.55 ms, 32x64x56x56 0.86 -> 0.54 ms, 256x64x56x56 10.3 ->
+/// 6.6 ms, 8x32x224x224 1.8 -> 1.55 ms, 32x2048x7x7 0.61 -> 0.26 ms.
 fn stats_runs<D: Data, S: Simd>(
     simd: S,
     x: &[D],
@@ -325,6 +339,11 @@ fn stats_runs<D: Data, S: Simd>(
     s: usize,
     par: Par,
 ) -> Vec<Moments> {
+    if let Some(group) = (Plan::Runs { n, c, s }).stats_group(par) {
+        return for_each_channel_group(x, (n, c, s), group, par, |_, spans, out| {
+            simd.vectorize(MomentsChannels { spans, s, out })
+        });
+    }
     Pieces::new(n, c, s, par).map(
         c,
         par,

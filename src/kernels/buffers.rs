@@ -195,6 +195,18 @@ impl<T: Data> Buffers for Split<'_, T> {
     }
 }
 
+/// An input alone, cut as buffers are (the statistics' channel groups).
+impl<T: Data> Span for &[T] {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        <[T]>::len(self)
+    }
+    #[inline(always)]
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        <[T]>::split_at(self, mid)
+    }
+}
+
 impl<T: Data> Span for &mut [T] {
     #[inline(always)]
     fn len(&self) -> usize {
