@@ -20,7 +20,9 @@ use crate::kernels::backward::{
 use crate::kernels::buffers::{
     alike_in_lines, rotated_arrays, rotation_of, Buffers, Grad, Param, Span,
 };
-use crate::kernels::channels::{self, BackwardChannels, MomentsChannels, TrainChannels};
+use crate::kernels::channels::{
+    self, BackwardChannels, GradSumsChannels, MomentsChannels, TrainChannels,
+};
 use crate::kernels::normalize::{fill_affine, Affine, ChannelAffine, NormalizeRows, NormalizeRuns};
 use crate::kernels::simd::{Simd, WithSimd};
 use crate::kernels::stats::{MomentsRows, MomentsRuns, PivotSums};
@@ -54,14 +56,15 @@ impl Plan {
             .clamp(1, channels::GROUP)
     }
 
-    /// Channels per task of the NCHW statistics by channel groups ([`stats_runs`]), when they
-    /// take that path: with more than one image, and channels enough for every thread. As
+    /// The runs `(n, c, s)` and channels per task of the NCHW statistics and backward sums by
+    /// channel groups ([`stats_runs`]), when they take that path: with more than one image,
+    /// and channels enough for every thread. As
     /// many as [`channels::GROUP`] (the longer a group's span of each image, the closer its
     /// reading is to one sequential stream), leaving four groups a thread.
-    fn stats_group(self, par: Par) -> Option<usize> {
-        let (n, c, _) = self.fused(par)?;
+    fn stats_group(self, par: Par) -> Option<((usize, usize, usize), usize)> {
+        let (n, c, s) = self.fused(par)?;
         let by_threads = if par.on { c / (4 * par.threads) } else { c };
-        (n > 1).then(|| by_threads.clamp(1, channels::GROUP))
+        (n > 1).then(|| ((n, c, s), by_threads.clamp(1, channels::GROUP)))
     }
 
     /// The bytes of one channel (all images).
@@ -206,24 +209,33 @@ where
             par,
             finish,
         } = self;
-        if let Some((n, c, s)) = plan.fused(par) {
+        // A residual whose channels overflow half of L2 each: the statistics by channel
+        // groups ([`stats_runs`]), then one map over the whole tensor in memory order (below),
+        // though `x` is read twice from memory. A channel group's map would read the residual
+        // in stretches of one image each, which memory serves more slowly than one stream:
+        // measured on Zen 5, one thread, with residual and ReLU, 256x64x56x56 22.0-22.2 ->
+        // 19.0-19.5 ms, 8x32x224x224 4.5-4.6 -> 4.3-4.5 ms. Where a group fits in L2, its
+        // map reads `x` from there and the groups stay faster (32x256x28x28 1.95 against
+        // 2.06 ms).
+        let spills = plan.channel_bytes::<B::Data>() > parallel::caches().l2 / 2;
+        let grouped = plan
+            .fused(par)
+            .filter(|&(n, ..)| n == 1 || !(buf.epilogue_reads() && spills));
+        if let Some((n, c, s)) = grouped {
             let group = plan.group::<B::Data>(par);
             let mut buf = buf;
             if n > 1 {
                 // A group's map reads a residual image by image: each image's stretch asks
                 // for the next image's, `c * s` elements on.
                 buf.epilogue_read_ahead(c * s);
-                // And its `x` asks for the next group's, `group * s` elements on (within the
-                // image), so that the next group's statistics find it in L2 instead of
-                // reading memory in a pass that writes nothing. Measured on Zen 5, one
-                // thread: plain training 32x256x28x28 1.68 -> 1.27 ms, 32x64x56x56 1.79 ->
-                // 1.53 ms, 256x64x56x56 17.2 -> 14.5 ms (`f16` 12.7 -> 9.0 ms). Not when a
-                // residual is read too and the group fits in half of L2, where it would push
-                // out the group's own `x` (32x256x28x28 with residual and ReLU 1.99 -> 2.29
-                // ms); where one channel alone is more than that, it pays with a residual as
-                // well (8x32x224x224 5.4 -> 4.8 ms).
-                let spills = plan.channel_bytes::<B::Data>() > parallel::caches().l2 / 2;
-                if !buf.epilogue_reads() || spills {
+                // Without a residual, its `x` asks for the next group's, `group * s` elements
+                // on (within the image), so that the next group's statistics find it in L2
+                // instead of reading memory in a pass that writes nothing. Measured on Zen 5,
+                // one thread: plain training 32x256x28x28 1.68 -> 1.27 ms, 32x64x56x56 1.79
+                // -> 1.53 ms, 256x64x56x56 17.2 -> 14.5 ms (`f16` 12.7 -> 9.0 ms). With a
+                // residual it would push out the group's own `x` (32x256x28x28 with residual
+                // and ReLU 1.99 -> 2.29 ms).
+                if !buf.epilogue_reads() {
                     buf.input_read_ahead(group * s);
                 }
             }
@@ -339,8 +351,8 @@ fn stats_runs<D: Data, S: Simd>(
     s: usize,
     par: Par,
 ) -> Vec<Moments> {
-    if let Some(group) = (Plan::Runs { n, c, s }).stats_group(par) {
-        return for_each_channel_group(x, (n, c, s), group, par, |_, spans, out| {
+    if let Some((runs, group)) = (Plan::Runs { n, c, s }).stats_group(par) {
+        return for_each_channel_group(x, runs, group, par, |_, spans, out| {
             simd.vectorize(MomentsChannels { spans, s, out })
         });
     }
@@ -581,7 +593,19 @@ where
             centers,
             finish,
         } = self;
-        if let Some((n, c, s)) = plan.fused(par) {
+        // One thread, `dx` streamed (the tensors exceed the last-level cache, see
+        // [`parallel::stream_threshold`]): the sums by channel groups
+        // ([`grad_sums_with`]), then one map over the whole tensor in memory order (below),
+        // though the inputs are read twice from memory: one core reads long streams faster
+        // than a channel group's stretches of one image each. Measured on Zen 5, one thread,
+        // groups fused -> two passes: 32x256x28x28 3.06-3.30 -> 2.51-2.87 ms, 32x64x56x56
+        // 2.56-2.68 -> 2.44-2.49 ms, 8x32x224x224 5.57-5.88 -> 5.11-5.15 ms, 256x64x56x56
+        // 26.6 -> 24.4 ms; 32x2048x7x7 and 32x512x14x14 alike. With two threads the fused
+        // groups stay faster (32x64x56x56 1.60-1.76 against 1.96-2.16 ms).
+        let grouped = plan
+            .fused(par)
+            .filter(|&(n, ..)| n == 1 || par.on || !g.stream);
+        if let Some((n, c, s)) = grouped {
             let group = plan.group::<D>(par);
             let center = |ch: usize| centers[ch];
             return for_each_channel_group(g, (n, c, s), group, par, |first, spans, out| {
@@ -670,7 +694,8 @@ impl<D: Data> WithSimd for BackMapJob<'_, '_, D> {
     }
 }
 
-/// The backward sums over the pieces of `plan`, unfused.
+/// The backward sums of `plan`, unfused: NCHW by channel groups as the statistics are
+/// ([`stats_runs`]), else by pieces.
 #[inline(always)]
 fn grad_sums_with<S: Simd, D: Data>(
     simd: S,
@@ -679,6 +704,18 @@ fn grad_sums_with<S: Simd, D: Data>(
     par: Par,
     centers: &[D::Param],
 ) -> Vec<GradSums> {
+    if let Some(((n, c, s), group)) = plan.stats_group(par) {
+        let center = |ch: usize| centers[ch];
+        return for_each_channel_group(g.inputs(), (n, c, s), group, par, |first, spans, out| {
+            simd.vectorize(GradSumsChannels {
+                spans,
+                s,
+                first,
+                center: &center,
+                out,
+            })
+        });
+    }
     match plan {
         Plan::Runs { n, c, s } => {
             let inputs = g.inputs();

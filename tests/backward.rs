@@ -3,8 +3,10 @@
 
 mod common;
 
-use batchnorm::{oracle, BatchNorm, Element, Error, Layout, Shape};
-use common::{layout, on_every_path, shape, tol, Rng};
+use batchnorm::{
+    oracle, with_isa, with_stream_threshold, BatchNorm, Element, Error, Fuse, Layout, Shape,
+};
+use common::{assert_identical, layout, on_every_path, shape, test_isas, tol, Rng};
 use proptest::prelude::*;
 
 /// Asserts `|got - want| <= tol * (1 + scale)` element by element.
@@ -328,6 +330,66 @@ fn sums_beyond_f32_range() {
                 );
                 let dx_scale: Vec<f64> = want.dx.iter().map(|v| v.abs() + 1.0).collect();
                 close(&dx, &want.dx, &dx_scale, 1e-5, &format!("dx, {what}"));
+            });
+        }
+    }
+}
+
+/// On one thread, a backward whose `dx` streams takes two passes over NCHW (the sums by
+/// channel groups, then one map over the tensor); otherwise each channel group is reduced and
+/// mapped in turn. Both give the same bits: the same sums per channel, the same map. Plain
+/// and gated (`backward_fused` with ReLU and the residual's gradient), including a channel
+/// whose sums overflow `f32` (summed again in `f64`) and more channels than one group holds.
+#[test]
+fn two_passes_are_the_channel_groups() {
+    let shapes = [
+        Shape::new(3, 5, 37),
+        Shape::new(2, 17, 64),
+        Shape::new(4, 3, 1000),
+        Shape::new(5, 70, 16),
+    ];
+    for (k, shape) in shapes.into_iter().enumerate() {
+        let mut rng = Rng::new(50 + k as u64);
+        let len = shape.numel().unwrap();
+        let mut x: Vec<f32> = rng.data(len, 1.0, 2.0);
+        for s in 0..shape.spatial {
+            x[shape.index(Layout::Nchw, 1, 1, s)] = 3.0e38 - 1e37 * (s % 7) as f32;
+        }
+        let dy: Vec<f32> = rng.data(len, 0.5, 1.0);
+        let residual: Vec<f32> = rng.data(len, 0.0, 1.0);
+        let mut bn = BatchNorm::<f32>::new(shape.c);
+        let mut y = vec![0.0; len];
+        let fuse = Fuse::add_relu(&residual);
+        let saved = bn
+            .forward_train_fused(&x, &mut y, shape, Layout::Nchw, fuse)
+            .unwrap();
+        let run = |threshold: usize| {
+            with_stream_threshold(threshold, || {
+                let (mut dx, mut dxg, mut dr) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
+                let g = bn.backward(&x, &dy, &saved, &mut dx, shape, Layout::Nchw);
+                let gated = bn.backward_fused(
+                    &x,
+                    &y,
+                    &dy,
+                    &saved,
+                    &mut dxg,
+                    Some(&mut dr),
+                    shape,
+                    Layout::Nchw,
+                    true,
+                );
+                (g.unwrap(), gated.unwrap(), dx, dxg, dr)
+            })
+        };
+        for isa in test_isas() {
+            with_isa(isa, || {
+                let what = format!("{shape:?}, {isa:?}");
+                let (two, groups) = (run(0), run(usize::MAX));
+                assert_eq!(two.0, groups.0, "gradients, {what}");
+                assert_eq!(two.1, groups.1, "gated gradients, {what}");
+                assert_identical(&two.2, &groups.2, &format!("dx, {what}"));
+                assert_identical(&two.3, &groups.3, &format!("gated dx, {what}"));
+                assert_identical(&two.4, &groups.4, &format!("d_residual, {what}"));
             });
         }
     }

@@ -489,3 +489,14 @@ fn fused_backward_bad_input() {
         "written before the refusal"
     );
 }
+
+/// Channels of more than half of L2 each (a 1.1 MB channel, for caches of up to 2.2 MB):
+/// training with a residual takes the two-pass path there (the statistics by channel groups,
+/// then one map over the tensor), checked against the oracle as on every other shape.
+#[test]
+#[cfg_attr(miri, ignore = "a tensor of megabytes")]
+fn channels_beyond_l2() {
+    let shape = Shape::new(2, 2, 140_000);
+    check_forward::<f32>(shape, Layout::Nchw, 41);
+    check_backward::<f32>(shape, Layout::Nchw, 43);
+}

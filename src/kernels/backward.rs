@@ -6,7 +6,7 @@
 //! `dx = a * dy + b * xc + c` ([`BackAffine`]). As in the statistics, f32 accumulator lanes add
 //! at most [`MAX_CHAIN`] values before their sums move to `f64`.
 
-use super::buffers::{aligned_arrays, row_pieces, row_tail, Grad};
+use super::buffers::{aligned_arrays, row_pieces, row_tail, Grad, Span};
 use super::lanes::{load_tile, load_upto, Lanes};
 use super::normalize::{map_runs, RunIo, RunMap};
 use super::simd::{Simd, WithSimd};
@@ -110,6 +110,18 @@ impl<'a, D> GradRun<'a, D> {
     #[inline(always)]
     pub fn at(self, at: usize, len: usize) -> Self {
         self.range(at..at + len)
+    }
+}
+
+/// The inputs alone, cut as the buffers are (the backward's sums by channel groups).
+impl<D: Data> Span for GradRun<'_, D> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.x.len()
+    }
+    #[inline(always)]
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        (self.range(0..mid), self.range(mid..self.x.len()))
     }
 }
 

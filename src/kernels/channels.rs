@@ -13,7 +13,7 @@
 //! With one image, channels that fit in L1 go in sub-groups of one statistics block.
 
 use super::backward::{
-    backward_group, grad_sums_runs, sums_f64, BackAffine, GradLanes, GradSums, UNROLL,
+    backward_group, grad_sums_runs, sums_f64, BackAffine, GradLanes, GradRun, GradSums, UNROLL,
 };
 use super::buffers::{Buffers, Grad, LanesOf, Param};
 use super::lanes::Lanes;
@@ -232,27 +232,12 @@ pub(crate) fn backward_channels<L: Lanes, const GATED: bool>(
                 *o = grad_sums_runs::<L, GATED>(1, s, |_| run, centers[at + j]);
             }
         } else {
-            let run = |i: usize, j: usize| {
+            let runs = at * s..(at + sums.len()) * s;
+            let image = |i: usize| {
                 let grad = spans[i].as_ref().expect("every image's span");
-                grad.inputs().at((at + j) * s, s)
+                grad.inputs().range(runs.clone())
             };
-            let mut lanes = [GradLanes::<L, GATED>::around(L::Elem::ZERO); GROUP];
-            for (l, &c) in lanes.iter_mut().zip(&centers[at..at + sums.len()]) {
-                *l = GradLanes::around(c);
-            }
-            let mut total = [[0.0; 2]; GROUP];
-            fold_spans::<L, _, UNROLL, false>(n, s, &run, &lanes[..sums.len()], &mut total);
-            for (j, (o, [dy, dy_xc])) in sums.iter_mut().zip(total).enumerate() {
-                *o = GradSums { dy, dy_xc };
-                if !(dy.is_finite() && dy_xc.is_finite()) {
-                    // Sums beyond the element type's range: this channel again in f64.
-                    let centre = centers[at + j].to_f64();
-                    *o = (0..n).fold(GradSums::default(), |acc, i| {
-                        let g = run(i, j);
-                        acc.add(sums_f64(s, |e| g.get(e), centre))
-                    });
-                }
-            }
+            group_grad_sums::<L, GATED>(n, image, s, &centers[at..at + sums.len()], sums);
         }
         for (j, (p, o)) in params.iter_mut().zip(sums.iter()).enumerate() {
             *p = finish(first + at + j, *o);
@@ -264,6 +249,74 @@ pub(crate) fn backward_channels<L: Lanes, const GATED: bool>(
     }
     if spans.iter().any(|g| g.as_ref().is_some_and(|g| g.stream)) {
         super::store_fence();
+    }
+}
+
+/// The backward's sums of each of the `out.len() <= GROUP` channels of a group around
+/// `centers[j]`, over `n > 1` image spans (`image(i)`: the group's runs of `s` values in
+/// image `i`), read span by span. A channel whose `f32` sums overflow is summed again in
+/// `f64`.
+#[inline(always)]
+fn group_grad_sums<'a, L: Lanes + 'a, const GATED: bool>(
+    n: usize,
+    image: impl Fn(usize) -> GradRun<'a, L::Mem>,
+    s: usize,
+    centers: &[L::Elem],
+    out: &mut [GradSums],
+) {
+    let count = out.len().min(GROUP);
+    let run = |i: usize, j: usize| image(i).at(j * s, s);
+    let mut lanes = [GradLanes::<L, GATED>::around(L::Elem::ZERO); GROUP];
+    for (l, &c) in lanes.iter_mut().zip(&centers[..count]) {
+        *l = GradLanes::around(c);
+    }
+    let mut total = [[0.0; 2]; GROUP];
+    fold_spans::<L, _, UNROLL, false>(n, s, &run, &lanes[..count], &mut total);
+    for (j, (o, [dy, dy_xc])) in out[..count].iter_mut().zip(total).enumerate() {
+        *o = GradSums { dy, dy_xc };
+        if !(dy.is_finite() && dy_xc.is_finite()) {
+            // Sums beyond the element type's range: this channel again in f64.
+            let centre = centers[j].to_f64();
+            *o = (0..n).fold(GradSums::default(), |acc, i| {
+                let g = run(i, j);
+                acc.add(sums_f64(s, |e| g.get(e), centre))
+            });
+        }
+    }
+}
+
+/// [`group_grad_sums`] as a kernel: the sums alone, of the group of `out.len()` channels
+/// from `first` over `spans` (one per image, `n > 1`), around `center(channel)`.
+pub(crate) struct GradSumsChannels<'s, 'a, 'f, D, C> {
+    pub spans: &'s [Option<GradRun<'a, D>>],
+    pub s: usize,
+    pub first: usize,
+    pub center: &'f C,
+    pub out: &'s mut [GradSums],
+}
+
+impl<D: Data, C: Fn(usize) -> D::Param> WithSimd for GradSumsChannels<'_, '_, '_, D, C> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        let GradSumsChannels {
+            spans,
+            s,
+            first,
+            center,
+            out,
+        } = self;
+        let mut centers = [D::Param::default(); GROUP];
+        for (j, c) in centers[..out.len().min(GROUP)].iter_mut().enumerate() {
+            *c = center(first + j);
+        }
+        let image = |i: usize| spans[i].expect("every image's span");
+        let centers = &centers[..out.len().min(GROUP)];
+        if spans.iter().any(|g| g.is_some_and(|g| !g.y.is_empty())) {
+            group_grad_sums::<D::Lanes<S>, true>(spans.len(), image, s, centers, out)
+        } else {
+            group_grad_sums::<D::Lanes<S>, false>(spans.len(), image, s, centers, out)
+        }
     }
 }
 
