@@ -106,8 +106,8 @@ pub trait Element:
     /// Below this mean square (`Σ d² / n`), squared deviations computed in this type are
     /// subnormal and lose their precision: the smallest normal over the precision, `2^-103`
     /// for `f32`. The statistics redo such blocks in `f64`, or with the deviations scaled by
-    /// [`TINY_SCALE`](Self::TINY_SCALE) (`tiny_squares` in this module). 0 for `f64`, which has no wider
-    /// type to redo them in.
+    /// [`TINY_SCALE`](Self::TINY_SCALE) (`tiny_squares` in this module). 0 for `f64`, which
+    /// has no wider type to redo them in.
     const TINY_SQUARE: f64;
     /// A power of two that lifts the smallest deviation's square into the normal range and
     /// keeps the squares of a block below [`TINY_SQUARE`](Self::TINY_SQUARE) finite: `2^86`
