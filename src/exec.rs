@@ -470,6 +470,11 @@ fn for_each_channel_group<B: Span, R: Send + Default + Clone>(
     f: impl Fn(usize, &mut [Option<B>], &mut [R]) + Sync + Send,
 ) -> Vec<R> {
     let groups = c.div_ceil(group);
+    if groups == 0 {
+        // No channels, nothing to read: and `n` may then be any number (the statistics of a
+        // `usize::MAX / 3 x 0 x 2` tensor are a valid, empty call).
+        return Vec::new();
+    }
     let mut slots: Vec<Option<B>> = (0..n * groups).map(|_| None).collect();
     let mut rest = buf;
     for i in 0..n {

@@ -344,3 +344,27 @@ fn overflowing_per_channel_count_without_channels() {
     );
     all_refuse(&BatchNorm::new(0), 0, 0, shape, &err);
 }
+
+/// No channels and a huge image count whose product with `spatial` still fits: an empty,
+/// valid tensor, whose calls return at once (the channel-group paths once looped over every
+/// image of it, `usize::MAX / 3` of them). On a thread, so that a hang fails the test.
+#[test]
+fn no_channels_many_images_returns_at_once() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let shape = Shape::new(usize::MAX / 3, 0, 2);
+        let stats = batchnorm::moments::<f32>(&[], shape, Layout::Nchw);
+        let mut bn = BatchNorm::<f32>::new(0);
+        let (x, mut y) = (Vec::<f32>::new(), Vec::<f32>::new());
+        let _ = bn.forward_eval(&x, &mut y, shape, Layout::Nchw);
+        if let Ok(saved) = bn.forward_train(&x, &mut y, shape, Layout::Nchw) {
+            let mut dx = Vec::new();
+            let _ = bn.backward(&x, &y, &saved, &mut dx, shape, Layout::Nchw);
+        }
+        done.send(stats).unwrap();
+    });
+    let stats = finished
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the calls return");
+    assert_eq!(stats.unwrap(), vec![]);
+}
