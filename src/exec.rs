@@ -58,9 +58,9 @@ impl Plan {
 
     /// The runs `(n, c, s)` and channels per task of the NCHW statistics and backward sums by
     /// channel groups ([`stats_runs`]), when they take that path: with more than one image,
-    /// and channels enough for every thread. As
-    /// many as [`channels::GROUP`] (the longer a group's span of each image, the closer its
-    /// reading is to one sequential stream), leaving four groups a thread.
+    /// and channels enough for every thread. As many as [`channels::GROUP`] (the longer a
+    /// group's span of each image, the closer its reading is to one sequential stream),
+    /// leaving four groups a thread.
     fn stats_group(self, par: Par) -> Option<((usize, usize, usize), usize)> {
         let (n, c, s) = self.fused(par)?;
         let by_threads = if par.on { c / (4 * par.threads) } else { c };
@@ -213,10 +213,10 @@ where
         // groups ([`stats_runs`]), then one map over the whole tensor in memory order (below),
         // though `x` is read twice from memory. A channel group's map would read the residual
         // in stretches of one image each, which memory serves more slowly than one stream:
-        // measured on Zen 5, one thread, with residual and ReLU, 256x64x56x56 22.0-22.2 ->
-        // 19.0-19.5 ms, 8x32x224x224 4.5-4.6 -> 4.3-4.5 ms. Where a group fits in L2, its
-        // map reads `x` from there and the groups stay faster (32x256x28x28 1.95 against
-        // 2.06 ms).
+        // measured on Zen 5, one thread, with residual and ReLU, 256x64x56x56 21.0-21.8 ->
+        // 19.0-19.7 ms, 8x32x224x224 4.25-4.43 -> 4.20-4.25 ms. Where a group fits in L2,
+        // its map reads `x` from there and the groups stay faster (32x256x28x28 1.91-1.97
+        // against 1.94-2.06 ms).
         let spills = plan.channel_bytes::<B::Data>() > parallel::caches().l2 / 2;
         let grouped = plan
             .fused(par)
@@ -603,8 +603,8 @@ where
         // ([`grad_sums_with`]), then one map over the whole tensor in memory order (below),
         // though the inputs are read twice from memory: one core reads long streams faster
         // than a channel group's stretches of one image each. Measured on Zen 5, one thread,
-        // groups fused -> two passes: 32x256x28x28 3.06-3.30 -> 2.51-2.87 ms, 32x64x56x56
-        // 2.56-2.68 -> 2.44-2.49 ms, 8x32x224x224 5.57-5.88 -> 5.11-5.15 ms, 256x64x56x56
+        // groups fused -> two passes: 32x256x28x28 2.72-2.89 -> 2.37-2.38 ms, 32x64x56x56
+        // 2.32-2.42 -> 2.24-2.36 ms, 8x32x224x224 5.40-5.54 -> 4.90-5.02 ms, 256x64x56x56
         // 26.6 -> 24.4 ms; 32x2048x7x7 and 32x512x14x14 alike. With two threads the fused
         // groups stay faster (32x64x56x56 1.60-1.76 against 1.96-2.16 ms).
         let grouped = plan
