@@ -342,11 +342,12 @@ fn sums_beyond_f32_range() {
 /// whose sums overflow `f32` (summed again in `f64`) and more channels than one group holds.
 #[test]
 fn two_passes_are_the_channel_groups() {
+    // Small enough for Miri (this suite runs under it in CI).
     let shapes = [
         Shape::new(3, 5, 37),
         Shape::new(2, 17, 64),
-        Shape::new(4, 3, 1000),
-        Shape::new(5, 70, 16),
+        Shape::new(4, 3, 100),
+        Shape::new(2, 70, 16),
     ];
     for (k, shape) in shapes.into_iter().enumerate() {
         let mut rng = Rng::new(50 + k as u64);
