@@ -5,7 +5,7 @@ use crate::error::{check_eps, check_len, check_xy, Error};
 use crate::exec;
 use crate::fuse::{relu_gradient, with_epilogue, Fuse, OverBuffers};
 use crate::kernels::backward::{BackAffine, GradSums};
-use crate::kernels::buffers::{Buffers, Grad, Split};
+use crate::kernels::buffers::{Buffers, Grad, InPlace, Split};
 use crate::kernels::normalize::{fill_affine, Affine};
 use crate::moments::Moments;
 use crate::shape::{Layout, Shape};
@@ -143,7 +143,7 @@ impl<T: Element> BatchNorm<T> {
         fuse: Fuse<'_, D>,
     ) -> Result<SavedStats<T>, Error> {
         fuse.check(xy.len())?;
-        with_epilogue(xy, fuse, Train(self, shape, layout))
+        with_epilogue(InPlace::new(xy), fuse, Train(self, shape, layout))
     }
 
     /// Inference: normalizes `x` into `y` with the running statistics.
@@ -191,7 +191,7 @@ impl<T: Element> BatchNorm<T> {
         fuse: Fuse<'_, D>,
     ) -> Result<(), Error> {
         fuse.check(xy.len())?;
-        with_epilogue(xy, fuse, Eval(self, shape, layout))
+        with_epilogue(InPlace::new(xy), fuse, Eval(self, shape, layout))
     }
 
     /// The inference normalization folded into one multiply-add per element,

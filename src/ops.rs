@@ -4,7 +4,7 @@ use crate::element::{Data, Element};
 use crate::error::{check_eps, check_len, check_xy, Error};
 use crate::exec;
 use crate::fuse::{with_epilogue, Fuse, OverBuffers};
-use crate::kernels::buffers::{Buffers, Param, Split};
+use crate::kernels::buffers::{Buffers, InPlace, Param, Split};
 use crate::kernels::normalize::ChannelAffine;
 use crate::moments::Moments;
 use crate::shape::{Layout, Shape};
@@ -100,7 +100,7 @@ pub fn apply_scale_shift_fused_in_place<D: Data>(
 ) -> Result<(), Error> {
     fuse.check(xy.len())?;
     check_apply(xy.len(), scale, shift, shape)?;
-    with_epilogue(xy, fuse, Apply(scale, shift, shape, layout))
+    with_epilogue(InPlace::new(xy), fuse, Apply(scale, shift, shape, layout))
 }
 
 /// The checks of [`apply_scale_shift`] beyond the output's length.
