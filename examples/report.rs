@@ -12,6 +12,7 @@
 //! instead of the table (for `benches/compare/compare.sh`); `--threads N` measures N threads
 //! only. `--dtype f16` or `bf16` measures 16-bit tensors (parameters and statistics `f32`),
 //! with a column for the time the same call takes on `f32` tensors, measured in the same run.
+//! `train in place` is training with the output over the input.
 //! `--fused` adds ResNet's fused blocks (`y = relu(bn(x) + residual)` in inference and
 //! training, and its backward with the residual's gradient) beside the same work done as
 //! separate passes (the batch norm, then an add loop, then a ReLU loop), and a read of the
@@ -24,7 +25,7 @@ mod common;
 
 use batchnorm::half::{bf16, f16};
 use batchnorm::{with_isa, Data, Isa, Layout, Shape};
-use common::{arg, error_bound, type_name, Case, Timing, FUSED_OPS, OPS};
+use common::{arg, error_bound, type_name, Case, Timing, FUSED_OPS, IN_PLACE_OPS, OPS};
 use std::time::Duration;
 
 const SHAPES: [(&str, Shape); 6] = [
@@ -150,9 +151,11 @@ fn report<D: Data<Param = f32>>(args: &[String]) {
                     .build()
                     .expect("thread pool");
                 for &isa in &isas {
-                    let ops = OPS
-                        .iter()
-                        .chain(if has("--fused") { &FUSED_OPS[..] } else { &[] });
+                    let ops = OPS.iter().chain(&IN_PLACE_OPS).chain(if has("--fused") {
+                        &FUSED_OPS[..]
+                    } else {
+                        &[]
+                    });
                     for &(op, tensors) in ops {
                         let bytes = tensors * size * case.len() as f64;
                         let (timing, copy_t, err) = measure(&mut case, &pool, isa, op, t, budget);

@@ -134,6 +134,11 @@ pub fn arg<T: std::str::FromStr>(args: &[String], flag: &str) -> Option<T> {
 /// backward reads x and dy and writes dx: 3).
 pub const OPS: [(&str, f64); 3] = [("eval", 2.0), ("train", 2.0), ("backward", 3.0)];
 
+/// Training in place (`forward_train_in_place`, the output over the input: one tensor read
+/// and written), timed by [`Case::time`] on a buffer that each call normalizes again (the
+/// same memory traffic) and checked on one call over a fresh copy of the input.
+pub const IN_PLACE_OPS: [(&str, f64); 1] = [("train in place", 2.0)];
+
 /// One shape and layout, ready to time: input, output gradient, a layer with running
 /// statistics, the oracle's results, and the buffers of the operations and of their copies.
 pub struct Case<D = f32> {
@@ -427,7 +432,7 @@ impl<D: Data<Param = f32>> Case<D> {
         self.x.len()
     }
 
-    /// Times operation `op` of [`OPS`] alternately with its copy on `threads` threads of the
+    /// Times operation `op` of [`OPS`] or [`IN_PLACE_OPS`] alternately with its copy on `threads` threads of the
     /// current pool (see [`time_pair`]), then checks its result against the oracle: returns
     /// (op, copy, largest error).
     pub fn time(
@@ -461,6 +466,9 @@ impl<D: Data<Param = f32>> Case<D> {
                 "train" => {
                     layer.forward_train(x, y, shape, layout).unwrap();
                 }
+                "train in place" => {
+                    layer.forward_train_in_place(y, shape, layout).unwrap();
+                }
                 _ => {
                     bn.backward(x, dy, saved, dx, shape, layout).unwrap();
                 }
@@ -470,8 +478,16 @@ impl<D: Data<Param = f32>> Case<D> {
                 _ => copy(x, dst, threads),
             },
         );
+        if op == "train in place" {
+            self.y.copy_from_slice(&self.x);
+            let mut layer = self.bn.clone();
+            layer
+                .forward_train_in_place(&mut self.y, shape, layout)
+                .unwrap();
+        }
         let err = match op {
             "eval" => max_error(&self.y, &self.want[0]),
+            "train in place" => max_error(&self.y, &self.want[1]),
             "train" => max_error(&self.y, &self.want[1]),
             _ => max_error(&self.dx, &self.want[2]),
         };
