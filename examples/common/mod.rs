@@ -432,9 +432,9 @@ impl<D: Data<Param = f32>> Case<D> {
         self.x.len()
     }
 
-    /// Times operation `op` of [`OPS`] or [`IN_PLACE_OPS`] alternately with its copy on `threads` threads of the
-    /// current pool (see [`time_pair`]), then checks its result against the oracle: returns
-    /// (op, copy, largest error).
+    /// Times operation `op` of [`OPS`] or [`IN_PLACE_OPS`] alternately with its copy on
+    /// `threads` threads of the current pool (see [`time_pair`]), then checks its result
+    /// against the oracle: returns (op, copy, largest error).
     pub fn time(
         &mut self,
         op: &str,
@@ -487,8 +487,7 @@ impl<D: Data<Param = f32>> Case<D> {
         }
         let err = match op {
             "eval" => max_error(&self.y, &self.want[0]),
-            "train in place" => max_error(&self.y, &self.want[1]),
-            "train" => max_error(&self.y, &self.want[1]),
+            "train" | "train in place" => max_error(&self.y, &self.want[1]),
             _ => max_error(&self.dx, &self.want[2]),
         };
         (timing, copy_t, err)

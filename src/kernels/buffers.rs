@@ -209,7 +209,7 @@ impl<T: Data> Span for &[T] {
 
 /// One buffer normalized where it lies: the input, overwritten by the output.
 pub(crate) struct InPlace<'a, T> {
-    pub xy: &'a mut [T],
+    xy: &'a mut [T],
     /// When not 0: each whole vector read asks for the line this many elements further on
     /// ([`Buffers::input_read_ahead`]).
     ahead: usize,
