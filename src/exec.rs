@@ -234,7 +234,8 @@ where
                 // one thread: plain training 32x256x28x28 1.68 -> 1.27 ms, 32x64x56x56 1.79
                 // -> 1.53 ms, 256x64x56x56 17.2 -> 14.5 ms (`f16` 12.7 -> 9.0 ms). With a
                 // residual it would push out the group's own `x` (32x256x28x28 with residual
-                // and ReLU 1.99 -> 2.29 ms).
+                // and ReLU 1.99 -> 2.29 ms). In place, the buffer takes it only for tensors
+                // past the caches ([`InPlace`](crate::kernels::buffers::InPlace)).
                 if !buf.epilogue_reads() {
                     buf.input_read_ahead(group * s);
                 }
