@@ -209,18 +209,21 @@ where
             par,
             finish,
         } = self;
-        // A residual whose channels overflow half of L2 each: the statistics by channel
-        // groups ([`stats_runs`]), then one map over the whole tensor in memory order (below),
-        // though `x` is read twice from memory. A channel group's map would read the residual
-        // in stretches of one image each, which memory serves more slowly than one stream:
-        // measured on Zen 5, one thread, with residual and ReLU, 256x64x56x56 21.0-21.8 ->
-        // 19.0-19.7 ms, 8x32x224x224 4.25-4.43 -> 4.20-4.25 ms. Where a group fits in L2,
-        // its map reads `x` from there and the groups stay faster (32x256x28x28 1.91-1.97
-        // against 1.94-2.06 ms).
+        // With a residual, over more than one image, where its channels overflow half of L2
+        // each, or on one thread where the tensor is past the caches (streamed): the
+        // statistics by channel groups ([`stats_runs`]), then one map over the whole tensor
+        // in memory order (below), though `x` is read twice from memory. A channel group's
+        // map reads the residual in stretches of one image each, which memory serves more
+        // slowly than one stream, and `x` from L2 only while the group stays there. Measured,
+        // one thread, with residual and ReLU, groups -> two passes: on Zen 5, 256x64x56x56
+        // 21.0-21.8 -> 19.0-19.7 ms, 8x32x224x224 4.25-4.43 -> 4.20-4.25 ms, 32x256x28x28
+        // 1.91-1.97 -> 1.94-2.06 ms, 32x64x56x56 2.32-2.53 -> 2.43-2.47 ms; on Zen 4 (an
+        // 8-way L2 where Zen 5's has 16 ways), 32x64x56x56 5.1-5.2 -> 3.0 ms, 32x256x28x28
+        // 5.0-5.1 -> 3.1 ms. (Two threads on Zen 4 gained as much, but threads keep the
+        // groups until measured on Zen 5, where the backward's groups win with threads.)
         let spills = plan.channel_bytes::<B::Data>() > parallel::caches().l2 / 2;
-        let grouped = plan
-            .fused(par)
-            .filter(|&(n, ..)| n == 1 || !(buf.epilogue_reads() && spills));
+        let two_passes = buf.epilogue_reads() && (spills || (!par.on && buf.streaming()));
+        let grouped = plan.fused(par).filter(|&(n, ..)| n == 1 || !two_passes);
         if let Some((n, c, s)) = grouped {
             let group = plan.group::<B::Data>(par);
             let mut buf = buf;

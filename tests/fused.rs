@@ -6,8 +6,10 @@
 mod common;
 
 use batchnorm::half::f16;
-use batchnorm::{oracle, BatchNorm, Data, Error, Fuse, Layout, Shape};
-use common::{assert_identical, config, layout, on_every_path, shape, tol, Rng};
+use batchnorm::{
+    oracle, with_isa, with_stream_threshold, BatchNorm, Data, Error, Fuse, Layout, Shape,
+};
+use common::{assert_identical, config, layout, on_every_path, shape, test_isas, tol, Rng};
 use proptest::prelude::*;
 
 /// Asserts `|got - want| <= tol * (1 + terms)` element by element (`terms` the size of what was
@@ -499,4 +501,56 @@ fn channels_beyond_l2() {
     let shape = Shape::new(2, 2, 140_000);
     check_forward::<f32>(shape, Layout::Nchw, 41);
     check_backward::<f32>(shape, Layout::Nchw, 43);
+}
+
+/// On one thread, a training forward with a residual whose output streams takes two passes
+/// over NCHW (the statistics by channel groups, then one map over the tensor); otherwise each
+/// channel group is reduced and mapped in turn. Both give the same bits: the same moments per
+/// channel, the same map; the same saved and running statistics. With and without ReLU,
+/// including a channel whose squares overflow `f32` (summed again in `f64`) and more channels
+/// than one group holds.
+#[test]
+fn two_passes_are_the_channel_groups() {
+    // Small enough for Miri (this suite runs under it in CI).
+    let shapes = [
+        Shape::new(3, 5, 37),
+        Shape::new(2, 17, 64),
+        Shape::new(4, 3, 100),
+        Shape::new(2, 70, 16),
+    ];
+    for (k, shape) in shapes.into_iter().enumerate() {
+        let mut rng = Rng::new(60 + k as u64);
+        let len = shape.numel().unwrap();
+        let mut x: Vec<f32> = rng.data(len, 1.0, 2.0);
+        for s in 0..shape.spatial {
+            x[shape.index(Layout::Nchw, 1, 1, s)] = 3.0e38 - 1e37 * (s % 7) as f32;
+        }
+        let residual: Vec<f32> = rng.data(len, 0.0, 1.0);
+        let bn = layer(&mut rng, shape.c);
+        let run = |threshold: usize, relu: bool| {
+            with_stream_threshold(threshold, || {
+                let (mut layer, mut y) = (bn.clone(), vec![0.0; len]);
+                let fuse = Fuse {
+                    residual: Some(&residual[..]),
+                    relu,
+                };
+                let saved = layer
+                    .forward_train_fused(&x, &mut y, shape, Layout::Nchw, fuse)
+                    .unwrap();
+                (saved, layer.running_mean, layer.running_var, y)
+            })
+        };
+        for isa in test_isas() {
+            for relu in [false, true] {
+                with_isa(isa, || {
+                    let what = format!("{shape:?}, {isa:?}, relu {relu}");
+                    let (two, groups) = (run(0, relu), run(usize::MAX, relu));
+                    assert_eq!(two.0, groups.0, "saved statistics, {what}");
+                    assert_identical(&two.1, &groups.1, &format!("running mean, {what}"));
+                    assert_identical(&two.2, &groups.2, &format!("running variance, {what}"));
+                    assert_identical(&two.3, &groups.3, &format!("y, {what}"));
+                });
+            }
+        }
+    }
 }
