@@ -9,7 +9,9 @@ use batchnorm::half::f16;
 use batchnorm::{
     oracle, with_isa, with_stream_threshold, BatchNorm, Data, Error, Fuse, Layout, Shape,
 };
-use common::{assert_identical, config, layout, on_every_path, shape, test_isas, tol, Rng};
+use common::{
+    assert_identical, config, layout, on_every_path, shape, test_isas, tol, two_pass_cases, Rng,
+};
 use proptest::prelude::*;
 
 /// Asserts `|got - want| <= tol * (1 + terms)` element by element (`terms` the size of what was
@@ -511,20 +513,8 @@ fn channels_beyond_l2() {
 /// than one group holds.
 #[test]
 fn two_passes_are_the_channel_groups() {
-    // Small enough for Miri (this suite runs under it in CI).
-    let shapes = [
-        Shape::new(3, 5, 37),
-        Shape::new(2, 17, 64),
-        Shape::new(4, 3, 100),
-        Shape::new(2, 70, 16),
-    ];
-    for (k, shape) in shapes.into_iter().enumerate() {
-        let mut rng = Rng::new(60 + k as u64);
-        let len = shape.numel().unwrap();
-        let mut x: Vec<f32> = rng.data(len, 1.0, 2.0);
-        for s in 0..shape.spatial {
-            x[shape.index(Layout::Nchw, 1, 1, s)] = 3.0e38 - 1e37 * (s % 7) as f32;
-        }
+    for (shape, x, mut rng) in two_pass_cases(60) {
+        let len = x.len();
         let residual: Vec<f32> = rng.data(len, 0.0, 1.0);
         let bn = layer(&mut rng, shape.c);
         let run = |threshold: usize, relu: bool| {

@@ -185,3 +185,24 @@ pub fn config(cases: u32) -> ProptestConfig {
         }
     }
 }
+
+/// The cases of the tests that the one-thread two-pass schedules give the channel groups'
+/// bits: small NCHW shapes (this runs under Miri), one of more channels than a group holds,
+/// each with an input whose channel 1 in image 1 has squares that overflow `f32` (summed
+/// again in `f64`), and the generator that made it, for the rest of the case's data.
+pub fn two_pass_cases(seed: u64) -> impl Iterator<Item = (Shape, Vec<f32>, Rng)> {
+    let shapes = [
+        Shape::new(3, 5, 37),
+        Shape::new(2, 17, 64),
+        Shape::new(4, 3, 100),
+        Shape::new(2, 70, 16),
+    ];
+    shapes.into_iter().enumerate().map(move |(k, shape)| {
+        let mut rng = Rng::new(seed + k as u64);
+        let mut x: Vec<f32> = rng.data(shape.numel().unwrap(), 1.0, 2.0);
+        for s in 0..shape.spatial {
+            x[shape.index(Layout::Nchw, 1, 1, s)] = 3.0e38 - 1e37 * (s % 7) as f32;
+        }
+        (shape, x, rng)
+    })
+}
