@@ -17,7 +17,8 @@
 //! training, and its backward with the residual's gradient) beside the same work done as
 //! separate passes (the batch norm, then an add loop, then a ReLU loop), and a read of the
 //! residual's bytes alone (`read residual`: what the residual adds to training's memory
-//! traffic, against a copy of as many bytes, half each way) and the plain training followed
+//! traffic, read from memory after the caches are emptied, against a copy of as many bytes,
+//! half each way) and the plain training followed
 //! by that read (`train, read residual`, timed as one). `--shapes` keeps the
 //! shapes whose letters it lists, `--layout` one layout.
 

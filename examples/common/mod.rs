@@ -227,7 +227,7 @@ pub const FUSED_OPS: [(&str, f64); 11] = [
     // training's memory traffic, timed as the rest is but for one thing: the caches are
     // emptied before each call ([`Evict`]), since the fused training reads the residual from
     // memory (its `x` and `y` push it out). Alternated with its copy alone, a 25.7 MB
-    // residual stayed in part in a 32 MiB L3 (Zen 5: 0.87-0.90 ms against 1.11-1.15 ms read
+    // residual stayed in part in a 32 MiB L3 (Zen 4: 0.87-0.90 ms against 1.11-1.15 ms read
     // from memory).
     ("read residual", 1.0),
     // The plain training forward, then that read, as one sequence: the same work as the two
