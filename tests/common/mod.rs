@@ -187,9 +187,10 @@ pub fn config(cases: u32) -> ProptestConfig {
 }
 
 /// The cases of the tests that the one-thread two-pass schedules give the channel groups'
-/// bits: small NCHW shapes (this runs under Miri), one of more channels than a group holds,
-/// each with an input whose channel 1 in image 1 has squares that overflow `f32` (summed
-/// again in `f64`), and the generator that made it, for the rest of the case's data.
+/// bits: small NCHW shapes, one of more channels than a group holds (under Miri, which
+/// interprets every operation, the first and that one: 75 s a suite instead of 150), each
+/// with an input whose channel 1 in image 1 has squares that overflow `f32` (summed again in
+/// `f64`), and the generator that made it, for the rest of the case's data.
 pub fn two_pass_cases(seed: u64) -> impl Iterator<Item = (Shape, Vec<f32>, Rng)> {
     let shapes = [
         Shape::new(3, 5, 37),
@@ -197,7 +198,12 @@ pub fn two_pass_cases(seed: u64) -> impl Iterator<Item = (Shape, Vec<f32>, Rng)>
         Shape::new(4, 3, 100),
         Shape::new(2, 70, 16),
     ];
-    shapes.into_iter().enumerate().map(move |(k, shape)| {
+    let miri_skips = |k: usize| cfg!(miri) && k != 0 && k != 3;
+    let cases = shapes
+        .into_iter()
+        .enumerate()
+        .filter(move |&(k, _)| !miri_skips(k));
+    cases.map(move |(k, shape)| {
         let mut rng = Rng::new(seed + k as u64);
         let mut x: Vec<f32> = rng.data(shape.numel().unwrap(), 1.0, 2.0);
         for s in 0..shape.spatial {
