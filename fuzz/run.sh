@@ -15,6 +15,9 @@
 #                        by Miri and by the sanitized runs of CI). Default: address.
 #   FUZZ_KEEP=1          fuzz into the committed corpus itself and minimize it afterwards
 #                        (`cargo fuzz cmin`): a campaign whose corpus is to be committed.
+#   FUZZ_JOBS=N          fuzz N targets at a time (default 1), one core each (CI: 2), each
+#                        one's output kept apart and printed when it ends (its final
+#                        statistics, or all of it if it failed).
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-60}
@@ -31,19 +34,51 @@ fi
 if [ $# -eq 0 ]; then
     cargo +nightly fuzz build "${build[@]}"
 fi
+# Fuzzes one target; its output goes to $2.
+fuzz_one() {
+    local target=$1 work
+    {
+        if [ -n "${FUZZ_KEEP:-}" ]; then
+            work=corpus/"$target"
+        else
+            work=$(mktemp -d)
+            cp corpus/"$target"/* "$work"/
+        fi
+        echo "fuzzing $target for ${secs}s"
+        cargo +nightly fuzz run "${build[@]}" "$target" "$work" -- \
+            -max_total_time="$secs" -rss_limit_mb=4096 -print_final_stats=1
+        if [ -n "${FUZZ_KEEP:-}" ]; then
+            cargo +nightly fuzz cmin "${build[@]}" "$target" "$work"
+        else
+            rm -rf "$work"
+        fi
+    } >"$2" 2>&1
+}
+# Waits for the oldest target still running; prints the end of its log, or all of it and
+# fails if it failed.
+logs=$(mktemp -d)
+pids=()
+names=()
+reap() {
+    local pid=${pids[0]} target=${names[0]}
+    pids=("${pids[@]:1}")
+    names=("${names[@]:1}")
+    if wait "$pid"; then
+        head -n 1 "$logs/$target"
+        grep -E '^(Done|stat::)' "$logs/$target" || true
+    else
+        cat "$logs/$target"
+        echo "fuzz target $target FAILED"
+        exit 1
+    fi
+}
 for target in "${targets[@]}"; do
-    if [ -n "${FUZZ_KEEP:-}" ]; then
-        work=corpus/"$target"
-    else
-        work=$(mktemp -d)
-        cp corpus/"$target"/* "$work"/
-    fi
-    echo "fuzzing $target for ${secs}s"
-    cargo +nightly fuzz run "${build[@]}" "$target" "$work" -- \
-        -max_total_time="$secs" -rss_limit_mb=4096 -print_final_stats=1
-    if [ -n "${FUZZ_KEEP:-}" ]; then
-        cargo +nightly fuzz cmin "${build[@]}" "$target" "$work"
-    else
-        rm -rf "$work"
-    fi
+    fuzz_one "$target" "$logs/$target" &
+    pids+=("$!")
+    names+=("$target")
+    [ ${#pids[@]} -lt "${FUZZ_JOBS:-1}" ] || reap
 done
+while [ ${#pids[@]} -gt 0 ]; do
+    reap
+done
+rm -rf "$logs"

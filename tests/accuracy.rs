@@ -2,7 +2,7 @@
 //! 1e4 to 1e6 times the standard deviation, tiny spreads, subnormals, and non-finite values
 //! that must stay in their own channel.
 
-mod common;
+use crate::common;
 
 use batchnorm::{oracle, BatchNorm, Layout, Shape};
 use common::{assert_close, on_every_path, Rng};

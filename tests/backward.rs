@@ -1,7 +1,7 @@
 //! The backward passes against the f64 oracle on random shapes (every path), against central
 //! finite differences of a scalar loss, and on bad input.
 
-mod common;
+use crate::common;
 
 use batchnorm::{
     oracle, with_isa, with_stream_threshold, BatchNorm, Element, Error, Fuse, Layout, Shape,

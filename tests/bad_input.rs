@@ -1,7 +1,7 @@
 //! Every kind of bad input returns its `Err`, leaves the layer and the output untouched, and
 //! nothing panics, whatever the shape and lengths.
 
-mod common;
+use crate::common;
 
 use batchnorm::{BatchNorm, Error, Layout, Shape};
 use proptest::prelude::*;

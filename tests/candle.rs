@@ -2,7 +2,6 @@
 //! few steps with each gives the same losses, parameters and running statistics within
 //! rounding; outputs and gradients agree per call in f32, f16 and bf16, training and
 //! inference, NCHW and channels-last views; bad input is an error.
-#![cfg(feature = "candle")]
 
 mod common;
 

@@ -1,7 +1,6 @@
 //! The C ABI (`capi` feature) called as C would call it: every data type and epilogue against
 //! the Rust API bit for bit, in place, and the refusals (NULL, misaligned, overlapping,
 //! unknown layout or type, bad parameters) with their status, message and nothing written.
-#![cfg(feature = "capi")]
 
 mod common;
 

@@ -2,7 +2,7 @@
 //! against the folded convolution, within rounding; the folded values against a float64
 //! reference; bad input refused with nothing written.
 
-mod common;
+use crate::common;
 
 use batchnorm::half::f16;
 use batchnorm::{BatchNorm, Data, Error, Layout, Shape};

@@ -3,7 +3,7 @@
 //! `Fuse::default()` bit for bit the plain calls; in-place twins identical; bad input refused
 //! with the layer untouched; a NaN confined to its channel.
 
-mod common;
+use crate::common;
 
 use batchnorm::half::f16;
 use batchnorm::{

@@ -12,7 +12,7 @@
 //! applies, as it would to `f32` data. Statistics, running statistics and gradients of the
 //! parameters are `f32` and held to the `f32` tolerance.
 
-mod common;
+use crate::common;
 
 use batchnorm::half::{bf16, f16};
 use batchnorm::{oracle, BatchNorm, Data, Error, Layout, Shape};

@@ -2,7 +2,6 @@
 //! channels-last (NHWC) arrays give the slice API's results bit for bit, fused epilogues
 //! included; other strides, ranks
 //! and mismatched outputs are refused with the layer untouched.
-#![cfg(feature = "ndarray")]
 
 mod common;
 

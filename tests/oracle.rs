@@ -2,7 +2,7 @@
 //! `f64` oracle, on random shapes: odd channel counts, channel counts that are not a multiple of
 //! any vector width, N = 1, spatial = 1, and channels longer than a statistics block.
 
-mod common;
+use crate::common;
 
 use batchnorm::{oracle, BatchNorm, Element, Layout, Shape};
 use common::{assert_close, assert_identical, layout, on_every_path, shape, tol, Rng};

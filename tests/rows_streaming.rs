@@ -7,7 +7,7 @@
 //! operation that writes rows (training, inference, `apply_scale_shift`, their fused
 //! epilogues, backward plain and fused with `d_residual`).
 
-mod common;
+use crate::common;
 
 use batchnorm::half::{bf16, f16};
 use batchnorm::{

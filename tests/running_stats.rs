@@ -2,7 +2,7 @@
 //! conventions, against hand-worked PyTorch/ONNX values and against the oracle chained step by
 //! step.
 
-mod common;
+use crate::common;
 
 use approx::assert_relative_eq;
 use batchnorm::{oracle, BatchNorm, Element, Layout, Shape};

@@ -5,7 +5,7 @@
 //! worker an error there and on the others, without deadlock and with every layer untouched;
 //! a failing collective an error.
 
-mod common;
+use crate::common;
 
 use batchnorm::half::f16;
 use batchnorm::{
