@@ -47,7 +47,7 @@ fn sub_group<L: Lanes>(s: usize) -> usize {
 /// values in `n` image spans, run `j` of span `i` being `piece(i, j)`, into `out[j]`: span by
 /// span (memory order), a run at a time into `K` accumulators that are then added to the
 /// channel's own, whose lanes move to `f64` every few spans (each lane adds at most
-/// [`MAX_CHAIN`] values). `centres[j]` is channel `j`'s reduction with no sums yet. One
+/// [`MAX_CHAIN`] values; a run longer than that, in parts). `centres[j]` is channel `j`'s reduction with no sums yet. One
 /// horizontal sum per channel, not one per run: a 7x7 run is 49 values.
 ///
 /// With `AHEAD`, each run prefetches the same channel's run in the next image, a jump away in
@@ -66,10 +66,30 @@ fn fold_spans<'a, L: Lanes, A: Reduce<L> + 'a, const K: usize, const AHEAD: bool
     let Some(&first) = centres.first() else {
         return;
     };
-    let per_run = s.div_ceil(L::WIDTH).div_ceil(K) + 1;
-    let per_flush = (MAX_CHAIN / per_run).max(1);
-    let mut acc = [first; GROUP];
     out[..count].fill([0.0; 2]);
+    let per_run = s.div_ceil(L::WIDTH).div_ceil(K) + 1;
+    if per_run > MAX_CHAIN {
+        // A run alone is longer than a chain: each run in parts of `MAX_CHAIN` values a lane,
+        // each part's sums moved to `f64`. (Before, a whole run went into the lanes: 1260
+        // values a lane for runs of 5037 on the scalar path, whose `f32` sums then gave an
+        // `f16` channel's variance 1.6e-5 too small, against a few 1e-7.)
+        let part = MAX_CHAIN * K * L::WIDTH;
+        for i in 0..n {
+            for (j, (o, c)) in out[..count].iter_mut().zip(centres).enumerate() {
+                if AHEAD && i + 1 < n {
+                    piece(i + 1, j).prefetch();
+                }
+                let (parts, rest) = piece(i, j).chunks_exact(part);
+                for p in parts.chain(std::iter::once(rest)) {
+                    let [u, v] = fold_pieces::<L, A, K>(1, &|_| p, c.empty()).sums();
+                    *o = [o[0] + u, o[1] + v];
+                }
+            }
+        }
+        return;
+    }
+    let per_flush = MAX_CHAIN / per_run;
+    let mut acc = [first; GROUP];
     let mut i = 0;
     while i < n {
         let spans = i..(i + per_flush).min(n);
