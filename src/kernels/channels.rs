@@ -47,8 +47,9 @@ fn sub_group<L: Lanes>(s: usize) -> usize {
 /// values in `n` image spans, run `j` of span `i` being `piece(i, j)`, into `out[j]`: span by
 /// span (memory order), a run at a time into `K` accumulators that are then added to the
 /// channel's own, whose lanes move to `f64` every few spans (each lane adds at most
-/// [`MAX_CHAIN`] values; a run longer than that, in parts). `centres[j]` is channel `j`'s reduction with no sums yet. One
-/// horizontal sum per channel, not one per run: a 7x7 run is 49 values.
+/// [`MAX_CHAIN`] values; a run longer than that, in parts). `centres[j]` is channel `j`'s
+/// reduction with no sums yet. One horizontal sum per channel, not one per run: a 7x7 run is
+/// 49 values.
 ///
 /// With `AHEAD`, each run prefetches the same channel's run in the next image, a jump away in
 /// memory that the hardware prefetchers do not follow. Measured on Zen 5, one thread: the
