@@ -4,7 +4,8 @@
 use crate::common;
 
 use batchnorm::{
-    oracle, with_isa, with_stream_threshold, BatchNorm, Element, Error, Fuse, Layout, Shape,
+    oracle, with_isa, with_parallel_threshold, with_stream_threshold, BatchNorm, Element, Error,
+    Fuse, Layout, Shape,
 };
 use common::{assert_identical, layout, on_every_path, shape, test_isas, tol, two_pass_cases, Rng};
 use proptest::prelude::*;
@@ -332,6 +333,56 @@ fn sums_beyond_f32_range() {
                 close(&dx, &want.dx, &dx_scale, 1e-5, &format!("dx, {what}"));
             });
         }
+    }
+}
+
+/// The backward's sums over NCHW runs longer than an accumulator lane's chain: the channel
+/// groups on one thread sum each run in parts (each lane at most 128 values before `f64`), as
+/// the statistics do. `dy` is one value, 1.2521667 (16 significant bits), so that the `f32`
+/// sum of 128 of them, and of the lanes, is exact: `Σ dy` is exact but for the rounding of
+/// the result to `f32` (6e-8). The code that summed whole runs put 784 to 12544 values of
+/// 224x224 runs into each lane (AVX-512 to scalar), and its `dbias` came out 1.2e-5 (AVX-512)
+/// to 1.2e-4 (scalar) off; this test failed on it on every instruction set.
+#[test]
+#[cfg_attr(miri, ignore = "too large for Miri's interpreter")]
+fn sums_of_runs_longer_than_a_chain() {
+    let t = f32::from_bits(0x3fa0_4700);
+    for (n, s) in [(2, 50176), (3, 5037)] {
+        let shape = Shape::new(n, 2, s);
+        let len = shape.numel().unwrap();
+        let x: Vec<f32> = Rng::new(s as u64).data(len, 3.0, 1.0);
+        let dy = vec![t; len];
+        let bn = BatchNorm::<f32>::new(2);
+        let saved = bn
+            .clone()
+            .forward_train(&x, &mut vec![0.0; len], shape, Layout::Nchw)
+            .unwrap();
+        let want = oracle::backward(&bn, &x, &dy, &saved, shape, Layout::Nchw);
+        let sum_dy_xhat: Vec<f64> = (0..2)
+            .map(|c| {
+                let (mean, invstd) = (saved.mean[c] as f64, saved.invstd[c] as f64);
+                let x = oracle::channel(&x, shape, Layout::Nchw, c);
+                x.iter()
+                    .map(|v| (t as f64 * (v - mean) * invstd).abs())
+                    .sum()
+            })
+            .collect();
+        // The calling thread's calls on one thread (the pool's go parallel from 0 elements).
+        with_parallel_threshold(usize::MAX, || {
+            on_every_path(|path| {
+                let what = format!("{shape:?}, {path}");
+                let mut dx = vec![0.0; len];
+                let g = bn
+                    .backward(&x, &dy, &saved, &mut dx, shape, Layout::Nchw)
+                    .unwrap();
+                for (c, (&got, want)) in g.bias.iter().zip(&want.bias).enumerate() {
+                    let rel = (got as f64 - want).abs() / want;
+                    assert!(rel <= 1e-6, "dbias of {c}, {what}: off by {rel:e}");
+                }
+                let dweight = format!("dweight, {what}");
+                close(&g.weight, &want.weight, &sum_dy_xhat, 1e-5, &dweight);
+            })
+        });
     }
 }
 
