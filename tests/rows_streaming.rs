@@ -185,3 +185,69 @@ fn f16_rows() {
 fn bf16_rows() {
     check::<bf16>();
 }
+
+/// A call over `x` (and its residual) into `y`, for a whole tensor or one row.
+type Call<'a, D> = &'a (dyn Fn(&[D], &[D], &mut [D], Shape) + Sync);
+
+/// Wide rows, many of them: the whole-tensor maps take the rows as two stretches side by side
+/// (each vector's parameters loaded once for a row of each), which must give, bit for bit,
+/// what the same calls give one row at a time (too few rows to pair). For inference, fused
+/// inference and `apply_scale_shift`, out of place and in place, with rows of whole lines
+/// (streamed, with the output at every third alignment) and rows with a tail, on every path.
+fn paired<D: Data>(c: usize, rows: usize) {
+    let line = 64 / std::mem::size_of::<D>();
+    let mut rng = Rng::new((c * rows) as u64);
+    let shape = Shape::new(rows / 4, c, 4);
+    let row = Shape::new(1, c, 1);
+    let len = shape.numel().unwrap();
+    let x: Vec<D> = rng.data(len, 3.0, 2.0);
+    let residual: Vec<D> = rng.data(len, 0.0, 1.5);
+    let mut bn = BatchNorm::<D::Param>::new(c);
+    bn.weight = rng.data(c, 0.5, 1.0);
+    bn.bias = rng.data(c, 0.0, 1.0);
+    bn.running_mean = rng.data(c, 3.0, 1.0);
+    bn.running_var = rng.data(c, 4.0, 1.0);
+    let (scale, shift) = bn.scale_shift().unwrap();
+    let nhwc = Layout::Nhwc;
+    let calls: [Call<D>; 4] = [
+        &|x, _, y, s| bn.forward_eval(x, y, s, nhwc).unwrap(),
+        &|x, r, y, s| {
+            bn.forward_eval_fused(x, y, s, nhwc, Fuse::add_relu(r))
+                .unwrap()
+        },
+        &|x, r, y, s| {
+            apply_scale_shift_fused(x, y, &scale, &shift, s, nhwc, Fuse::add_relu(r)).unwrap()
+        },
+        &|x, r, y, s| {
+            y.copy_from_slice(x);
+            bn.forward_eval_fused_in_place(y, s, nhwc, Fuse::add_relu(r))
+                .unwrap()
+        },
+    ];
+    common::on_every_path(|path| {
+        for (k, call) in calls.iter().enumerate() {
+            let mut want = vec![D::default(); len];
+            for ((x, r), y) in x.chunks(c).zip(residual.chunks(c)).zip(want.chunks_mut(c)) {
+                call(x, r, y, row);
+            }
+            for offset in (0..line).step_by(3) {
+                let mut y = At::new(&vec![D::default(); len], offset);
+                call(&x, &residual, y.get_mut(), shape);
+                let what = format!("call {k}, {shape:?}, output offset {offset}, {path}");
+                assert_identical(y.get(), &want, &what);
+            }
+        }
+    });
+}
+
+#[test]
+#[cfg_attr(miri, ignore)]
+fn paired_rows_match_single_rows() {
+    // f32: 1 KiB of parameters a row and more, 64 rows (two stretches of 32 KiB or more).
+    paired::<f32>(256, 64);
+    paired::<f32>(300, 64);
+    // f64: parameters of 8 bytes; 16-bit data: parameters in f32, rows of half the bytes.
+    paired::<f64>(136, 32);
+    paired::<f16>(264, 128);
+    paired::<bf16>(256, 128);
+}

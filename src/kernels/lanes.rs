@@ -72,11 +72,15 @@ pub(crate) trait MapLanes<L: Lanes> {
     fn apply(&self, v: L) -> L;
 }
 
-/// An element-wise function on vectors that also depends on the vector's index in a span,
-/// for [`Buffers::map_vectors`](super::buffers::Buffers::map_vectors) (per-channel parameters
-/// across a row).
+/// An element-wise function on vectors that also depends on the vector's index `j` in a span,
+/// and on which of [`Buffers::map_vectors`](super::buffers::Buffers::map_vectors)' stretches
+/// `k` it is in (per-channel parameters across rows, an epilogue per stretch).
 pub(crate) trait MapAt<L: Lanes> {
-    fn apply_at(&self, j: usize, v: L) -> L;
+    /// What vector `j` of every stretch shares: its parameters, loaded once for all of them.
+    type At: Copy;
+    fn at(&self, j: usize) -> Self::At;
+    /// Vector `j` of stretch `k`, `v`, mapped with `at = self.at(j)`.
+    fn apply(&self, at: Self::At, k: usize, j: usize, v: L) -> L;
 }
 
 /// Implements the [`Lanes`] methods that move tensor elements for a lane type whose tensors

@@ -156,6 +156,8 @@ pub fn shape() -> BoxedStrategy<Shape> {
         1 => (1usize..300, 1usize..40, Just(1usize)),
         // Wide rows (NHWC, BatchNorm1d): split by blocks of columns among threads.
         1 => (1usize..5, 60usize..300, 1usize..4),
+        // Rows wide and many enough to be mapped two at a time (NHWC).
+        1 => (2usize..5, 256usize..320, 8usize..24),
     ]
     .prop_map(|(n, c, s)| Shape::new(n, c, s))
     .prop_filter("training needs two values per channel", |s| {
