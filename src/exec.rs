@@ -23,7 +23,9 @@ use crate::kernels::buffers::{
 use crate::kernels::channels::{
     self, BackwardChannels, GradSumsChannels, MomentsChannels, TrainChannels,
 };
-use crate::kernels::normalize::{fill_affine, Affine, ChannelAffine, NormalizeRows, NormalizeRuns};
+use crate::kernels::normalize::{
+    fill_affine, Affine, ChannelAffine, NormalizeRows, NormalizeRuns, ROW_PARAM_BYTES,
+};
 use crate::kernels::simd::{Simd, WithSimd};
 use crate::kernels::stats::{MomentsRows, MomentsRuns, PivotSums};
 use crate::kernels::{dispatch, Isa};
@@ -532,17 +534,23 @@ fn apply_plan<S: Simd, B: Buffers>(
         }
         Plan::Rows { c, .. } => {
             let rotation = rows_rotation(c, buf.output(), &[buf.input()], buf.streaming());
+            // Narrow rows are mapped several at a time, as one row of parameters repeated
+            // (fewer calls, and vectors across rows instead of a tail in each): measured on
+            // Zen 4, one thread, f32, inference 32x3x112x112 1.78 -> 0.34 ms, 32x64x56x56
+            // 2.21 -> 1.88 ms, 8x32x224x224 3.74 -> 3.56 ms, 32x20x56x56 the same.
+            let copies = ROW_PARAM_BYTES.div_ceil(c.max(1) * size_of::<Param<B>>());
             let run = |p: &ChannelAffine<'_, Param<B>>| {
                 parallel::for_each_span(buf, c, par.grain(len, c), 0, &|_, mut span| {
                     simd.vectorize(NormalizeRows {
                         buf: &mut span,
-                        c,
+                        c: c * copies,
                         p,
                         rotation,
                     })
                 })
             };
-            rotated([p.hi, p.scale, p.shift], rotation, |[hi, scale, shift]| {
+            let arrays = [p.hi, p.scale, p.shift];
+            rotated(arrays, rotation, copies, |[hi, scale, shift]| {
                 run(&ChannelAffine { hi, scale, shift })
             })
         }
@@ -799,7 +807,7 @@ fn backward_map_with<S: Simd, D: Data>(
                     })
                 })
             };
-            rotated([p.hi, p.a, p.b, p.c], rotation, |[hi, a, b, c]| {
+            rotated([p.hi, p.a, p.b, p.c], rotation, 1, |[hi, a, b, c]| {
                 run(&ChannelBack { hi, a, b, c })
             })
         }
@@ -820,15 +828,17 @@ fn rows_rotation<T>(c: usize, output: &[T], inputs: &[&[T]], streaming: bool) ->
     }
 }
 
-/// `f` of the per-channel `arrays` rotated by `rotation` ([`rotated_arrays`], in this
-/// thread's scratch storage), or of `arrays` themselves when it is 0.
+/// `f` of the per-channel `arrays` rotated by `rotation` and repeated `copies` times
+/// ([`rotated_arrays`], in this thread's scratch storage), or of `arrays` themselves when
+/// that changes nothing.
 fn rotated<T: Element, const K: usize, R>(
     arrays: [&[T]; K],
     rotation: usize,
+    copies: usize,
     f: impl FnOnce([&[T]; K]) -> R,
 ) -> R {
-    if rotation == 0 {
+    if rotation == 0 && copies == 1 {
         return f(arrays);
     }
-    T::with_scratch(|storage| f(rotated_arrays(storage, arrays, rotation).map(|a| &*a)))
+    T::with_scratch(|storage| f(rotated_arrays(storage, arrays, rotation, copies).map(|a| &*a)))
 }

@@ -4,6 +4,7 @@
 use super::backward::GradRun;
 use super::lanes::{Lanes, MapAt, MapLanes};
 use crate::element::{Data, Element};
+use std::marker::PhantomData;
 
 /// Buffers of equal length that are cut together, so that threads can share them out.
 pub(crate) trait Span: Send + Sized {
@@ -142,23 +143,26 @@ impl<T: Data> Buffers for Split<'_, T> {
         len: usize,
         f: &impl MapAt<L>,
     ) {
-        let x = starts.map(|s| &self.x[s..s + len]);
-        let mut y = stretches_mut(self.y, starts, len);
+        let mut x = [&self.x[..0]; K];
+        for (x, &s) in x.iter_mut().zip(&starts) {
+            *x = &self.x[s..s + len];
+        }
+        let mut y = Stretches::new(self.y, starts, len);
         let w = L::WIDTH;
         let ahead = self.ahead;
         // A hint, whatever the address: it may lie beyond `x` (past the end of the tensor).
-        let read_ahead = |_: &[&mut [T]; K], k: usize, i: usize| {
+        let read_ahead = |_: &mut Stretches<T, K>, k: usize, i: usize| {
             let x = &x[k][i..i + w];
             super::stats::prefetch_line(x.as_ptr().wrapping_add(ahead));
             L::read(x)
         };
-        let read = |_: &[&mut [T]; K], k: usize, i: usize| L::read(&x[k][i..i + w]);
-        let (y, n) = (&mut y, len);
+        let read = |_: &mut Stretches<T, K>, k: usize, i: usize| L::read(&x[k][i..i + w]);
+        let y = &mut y;
         match (ahead > 0, self.stream) {
-            (true, true) => map_stretches(y, n, f, read_ahead, |v: L, y| v.write_stream(y)),
-            (true, false) => map_stretches(y, n, f, read_ahead, |v: L, y| v.write(y)),
-            (false, true) => map_stretches(y, n, f, read, |v: L, y| v.write_stream(y)),
-            (false, false) => map_stretches(y, n, f, read, |v: L, y| v.write(y)),
+            (true, true) => map_stretches(y, f, read_ahead, |v: L, y| v.write_stream(y)),
+            (true, false) => map_stretches(y, f, read_ahead, |v: L, y| v.write(y)),
+            (false, true) => map_stretches(y, f, read, |v: L, y| v.write_stream(y)),
+            (false, false) => map_stretches(y, f, read, |v: L, y| v.write(y)),
         }
     }
     #[inline(always)]
@@ -193,35 +197,78 @@ impl<T: Data> Buffers for Split<'_, T> {
     }
 }
 
-/// The `K` stretches of `len` elements of `s` from `starts` (in order and disjoint: each
-/// starts at or past the end of the one before).
-#[inline(always)]
-fn stretches_mut<T, const K: usize>(s: &mut [T], starts: [usize; K], len: usize) -> [&mut [T]; K] {
-    let (mut rest, mut at) = (s, 0);
-    starts.map(|start| {
-        let skip = start.checked_sub(at).expect("stretches in order, disjoint");
-        let (stretch, tail) = std::mem::take(&mut rest)[skip..].split_at_mut(len);
-        (rest, at) = (tail, start + len);
-        stretch
-    })
+/// `K` disjoint stretches of `len` elements of one mutable buffer, each borrowed mutably at
+/// once. (As raw pointers, checked once: an array of `&mut` slices is made with
+/// `<[_; K]>::map`, which the compiler left as a call per row, and the slices' bounds checked
+/// at every vector made NCHW maps of short runs 4% slower.)
+struct Stretches<'a, T, const K: usize> {
+    starts: [*mut T; K],
+    len: usize,
+    _buffer: PhantomData<&'a mut [T]>,
+}
+
+impl<'a, T, const K: usize> Stretches<'a, T, K> {
+    /// The stretches of `buf` from `starts`, which must be in order and disjoint (each at or
+    /// past the end of the one before) and within `buf`.
+    #[inline(always)]
+    fn new(buf: &'a mut [T], starts: [usize; K], len: usize) -> Self {
+        // Every pointer from one: a reborrow of `buf` for each would end the ones before.
+        let (base, size) = (buf.as_mut_ptr(), buf.len());
+        let mut ptrs = [base; K];
+        let mut end = 0;
+        for (p, &s) in ptrs.iter_mut().zip(&starts) {
+            assert!(s >= end, "stretches in order, disjoint");
+            end = s
+                .checked_add(len)
+                .filter(|&e| e <= size)
+                .expect("within the buffer");
+            // SAFETY: `s <= end <= size`: within `buf`, or just past its end when `len` is 0.
+            *p = unsafe { base.add(s) };
+        }
+        Stretches {
+            starts: ptrs,
+            len,
+            _buffer: PhantomData,
+        }
+    }
+
+    /// Elements `i..i + n` of stretch `k`.
+    #[inline(always)]
+    fn get(&mut self, k: usize, i: usize, n: usize) -> &mut [T] {
+        assert!(i <= self.len && n <= self.len - i);
+        // SAFETY: just checked.
+        unsafe { self.get_unchecked(k, i, n) }
+    }
+
+    /// Elements `i..i + n` of stretch `k`.
+    ///
+    /// # Safety
+    /// `i + n <= len`.
+    #[inline(always)]
+    unsafe fn get_unchecked(&mut self, k: usize, i: usize, n: usize) -> &mut [T] {
+        // SAFETY: `new` checked that stretch `k` is `len` elements of the buffer borrowed
+        // mutably for `'a`, disjoint from the others; `i..i + n` lies within it (the caller
+        // ensures), and the slice borrows `self` mutably, so no other slice of it is alive.
+        unsafe { std::slice::from_raw_parts_mut(self.starts[k].add(i), n) }
+    }
 }
 
 /// [`Buffers::map_vectors`]' loop over the stretches `out`: vector `j` of stretch `k`, read
 /// with `read(out, k, j * WIDTH)`, mapped and written with `write`.
 #[inline(always)]
 fn map_stretches<L: Lanes, const K: usize>(
-    out: &mut [&mut [L::Mem]; K],
-    len: usize,
+    out: &mut Stretches<L::Mem, K>,
     f: &impl MapAt<L>,
-    read: impl Fn(&[&mut [L::Mem]; K], usize, usize) -> L,
+    read: impl Fn(&mut Stretches<L::Mem, K>, usize, usize) -> L,
     write: impl Fn(L, &mut [L::Mem]),
 ) {
     let w = L::WIDTH;
-    for j in 0..len / w {
+    for j in 0..out.len / w {
         let (at, i) = (f.at(j), j * w);
         for k in 0..K {
             let v = f.apply(at, k, j, read(out, k, i));
-            write(v, &mut out[k][i..i + w]);
+            // SAFETY: `i + w <= out.len / w * w <= out.len`.
+            write(v, unsafe { out.get_unchecked(k, i, w) });
         }
     }
 }
@@ -290,20 +337,20 @@ impl<T: Data> Buffers for InPlace<'_, T> {
         len: usize,
         f: &impl MapAt<L>,
     ) {
-        let mut xy = stretches_mut(self.xy, starts, len);
+        let mut xy = Stretches::new(self.xy, starts, len);
         let (w, ahead) = (L::WIDTH, self.ahead);
         let write = |v: L, y: &mut [T]| v.write(y);
         if ahead > 0 {
-            let read = |xy: &[&mut [T]; K], k: usize, i: usize| {
-                let x = &xy[k][i..i + w];
+            let read = |xy: &mut Stretches<T, K>, k: usize, i: usize| {
+                let x = xy.get(k, i, w);
                 // A hint, whatever the address: it may lie past the end of the tensor.
                 super::stats::prefetch_line(x.as_ptr().wrapping_add(ahead));
                 L::read(x)
             };
-            map_stretches(&mut xy, len, f, read, write)
+            map_stretches(&mut xy, f, read, write)
         } else {
-            let read = |xy: &[&mut [T]; K], k: usize, i: usize| L::read(&xy[k][i..i + w]);
-            map_stretches(&mut xy, len, f, read, write)
+            let read = |xy: &mut Stretches<T, K>, k: usize, i: usize| L::read(xy.get(k, i, w));
+            map_stretches(&mut xy, f, read, write)
         }
     }
     #[inline(always)]
@@ -416,25 +463,30 @@ pub(crate) fn aligned_arrays<T: Element, const K: usize>(
     })
 }
 
-/// `K` per-channel arrays of `len` elements (or empty) rotated left by `by` into `buf`, as
-/// [`aligned_arrays`] lays them out: `out[i] = array[(i + by) % len]`, an empty array staying
-/// empty. A row kernel whose output starts `by` elements before a cache line walks the rows
-/// shifted by `by` ([`row_pieces`]), so that its vectors are written whole lines; the rotated
-/// arrays give each of those vectors its channels' parameters with aligned loads.
+/// `K` per-channel arrays of `len` elements (or empty) rotated left by `by` and repeated
+/// `copies` times into `buf`, as [`aligned_arrays`] lays them out: `out[i] = array[(i + by) %
+/// len]` for `i < copies * len`, an empty array staying empty. A row kernel whose output
+/// starts `by` elements before a cache line walks the rows shifted by `by` ([`row_pieces`]),
+/// so that its vectors are written whole lines; the rotated arrays give each of those vectors
+/// its channels' parameters with aligned loads. Repeated, they are the parameters of `copies`
+/// rows taken as one.
 pub(crate) fn rotated_arrays<'b, T: Element, const K: usize>(
     buf: &'b mut Vec<T>,
     arrays: [&[T]; K],
     by: usize,
+    copies: usize,
 ) -> [&'b mut [T]; K] {
     let len = arrays.iter().map(|a| a.len()).max().unwrap_or(0);
-    let mut out = aligned_arrays::<T, K>(buf, len);
+    let mut out = aligned_arrays::<T, K>(buf, len * copies);
     for (o, a) in out.iter_mut().zip(arrays) {
         if a.is_empty() {
             *o = &mut [];
         } else {
             let (head, tail) = a.split_at(by % len);
-            o[..tail.len()].copy_from_slice(tail);
-            o[tail.len()..].copy_from_slice(head);
+            for o in o.chunks_exact_mut(len) {
+                o[..tail.len()].copy_from_slice(tail);
+                o[tail.len()..].copy_from_slice(head);
+            }
         }
     }
     out
@@ -513,7 +565,7 @@ pub(crate) fn row_tail(n: usize, w: usize, overlap: bool) -> Option<(usize, usiz
 /// What follows the normalization in the same pass, applied to each output vector before it
 /// is stored: a residual added, a ReLU, or both (`y = relu(bn(x) + residual)`). A type
 /// parameter of the buffers ([`Then`]), so that the plain path is the plain buffers, untouched.
-pub(crate) trait Epilogue<D: Data>: Send + Sized {
+pub(crate) trait Epilogue<D: Data>: Send + Copy {
     /// Whether it reads memory of its own.
     const READS: bool = false;
     /// The epilogue of the first `mid` elements and of the rest (cut as the buffers are).
@@ -555,7 +607,7 @@ impl<D: Data> Epilogue<D> for Relu {
 }
 
 /// `y = v + residual`, then a ReLU with `RELU`.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Residual<'a, D, const RELU: bool> {
     pub residual: &'a [D],
     /// When not 0: each whole vector read asks for the residual this many elements further
@@ -737,10 +789,11 @@ impl<B: Buffers, E: Epilogue<B::Data>> Buffers for Then<B, E> {
         len: usize,
         f: &impl MapAt<L>,
     ) {
-        let then = ThenAt {
-            f,
-            epilogues: starts.map(|s| self.epilogue.range(s, len)),
-        };
+        let mut epilogues = [self.epilogue; K];
+        for (e, &s) in epilogues.iter_mut().zip(&starts) {
+            *e = self.epilogue.range(s, len);
+        }
+        let then = ThenAt { f, epilogues };
         self.buf.map_vectors(starts, len, &then)
     }
 }

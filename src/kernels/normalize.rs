@@ -345,10 +345,11 @@ fn normalize_short<L: Lanes, B: Buffers<Data = L::Mem>>(
 const STRETCH_BYTES: usize = 16 << 10;
 
 /// The least width of a row's parameters (each of the three arrays), in bytes, for which
-/// [`normalize_rows`] maps two rows side by side. Narrower rows cost more in the calls than
-/// their parameters do: on Zen 4, 32x64x56x56 (256 bytes) took 1.07x (AVX2) to 1.20x
-/// (AVX-512) as long paired, 32x128x28x28 (512 bytes) the same.
-const PAIRED_ROW_BYTES: usize = 1024;
+/// [`normalize_rows`] maps two rows side by side; the driver maps narrower rows several at a
+/// time, as one row whose parameters are repeated. Paired one by one, narrow rows cost more
+/// in the calls than their parameters do: on Zen 4, 32x64x56x56 (256 bytes) took 1.07x
+/// (AVX2) to 1.20x (AVX-512) as long, 32x128x28x28 (512 bytes) the same.
+pub(crate) const ROW_PARAM_BYTES: usize = 1024;
 
 /// Normalizes whole rows of `c` channels each (NHWC), lane `j` of a vector being channel
 /// `c0 + j`, in the pieces of [`row_pieces`] with `p` rotated by `rotation` (0: not
@@ -359,12 +360,13 @@ const PAIRED_ROW_BYTES: usize = 1024;
 /// Wide rows read three parameter vectors for each data vector, from arrays as wide as the
 /// row, and on Zen 4 that walk set the pace: a 32x2048x7x7 map with residual and ReLU took
 /// 1.9x as long as its NCHW twin, and 1.1x with the parameters cut to 4 vectors (wrong
-/// results, a probe). Measured on Zen 4, one thread, AVX-512, f32 NHWC, before -> after (with
-/// [`Epilogue::range`](super::buffers::Epilogue::range)): with residual and ReLU, 32x2048x7x7
-/// 1.75 -> 1.30 ms, 32x1024x14x14 3.9 -> 3.1 ms, 32x256x28x28 2.8 -> 2.65 ms (AVX2 2.8 ->
-/// 2.5 ms); its training 32x2048x7x7 3.05 -> 2.4 ms; plain inference 32x2048x7x7 1.21 -> 1.04
-/// ms, 32x1024x14x14 2.15 -> 1.94 ms, 32x256x28x28 the same (1.89 -> 1.87 ms), in place 1.23
-/// -> 0.99 ms.
+/// results, a probe). Measured on Zen 4, one thread, AVX-512, f32 NHWC, before -> after this
+/// pairing, the driver's grouping of narrow rows and
+/// [`Epilogue::range`](super::buffers::Epilogue::range), means of 8 alternated runs: with
+/// residual and ReLU, inference 32x2048x7x7 2.40 -> 1.53 ms, 32x1024x14x14 3.46 -> 2.66 ms,
+/// 32x256x28x28 3.25 -> 2.60 ms, 32x64x56x56 2.81 -> 2.68 ms, and training 32x2048x7x7 2.95
+/// -> 2.29 ms, 32x256x28x28 4.73 -> 4.14 ms; plain inference 32x2048x7x7 1.41 -> 1.06 ms,
+/// 32x256x28x28 the same (2.08 -> 2.11 ms), in place 1.23 -> 0.99 ms.
 #[inline(always)]
 pub(crate) fn normalize_rows<L: Lanes, B: Buffers<Data = L::Mem>>(
     buf: &mut B,
@@ -380,7 +382,7 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<Data = L::Mem>>(
     // The rows as two stretches, mapped side by side where rows are wide and the stretches
     // lie apart.
     let half = pieces.rows / 2;
-    let wide = c * size_of::<L::Elem>() >= PAIRED_ROW_BYTES;
+    let wide = c * size_of::<L::Elem>() >= ROW_PARAM_BYTES;
     let paired = if wide && half * c * size_of::<L::Mem>() >= STRETCH_BYTES {
         for r in 0..half {
             row.map(buf, [row_at(r), row_at(half + r)]);
@@ -428,10 +430,13 @@ impl<'a, L: Lanes> RowParams<'a, L> {
     #[inline(always)]
     fn map<B: Buffers<Data = L::Mem>, const K: usize>(&self, buf: &mut B, starts: [usize; K]) {
         let w = L::WIDTH;
-        let last = starts.map(|start| match self.tail {
-            Some((c0, m, _)) if m == w => Some(buf.load::<L>(start + c0)),
-            _ => None,
-        });
+        let mut last = [None; K];
+        // The overlapping tail's input, read before its piece is written.
+        if let Some((c0, ..)) = self.tail.filter(|&(_, m, _)| m == w) {
+            for (v, &start) in last.iter_mut().zip(&starts) {
+                *v = Some(buf.load::<L>(start + c0));
+            }
+        }
         buf.map_vectors::<L, K>(starts, self.n - self.n % w, &self.whole);
         for (start, last) in starts.into_iter().zip(last) {
             match (self.tail, last) {
