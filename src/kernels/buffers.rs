@@ -57,8 +57,9 @@ pub(crate) trait Buffers: Span {
     /// `out[s + j * WIDTH ..][..WIDTH] = f.apply(f.at(j), k, j, in[..same])` for the
     /// `len / WIDTH` whole vectors of each of the `K` stretches `s = starts[k]` (`len` a
     /// multiple of `WIDTH`; the stretches disjoint and in order): vector `j` of every stretch,
-    /// then vector `j + 1`, so that `f.at(j)` is loaded once for all of them. One bounds check
-    /// per stretch, none per vector; streaming stores when streaming is on.
+    /// then vector `j + 1`, so that `f.at(j)` is loaded once for all of them. The output's
+    /// stretches are checked once per call and written unchecked; reads index their slices
+    /// (checks the compiler may drop). Streaming stores when streaming is on.
     fn map_vectors<L: Lanes<Mem = Self::Data>, const K: usize>(
         &mut self,
         starts: [usize; K],
