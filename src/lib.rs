@@ -8,6 +8,7 @@ mod error;
 mod exec;
 mod fold;
 mod fuse;
+mod instances;
 mod kernels;
 mod layer;
 mod moments;
