@@ -1,6 +1,5 @@
 //! The types of tensors ([`Data`]) and of parameters and arithmetic ([`Element`]).
 
-use crate::instances::Instances;
 use crate::kernels::lanes::{Lanes, Stored};
 use crate::kernels::simd::Simd;
 use half::{bf16, f16};
@@ -73,7 +72,7 @@ mod private {
 ///
 /// Sealed: the kernels rely on IEEE semantics and on the lanes each type names.
 pub trait Data:
-    Copy + Default + Debug + PartialEq + Send + Sync + 'static + private::Sealed + Instances
+    Copy + Default + Debug + PartialEq + Send + Sync + 'static + private::Sealed
 {
     /// The type of the parameters, statistics and gradients of a layer over this data, and
     /// of the arithmetic on it.

@@ -1,11 +1,11 @@
 //! The layer: parameters, running statistics, and the checks that keep them consistent.
 
 use crate::element::{Data, Element};
-use crate::error::{check_eps, check_len, Error};
+use crate::error::{check_eps, check_len, check_xy, Error};
 use crate::exec;
-use crate::fuse::{relu_gradient, Fuse, OverBuffers};
+use crate::fuse::{relu_gradient, with_epilogue, Fuse, OverBuffers};
 use crate::kernels::backward::{BackAffine, GradSums};
-use crate::kernels::buffers::{Buffers, Grad};
+use crate::kernels::buffers::{Buffers, Grad, InPlace, Split};
 use crate::kernels::normalize::{fill_affine, Affine};
 use crate::moments::Moments;
 use crate::shape::{Layout, Shape};
@@ -128,7 +128,9 @@ impl<T: Element> BatchNorm<T> {
         layout: Layout,
         fuse: Fuse<'_, D>,
     ) -> Result<SavedStats<T>, Error> {
-        D::forward_train_fused(self, x, y, shape, layout, fuse)
+        check_xy(shape, x.len(), y.len())?;
+        fuse.check(x.len())?;
+        with_epilogue(Split::new(x, y), fuse, Train(self, shape, layout))
     }
 
     /// [`forward_train_fused`](Self::forward_train_fused) writing over its input (the residual
@@ -140,7 +142,8 @@ impl<T: Element> BatchNorm<T> {
         layout: Layout,
         fuse: Fuse<'_, D>,
     ) -> Result<SavedStats<T>, Error> {
-        D::forward_train_fused_in_place(self, xy, shape, layout, fuse)
+        fuse.check(xy.len())?;
+        with_epilogue(InPlace::new(xy), fuse, Train(self, shape, layout))
     }
 
     /// Inference: normalizes `x` into `y` with the running statistics.
@@ -174,7 +177,9 @@ impl<T: Element> BatchNorm<T> {
         layout: Layout,
         fuse: Fuse<'_, D>,
     ) -> Result<(), Error> {
-        D::forward_eval_fused(self, x, y, shape, layout, fuse)
+        check_xy(shape, x.len(), y.len())?;
+        fuse.check(x.len())?;
+        with_epilogue(Split::new(x, y), fuse, Eval(self, shape, layout))
     }
 
     /// [`forward_eval_fused`](Self::forward_eval_fused) writing over its input.
@@ -185,7 +190,8 @@ impl<T: Element> BatchNorm<T> {
         layout: Layout,
         fuse: Fuse<'_, D>,
     ) -> Result<(), Error> {
-        D::forward_eval_fused_in_place(self, xy, shape, layout, fuse)
+        fuse.check(xy.len())?;
+        with_epilogue(InPlace::new(xy), fuse, Eval(self, shape, layout))
     }
 
     /// The inference normalization folded into one multiply-add per element,
@@ -222,7 +228,8 @@ impl<T: Element> BatchNorm<T> {
         shape: Shape,
         layout: Layout,
     ) -> Result<Gradients<T>, Error> {
-        D::backward(self, x, dy, saved, dx, shape, layout)
+        self.check_backward(x, dy, dx, shape)?;
+        self.train_backward(Grad::new(x, dy, &[], dx), saved, shape, layout)
     }
 
     /// The backward pass of [`forward_train_fused`](Self::forward_train_fused), whose output
@@ -233,23 +240,6 @@ impl<T: Element> BatchNorm<T> {
     /// `dz`, the residual's gradient. `y` must be given whole even without `relu`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_fused<D: Data<Param = T>>(
-        &self,
-        x: &[D],
-        y: &[D],
-        dy: &[D],
-        saved: &SavedStats<T>,
-        dx: &mut [D],
-        d_residual: Option<&mut [D]>,
-        shape: Shape,
-        layout: Layout,
-        relu: bool,
-    ) -> Result<Gradients<T>, Error> {
-        D::backward_fused(self, x, y, dy, saved, dx, d_residual, shape, layout, relu)
-    }
-
-    /// [`backward_fused`](Self::backward_fused)'s body ([`crate::instances`]).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn backward_fused_of<D: Data<Param = T>>(
         &self,
         x: &[D],
         y: &[D],
@@ -281,7 +271,7 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// [`backward`](Self::backward) over `g` (whose `y`, when not empty, gates `dy`).
-    pub(crate) fn train_backward<D: Data<Param = T>>(
+    fn train_backward<D: Data<Param = T>>(
         &self,
         g: Grad<'_, D>,
         saved: &SavedStats<T>,
@@ -321,18 +311,6 @@ impl<T: Element> BatchNorm<T> {
     /// batch norm in fine-tuning): `dx = dy * weight * invstd_running`, and the same `dweight`
     /// and `dbias` sums with `xhat` from the running statistics.
     pub fn backward_eval<D: Data<Param = T>>(
-        &self,
-        x: &[D],
-        dy: &[D],
-        dx: &mut [D],
-        shape: Shape,
-        layout: Layout,
-    ) -> Result<Gradients<T>, Error> {
-        D::backward_eval(self, x, dy, dx, shape, layout)
-    }
-
-    /// [`backward_eval`](Self::backward_eval)'s body ([`crate::instances`]).
-    pub(crate) fn backward_eval_of<D: Data<Param = T>>(
         &self,
         x: &[D],
         dy: &[D],
@@ -498,11 +476,7 @@ pub(crate) fn gradients<T: Element>(
 }
 
 /// Training's forward pass over buffers of any epilogue.
-pub(crate) struct Train<'l, T>(
-    pub(crate) &'l mut BatchNorm<T>,
-    pub(crate) Shape,
-    pub(crate) Layout,
-);
+struct Train<'l, T>(&'l mut BatchNorm<T>, Shape, Layout);
 
 impl<T: Element, D: Data<Param = T>> OverBuffers<D> for Train<'_, T> {
     type Output = Result<SavedStats<T>, Error>;
@@ -512,11 +486,7 @@ impl<T: Element, D: Data<Param = T>> OverBuffers<D> for Train<'_, T> {
 }
 
 /// Inference over buffers of any epilogue.
-pub(crate) struct Eval<'l, T>(
-    pub(crate) &'l BatchNorm<T>,
-    pub(crate) Shape,
-    pub(crate) Layout,
-);
+struct Eval<'l, T>(&'l BatchNorm<T>, Shape, Layout);
 
 impl<T: Element, D: Data<Param = T>> OverBuffers<D> for Eval<'_, T> {
     type Output = Result<(), Error>;

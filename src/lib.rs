@@ -8,7 +8,6 @@ mod error;
 mod exec;
 mod fold;
 mod fuse;
-mod instances;
 mod kernels;
 mod layer;
 mod moments;

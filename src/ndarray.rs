@@ -201,7 +201,7 @@ impl<T: Element> BatchNorm<T> {
             let y = output(y, "y", Some((shape, layout)))?;
             Ok((x, y, shape, layout))
         });
-        E::forward_train_sync(self, tensors, comm)
+        self.forward_train_sync_of(tensors, comm)
     }
 
     /// [`backward_sync`](Self::backward_sync) on arrays: `dy` and `dx` of the same shape and
@@ -221,7 +221,7 @@ impl<T: Element> BatchNorm<T> {
             let dx = output(dx, "dx", want)?;
             Ok((x, dy, dx, shape, layout))
         });
-        E::backward_sync(self, tensors, saved, comm)
+        self.backward_sync_of(tensors, saved, comm)
     }
 }
 

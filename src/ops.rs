@@ -1,10 +1,10 @@
 //! The lower-level operations an inference engine calls directly.
 
 use crate::element::{Data, Element};
-use crate::error::{check_eps, check_len, Error};
+use crate::error::{check_eps, check_len, check_xy, Error};
 use crate::exec;
-use crate::fuse::{Fuse, OverBuffers};
-use crate::kernels::buffers::{Buffers, Param};
+use crate::fuse::{with_epilogue, Fuse, OverBuffers};
+use crate::kernels::buffers::{Buffers, InPlace, Param, Split};
 use crate::kernels::normalize::ChannelAffine;
 use crate::moments::Moments;
 use crate::shape::{Layout, Shape};
@@ -13,7 +13,8 @@ use crate::shape::{Layout, Shape};
 /// with the moments of other data ([`Moments::merge`]), so statistics can be accumulated over
 /// micro-batches or devices.
 pub fn moments<D: Data>(x: &[D], shape: Shape, layout: Layout) -> Result<Vec<Moments>, Error> {
-    D::moments(x, shape, layout)
+    check_len("x", shape.numel()?, x.len())?;
+    Ok(exec::moments(x, shape, layout))
 }
 
 /// Folds running statistics and the affine parameters into one scale and shift per channel:
@@ -82,7 +83,10 @@ pub fn apply_scale_shift_fused<D: Data>(
     layout: Layout,
     fuse: Fuse<'_, D>,
 ) -> Result<(), Error> {
-    D::apply_scale_shift_fused(x, y, scale, shift, shape, layout, fuse)
+    check_xy(shape, x.len(), y.len())?;
+    fuse.check(x.len())?;
+    check_apply(x.len(), scale, shift, shape)?;
+    with_epilogue(Split::new(x, y), fuse, Apply(scale, shift, shape, layout))
 }
 
 /// [`apply_scale_shift_fused`] writing over its input.
@@ -94,28 +98,20 @@ pub fn apply_scale_shift_fused_in_place<D: Data>(
     layout: Layout,
     fuse: Fuse<'_, D>,
 ) -> Result<(), Error> {
-    D::apply_scale_shift_fused_in_place(xy, scale, shift, shape, layout, fuse)
+    fuse.check(xy.len())?;
+    check_apply(xy.len(), scale, shift, shape)?;
+    with_epilogue(InPlace::new(xy), fuse, Apply(scale, shift, shape, layout))
 }
 
 /// The checks of [`apply_scale_shift`] beyond the output's length.
-pub(crate) fn check_apply<T>(
-    len: usize,
-    scale: &[T],
-    shift: &[T],
-    shape: Shape,
-) -> Result<(), Error> {
+fn check_apply<T>(len: usize, scale: &[T], shift: &[T], shape: Shape) -> Result<(), Error> {
     check_len("x", shape.numel()?, len)?;
     check_len("scale", shape.c, scale.len())?;
     check_len("shift", shape.c, shift.len())
 }
 
 /// `apply_scale_shift` over buffers of any epilogue.
-pub(crate) struct Apply<'p, T>(
-    pub(crate) &'p [T],
-    pub(crate) &'p [T],
-    pub(crate) Shape,
-    pub(crate) Layout,
-);
+struct Apply<'p, T>(&'p [T], &'p [T], Shape, Layout);
 
 impl<D: Data> OverBuffers<D> for Apply<'_, D::Param> {
     type Output = Result<(), Error>;

@@ -19,9 +19,8 @@
 //! the message sizes then differ, which MPI does not allow.
 
 use crate::element::{Data, Element};
-use crate::error::{check_len, Error};
+use crate::error::{check_len, CollectiveError, Error};
 use crate::exec;
-use crate::instances::Exchange;
 use crate::kernels::backward::{fill_back, GradSums};
 use crate::kernels::buffers::{Grad, Split};
 use crate::kernels::normalize::{fill_affine, Affine};
@@ -65,16 +64,16 @@ impl<T: Element> BatchNorm<T> {
         layout: Layout,
         comm: &C,
     ) -> Result<SavedStats<T>, Error> {
-        D::forward_train_sync(self, Ok((x, y, shape, layout)), comm)
+        self.forward_train_sync_of(Ok((x, y, shape, layout)), comm)
     }
 
     /// [`forward_train_sync`](Self::forward_train_sync) of `tensors` (x, y, shape, layout),
     /// or of nothing when the caller already refused them (the error is this worker's part
     /// in the collective call, then its result).
-    pub(crate) fn forward_train_sync_of<D: Data<Param = T>>(
+    pub(crate) fn forward_train_sync_of<D: Data<Param = T>, C: Collective>(
         &mut self,
         tensors: TrainTensors<'_, D>,
-        comm: &dyn Exchange,
+        comm: &C,
     ) -> Result<SavedStats<T>, Error> {
         let c = self.channels();
         let local = tensors.and_then(|(x, y, shape, layout)| {
@@ -93,7 +92,9 @@ impl<T: Element> BatchNorm<T> {
             Ok((x, _, shape, layout)) => message.extend(exec::moments(x, *shape, *layout)),
             Err(_) => message.resize(c + 1, Moments::default()),
         }
-        let all = comm.all_gather_moments(&message)?;
+        let all = comm
+            .all_gather_moments(&message)
+            .map_err(CollectiveError::of)?;
         let (x, y, shape, layout) = local?;
         let mut count = 0.0;
         for (rank, m) in all.iter().enumerate() {
@@ -147,17 +148,17 @@ impl<T: Element> BatchNorm<T> {
         layout: Layout,
         comm: &C,
     ) -> Result<Gradients<T>, Error> {
-        D::backward_sync(self, Ok((x, dy, dx, shape, layout)), saved, comm)
+        self.backward_sync_of(Ok((x, dy, dx, shape, layout)), saved, comm)
     }
 
     /// [`backward_sync`](Self::backward_sync) of `tensors` (x, dy, dx, shape, layout), or of
     /// nothing when the caller already refused them (as
     /// [`forward_train_sync_of`](Self::forward_train_sync_of)).
-    pub(crate) fn backward_sync_of<D: Data<Param = T>>(
+    pub(crate) fn backward_sync_of<D: Data<Param = T>, C: Collective>(
         &self,
         tensors: BackTensors<'_, D>,
         saved: &SavedStats<T>,
-        comm: &dyn Exchange,
+        comm: &C,
     ) -> Result<Gradients<T>, Error> {
         let c = self.channels();
         let mut local = tensors.and_then(|(x, dy, dx, shape, layout)| {
@@ -177,7 +178,8 @@ impl<T: Element> BatchNorm<T> {
                 (values[2 + ch], values[2 + c + ch]) = (s.dy, s.dy_xc);
             }
         }
-        comm.all_reduce_sum(&mut values)?;
+        comm.all_reduce_sum(&mut values)
+            .map_err(CollectiveError::of)?;
         let (x, dy, dx, shape, layout) = local?;
         if values[0] != 0.0 {
             return Err(Error::Peer { rank: None });
