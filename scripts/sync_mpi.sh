@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs the synchronized batch-norm example over MPI with RANKS ranks (default 3):
 #
-#   scripts/sync_mpi.sh [RANKS] [--release] [-- EXAMPLE ARGS...]
+#   scripts/sync_mpi.sh [RANKS] [--release] [--all-features] [-- EXAMPLE ARGS...]
+#
+# (`--all-features` builds the library with every feature, not only `mpi`: CI, whose other
+# stages built it so already, so that it is not built again.)
 #
 # Installs what it needs where it can (Debian's Open MPI and libclang, for rsmpi's bindings),
 # builds `examples/sync_mpi.rs` with the `mpi` feature and runs it under mpirun (as root with
@@ -18,6 +21,11 @@ if [ "${1:-}" = --release ]; then
     build=(--release)
     shift
 fi
+features=(--features mpi)
+if [ "${1:-}" = --all-features ]; then
+    features=(--all-features)
+    shift
+fi
 [ "${1:-}" = -- ] && shift
 if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1 ||
     ! ldconfig -p 2>/dev/null | grep -q libclang; then
@@ -29,7 +37,7 @@ if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1 ||
         exit 0
     fi
 fi
-cargo build "${build[@]}" --features mpi --example sync_mpi
+cargo build "${build[@]}" "${features[@]}" --example sync_mpi
 flags=(--oversubscribe)
 [ "$(id -u)" = 0 ] && flags+=(--allow-run-as-root)
 mpirun "${flags[@]}" -n "$ranks" "target/$profile/examples/sync_mpi" "$@"
