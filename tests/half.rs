@@ -261,7 +261,8 @@ fn check_backward<D: Half>(shape: Shape, layout: Layout, seed: u64) {
 
 // Under Miri only `f16`: `bf16` takes the same lanes, buffers and threads, and differs only in
 // the conversion by element (`convert_by_element!`, the `half` crate's safe code), so it adds
-// 80 s of interpretation and no unsafe path (it runs natively on every path).
+// 80 s by Miri's clock (a third of the larger half of CI's Miri stage) and no unsafe path; it
+// runs natively on every path.
 proptest! {
     #![proptest_config(config(64))]
 
