@@ -232,7 +232,8 @@ fn together<D: Data>(c: usize, rows: usize) {
                 call(x, r, y, row);
             }
             for offset in (0..line).step_by(3) {
-                // Inputs as far into their lines as the output (rows pair only so), and not.
+                // Inputs as far into their lines as the output, and not (rows pair so only
+                // where AVX-512 runs in 256-bit halves, as on Zen 4).
                 for in_offset in [offset, (offset + 1) % line] {
                     let (xa, ra) = (At::new(&x, in_offset), At::new(&residual, in_offset));
                     let mut y = At::new(&vec![D::default(); len], offset);

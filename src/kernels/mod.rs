@@ -36,8 +36,9 @@ pub enum Isa {
     /// AVX2 and FMA on x86-64, detected at run time: 8 `f32` or 4 `f64` lanes.
     Avx2,
     /// AVX-512F on x86-64, detected at run time: 16 `f32` or 8 `f64` lanes. [`Isa::best`]
-    /// where the CPU has it (tested and measured on AMD Zen 5), except for the maps over
-    /// rows (NHWC, `(N, C)`) of buffers not aligned to 64 bytes, where AVX2 is faster.
+    /// where the CPU has it (tested and measured on AMD Zen 5 and Zen 4), except for the maps
+    /// over rows (NHWC, `(N, C)`) of buffers not aligned to 64 bytes on CPUs with full-width
+    /// AVX-512 units, where AVX2 is faster.
     Avx512,
 }
 
@@ -152,9 +153,22 @@ impl Isa {
     ///
     /// Only for 4-byte elements and wider: an AVX-512 vector of 16-bit elements is 32 bytes, a
     /// line holds two, and AVX-512 is faster there whatever the alignment (32x64x56x56 NHWC
-    /// `f16` inference 1.3x, `bf16` 1.9x, on Zen 5).
+    /// `f16` inference 1.3x, `bf16` 1.9x, on Zen 5). And not where AVX-512 runs in 256-bit
+    /// halves (Zen 4, [`Isa::avx512_in_halves`]): there it stays the faster whatever the
+    /// alignment. Measured on Zen 4, 32x64x56x56 NHWC inference with residual and ReLU, the
+    /// input 32 bytes off the output in its line, one thread, means of 5 alternated runs:
+    /// AVX2 3.05 ms, AVX-512 2.32 ms (its rows paired, [`normalize::normalize_rows`]), as
+    /// fast as on buffers alike in lines (2.34 ms).
     pub(crate) fn for_rows<T>(buffers: &[&[T]], c: usize) -> Isa {
         let isa = Isa::current();
+        let keep = isa != Isa::Avx512
+            || Isa::forced().is_some()
+            || std::mem::size_of::<T>() < 4
+            || !Isa::Avx2.is_available()
+            || Isa::avx512_in_halves();
+        if keep {
+            return isa;
+        }
         let (out, inputs) = buffers
             .split_last()
             .map_or((&[][..], &[][..]), |(o, i)| (*o, i));
@@ -162,12 +176,19 @@ impl Isa {
         // or with rows of whole lines mapped from its first line on.
         let within = buffers::alike_in_lines(out, inputs)
             && (out.as_ptr().align_offset(64) == 0 || buffers::rotation_of(out, c) > 0);
-        let aligned = std::mem::size_of::<T>() < 4 || within;
-        if isa == Isa::Avx512 && Isa::forced().is_none() && !aligned && Isa::Avx2.is_available() {
-            Isa::Avx2
-        } else {
+        if within {
             isa
+        } else {
+            Isa::Avx2
         }
+    }
+
+    /// Whether this CPU runs AVX-512 in 256-bit halves ([`x86::avx512_in_halves`]).
+    pub(crate) fn avx512_in_halves() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return x86::avx512_in_halves();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
 }
 
@@ -513,5 +534,53 @@ mod tests {
             (Isa::current(), parallel_threshold(), stream_threshold()),
             (isa, threshold, stream)
         );
+    }
+
+    /// The rows' instruction set: AVX-512 stays on buffers alike in lines, gives way to AVX2
+    /// on others only where nothing forced it, the elements are 4 bytes or wider and the CPU
+    /// has full-width AVX-512 units.
+    #[test]
+    fn rows_instruction_set() {
+        use super::{with_isa, Isa};
+        // Rows of 64 channels; the output 2 KiB past the input (alike in lines), or 32 bytes
+        // further.
+        let data = vec![0f32; 1024];
+        let x = &data[..512];
+        let halves = vec![half::f16::ZERO; 2048];
+        let aligned = Isa::for_rows(&[x, &data[512..]], 64);
+        let offset = Isa::for_rows(&[x, &data[520..1016]], 64);
+        let offset_half = Isa::for_rows(&[&halves[..1024], &halves[1040..2032]], 64);
+        let best = Isa::current();
+        assert_eq!((aligned, offset_half), (best, best));
+        let gives_way = best == Isa::Avx512
+            && Isa::from_env() == Ok(None)
+            && Isa::Avx2.is_available()
+            && !Isa::avx512_in_halves();
+        assert_eq!(offset, if gives_way { Isa::Avx2 } else { best });
+        for isa in Isa::available() {
+            assert_eq!(with_isa(isa, || Isa::for_rows(&[x, &data[520..]], 64)), isa);
+        }
+    }
+
+    /// Zen 4 as the kernel names it in `/proc/cpuinfo`: an AMD CPU of family 25 (19h) with
+    /// AVX-512.
+    #[test]
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[cfg_attr(miri, ignore)]
+    fn avx512_in_halves_on_zen4_only() {
+        let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+            return;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+                .and_then(|l| l.split(':').nth(1))
+                .map(str::trim)
+                .unwrap_or_default()
+        };
+        let zen4 = field("vendor_id") == "AuthenticAMD"
+            && field("cpu family") == "25"
+            && field("flags").split(' ').any(|f| f == "avx512f");
+        assert_eq!(super::Isa::avx512_in_halves(), zen4);
     }
 }

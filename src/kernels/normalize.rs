@@ -11,6 +11,7 @@ use super::buffers::{
 };
 use super::lanes::{load_upto, Lanes, MapAt, MapLanes};
 use super::simd::{Simd, WithSimd};
+use super::Isa;
 use crate::element::Element;
 use std::mem::size_of;
 
@@ -386,11 +387,15 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<Data = L::Mem>>(
     // lie apart.
     let half = pieces.rows / 2;
     let wide = c * size_of::<L::Elem>() >= ROW_PARAM_BYTES;
-    // Only vectors of whole lines, with the input as far into its line as the output: with
-    // AVX2 (half lines) and an input 32 bytes past the output's offset, paired rows took 2.7x
-    // as long as single ones (Zen 4, 32x256x28x28 inference, streamed).
-    let whole_lines =
-        L::WIDTH * size_of::<L::Mem>() >= 64 && alike_in_lines(buf.output(), &[buf.input()]);
+    // Only vectors of whole lines, with the input as far into its line as the output, or
+    // anywhere where AVX-512 runs in halves. With AVX2 (half lines) and an input 32 bytes past
+    // the output's offset, paired rows took 2.7x as long as single ones (Zen 4, 32x256x28x28
+    // inference, streamed); with AVX-512 on Zen 4 they pair as well as alike buffers
+    // (32x64x56x56 with residual and ReLU, the input 32 bytes off: single rows 2.78-2.86 ms,
+    // paired 2.32, alike 2.34, one thread). Unmeasured on CPUs with full-width units, where
+    // such buffers take AVX2 unless AVX-512 is forced ([`Isa::for_rows`]).
+    let whole_lines = L::WIDTH * size_of::<L::Mem>() >= 64
+        && (Isa::avx512_in_halves() || alike_in_lines(buf.output(), &[buf.input()]));
     let paired = if wide && whole_lines && half * c * size_of::<L::Mem>() >= STRETCH_BYTES {
         for r in 0..half {
             row.map(buf, [row_at(r), row_at(half + r)]);

@@ -147,3 +147,34 @@ x86_token!(
     /// AVX-512F: 16 `f32` or 8 `f64` lanes.
     Avx512, avx512::F32x16, avx512::F64x8, "avx512f", "avx512f"
 );
+
+/// Whether this CPU runs AVX-512 on 256-bit units, each 512-bit access as two 256-bit halves:
+/// AMD's Zen 4, the only family 19h CPUs with AVX-512. Read once (`cpuid` exits a virtual
+/// machine, which makes it slow), then cached.
+///
+/// There a 64-byte access 32 bytes into a line is two accesses within lines, and one at any
+/// other offset straddles as often as AVX2's: AVX-512 stays the faster on buffers that are not
+/// alike in lines ([`crate::Isa::for_rows`]). On Zen 5 (full-width units) it is not.
+pub(crate) fn avx512_in_halves() -> bool {
+    static HALVES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HALVES.get_or_init(|| {
+        use std::arch::x86_64::__cpuid;
+        if Avx512::detect().is_none() {
+            return false;
+        }
+        // `__cpuid` is safe from Rust 1.94 on; the crate builds from 1.89.
+        #[allow(unused_unsafe)]
+        // SAFETY: `cpuid` exists on every x86-64 CPU, and leaves 0 and 1 on every one.
+        let (vendor, signature) = unsafe { (__cpuid(0), __cpuid(1)) };
+        let amd = [vendor.ebx, vendor.edx, vendor.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163];
+        // The family: the base family, plus the extended family where the base is 0xF.
+        let base = (signature.eax >> 8) & 0xF;
+        let family = base
+            + if base == 0xF {
+                (signature.eax >> 20) & 0xFF
+            } else {
+                0
+            };
+        amd && family == 0x19
+    })
+}
