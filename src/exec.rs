@@ -69,6 +69,15 @@ impl Plan {
         (n > 1).then(|| ((n, c, s), by_threads.clamp(1, channels::GROUP)))
     }
 
+    /// The bytes of one image's run of a channel (NCHW), of a row otherwise.
+    fn run_bytes<T>(self) -> usize {
+        match self {
+            Plan::Runs { s, .. } => s,
+            Plan::Rows { c, .. } => c,
+        }
+        .saturating_mul(std::mem::size_of::<T>())
+    }
+
     /// The bytes of one channel (all images).
     fn channel_bytes<T>(self) -> usize {
         match self {
@@ -191,6 +200,11 @@ impl<D: Data> WithSimd for StatsJob<'_, D> {
     }
 }
 
+/// The longest run of an image in a channel, in bytes, for which the plain NCHW training
+/// takes two passes on Zen 4 (see `TrainJob`): between the 24.5 KiB where two passes won and
+/// the 36.75 KiB where they were even.
+const SHORT_RUN: usize = 32 << 10;
+
 struct TrainJob<B, F> {
     buf: B,
     plan: Plan,
@@ -223,8 +237,23 @@ where
         // 8-way L2 where Zen 5's has 16 ways), 32x64x56x56 5.1-5.2 -> 3.0 ms, 32x256x28x28
         // 5.0-5.1 -> 3.1 ms. (Two threads on Zen 4 gained as much, but threads keep the
         // groups until measured on Zen 5, where the backward's groups win with threads.)
+        //
+        // Without a residual, the same on Zen 4 where runs are short, on one thread past the
+        // caches: the groups' read-ahead (below) made them 1.3x faster on Zen 5, but on Zen 4
+        // two passes win where an image's run of a channel is short, and lose where it is
+        // long. Measured on Zen 4, one thread, plain training, groups -> two passes, by run
+        // length: 3 KiB 32x256x28x28 3.59 -> 3.23 ms, 32x128x28x28 1.73 -> 1.48 ms; 12.25 KiB
+        // 32x64x56x56 3.79 -> 2.91 ms, 64x64x56x56 7.24 -> 5.49 ms, 256x64x56x56 30.3 -> 23.1
+        // ms; 24.5 KiB 16x64x56x112 3.09 -> 2.88 ms; 36.75 KiB 16x64x84x112 4.38 -> 4.43 ms;
+        // 49 KiB 16x64x112x112 5.02 -> 5.54 ms, 8x64x112x112 3.03 -> 3.21 ms; 196 KiB
+        // 8x32x224x224 4.94 -> 5.42 ms; runs under a line the same (32x2048x7x7).
         let spills = plan.channel_bytes::<B::Data>() > parallel::caches().l2 / 2;
-        let two_passes = buf.epilogue_reads() && (spills || (!par.on && buf.streaming()));
+        let past_caches = !par.on && buf.streaming();
+        let two_passes = if buf.epilogue_reads() {
+            spills || past_caches
+        } else {
+            past_caches && crate::kernels::zen4() && plan.run_bytes::<B::Data>() <= SHORT_RUN
+        };
         let grouped = plan.fused(par).filter(|&(n, ..)| n == 1 || !two_passes);
         if let Some((n, c, s)) = grouped {
             let group = plan.group::<B::Data>(par);

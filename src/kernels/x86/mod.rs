@@ -148,16 +148,12 @@ x86_token!(
     Avx512, avx512::F32x16, avx512::F64x8, "avx512f", "avx512f"
 );
 
-/// Whether this CPU runs AVX-512 on 256-bit units, each 512-bit access as two 256-bit halves:
-/// AMD's Zen 4, the only family 19h CPUs with AVX-512. Read once (`cpuid` exits a virtual
-/// machine, which makes it slow), then cached.
-///
-/// There a 64-byte access 32 bytes into a line is two accesses within lines, and one at any
-/// other offset straddles as often as AVX2's: AVX-512 stays the faster on buffers that are not
-/// alike in lines ([`crate::Isa::for_rows`]). On Zen 5 (full-width units) it is not.
-pub(crate) fn avx512_in_halves() -> bool {
-    static HALVES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HALVES.get_or_init(|| {
+/// Whether this CPU is AMD's Zen 4: family 19h with AVX-512F (the only family-19h CPUs with
+/// it). Read once (`cpuid` exits a virtual machine, which makes it slow), then cached. Two
+/// choices are tuned for it ([`crate::kernels::zen4`]).
+pub(crate) fn zen4() -> bool {
+    static ZEN4: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ZEN4.get_or_init(|| {
         use std::arch::x86_64::__cpuid;
         if Avx512::detect().is_none() {
             return false;
