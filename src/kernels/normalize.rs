@@ -391,9 +391,10 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<Data = L::Mem>>(
     // anywhere where AVX-512 runs in halves. With AVX2 (half lines) and an input 32 bytes past
     // the output's offset, paired rows took 2.7x as long as single ones (Zen 4, 32x256x28x28
     // inference, streamed); with AVX-512 on Zen 4 they pair as well as alike buffers
-    // (32x64x56x56 with residual and ReLU, the input 32 bytes off: single rows 2.78-2.86 ms,
-    // paired 2.32, alike 2.34, one thread). Unmeasured on CPUs with full-width units, where
-    // such buffers take AVX2 unless AVX-512 is forced ([`Isa::for_rows`]).
+    // (32x64x56x56 with residual and ReLU, one thread, 5 alternated runs: the input 32 bytes
+    // off, single rows 2.66-3.00 ms in 4 runs, the fifth 4.72; paired, a mean of 2.32 ms;
+    // alike, paired, 2.34 ms). Unmeasured on CPUs with full-width units, where such buffers
+    // take AVX2 unless AVX-512 is forced ([`Isa::for_rows`]).
     let whole_lines = L::WIDTH * size_of::<L::Mem>() >= 64
         && (Isa::avx512_in_halves() || alike_in_lines(buf.output(), &[buf.input()]));
     let paired = if wide && whole_lines && half * c * size_of::<L::Mem>() >= STRETCH_BYTES {

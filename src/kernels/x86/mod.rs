@@ -158,7 +158,8 @@ pub(crate) fn zen4() -> bool {
         if Avx512::detect().is_none() {
             return false;
         }
-        // `__cpuid` is safe from Rust 1.94 on; the crate builds from 1.89.
+        // `__cpuid` is safe in Rust 1.95, which this was built with, but not in every release
+        // the crate supports (from 1.89): kept in `unsafe`, allowed where it is unused.
         #[allow(unused_unsafe)]
         // SAFETY: `cpuid` exists on every x86-64 CPU, and leaves 0 and 1 on every one.
         let (vendor, signature) = unsafe { (__cpuid(0), __cpuid(1)) };
