@@ -148,7 +148,10 @@ impl<D> Piece for GradRun<'_, D> {
         let len = self.x.len();
         let done = len - len % n;
         (
-            (0..len / n).map(move |k| self.at(k * n, n)),
+            (0..len / n).map(
+                #[inline(always)]
+                move |k| self.at(k * n, n),
+            ),
             self.range(done..len),
         )
     }
@@ -310,7 +313,10 @@ pub(crate) fn grad_sums_runs<'a, L: Lanes, const GATED: bool>(
             let mut start = 0;
             while start < len {
                 let end = (start + block).min(len);
-                let piece = |_| g.range(start..end);
+                let piece = {
+                    #[inline(always)]
+                    |_| g.range(start..end)
+                };
                 acc = acc.add(block_sums::<L, GATED>(1, &piece, hi));
                 start = end;
             }
@@ -321,7 +327,11 @@ pub(crate) fn grad_sums_runs<'a, L: Lanes, const GATED: bool>(
     let mut i = 0;
     while i < count {
         let k = per_block.min(count - i);
-        acc = acc.add(block_sums::<L, GATED>(k, &|j| run(i + j), hi));
+        let piece = {
+            #[inline(always)]
+            |j| run(i + j)
+        };
+        acc = acc.add(block_sums::<L, GATED>(k, &piece, hi));
         i += k;
     }
     acc
@@ -377,7 +387,10 @@ fn grad_tile<L: Lanes, const K: usize, const GATED: bool>(
 ) {
     let w = L::WIDTH;
     let zero = L::splat(L::Elem::ZERO);
-    let left = |j: usize| width - (j * w).min(width);
+    let left = {
+        #[inline(always)]
+        |j: usize| width - (j * w).min(width)
+    };
     let hv = load_tile::<L, K>(hi, c0, width);
     let mut sd = [zero; K];
     let mut sx = [zero; K];
@@ -539,9 +552,14 @@ pub(crate) fn backward_group<L: Lanes, const GATED: bool>(
 ) {
     if s >= L::WIDTH {
         let mut io = GradIo::<_, GATED>(g);
-        map_runs::<L, _, _>(&mut io, start, s, count, |j| {
-            BackLanes::<L>::splat(params(j))
-        });
+        map_runs::<L, _, _>(
+            &mut io,
+            start,
+            s,
+            count,
+            #[inline(always)]
+            |j| BackLanes::<L>::splat(params(j)),
+        );
         return;
     }
     for j in 0..count {
@@ -580,13 +598,20 @@ fn backward_pieces<L: Lanes, const GATED: bool, const STREAM: bool>(
     let w = L::WIDTH;
     // A tail shorter than a vector ([`row_tail`]): an overlapping last vector unless
     // streaming (`dx` is written, never read, so the overlap recomputes the same values).
-    let tail = |first: usize, n: usize| {
-        row_tail(n, w, !STREAM).map(|(c0, m)| (c0, m, BackLanes::<L>::load(p, first + c0, m)))
+    let tail = {
+        #[inline(always)]
+        |first: usize, n: usize| match row_tail(n, w, !STREAM) {
+            Some((c0, m)) => Some((c0, m, BackLanes::<L>::load(p, first + c0, m))),
+            None => None,
+        }
     };
     // The tail of a whole row, made once: most pieces are whole rows.
     let row_tail = tail(0, c);
     let pieces = row_pieces(g.dx.len(), c, rotation);
-    let rows = (0..pieces.rows).map(|r| (pieces.start + r * c, c, 0));
+    let rows = (0..pieces.rows).map(
+        #[inline(always)]
+        |r| (pieces.start + r * c, c, 0),
+    );
     for (start, n, first) in rows.chain(pieces.head).chain(pieces.tail) {
         let inputs = g.inputs().at(start, n);
         let dx = &mut g.dx[start..start + n];

@@ -152,18 +152,32 @@ impl<T: Data> Buffers for Split<'_, T> {
         let w = L::WIDTH;
         let ahead = self.ahead;
         // A hint, whatever the address: it may lie beyond `x` (past the end of the tensor).
-        let read_ahead = |_: &mut Stretches<T, K>, k: usize, i: usize| {
-            let x = &x[k][i..i + w];
-            super::stats::prefetch_line(x.as_ptr().wrapping_add(ahead));
-            L::read(x)
+        let read_ahead = {
+            #[inline(always)]
+            |_: &mut Stretches<T, K>, k: usize, i: usize| {
+                let x = &x[k][i..i + w];
+                super::stats::prefetch_line(x.as_ptr().wrapping_add(ahead));
+                L::read(x)
+            }
         };
-        let read = |_: &mut Stretches<T, K>, k: usize, i: usize| L::read(&x[k][i..i + w]);
+        let read = {
+            #[inline(always)]
+            |_: &mut Stretches<T, K>, k: usize, i: usize| L::read(&x[k][i..i + w])
+        };
+        let stream = {
+            #[inline(always)]
+            |v: L, y: &mut [T]| v.write_stream(y)
+        };
+        let write = {
+            #[inline(always)]
+            |v: L, y: &mut [T]| v.write(y)
+        };
         let y = &mut y;
         match (ahead > 0, self.stream) {
-            (true, true) => map_stretches(y, f, read_ahead, |v: L, y| v.write_stream(y)),
-            (true, false) => map_stretches(y, f, read_ahead, |v: L, y| v.write(y)),
-            (false, true) => map_stretches(y, f, read, |v: L, y| v.write_stream(y)),
-            (false, false) => map_stretches(y, f, read, |v: L, y| v.write(y)),
+            (true, true) => map_stretches(y, f, read_ahead, stream),
+            (true, false) => map_stretches(y, f, read_ahead, write),
+            (false, true) => map_stretches(y, f, read, stream),
+            (false, false) => map_stretches(y, f, read, write),
         }
     }
     #[inline(always)]
@@ -340,17 +354,26 @@ impl<T: Data> Buffers for InPlace<'_, T> {
     ) {
         let mut xy = Stretches::new(self.xy, starts, len);
         let (w, ahead) = (L::WIDTH, self.ahead);
-        let write = |v: L, y: &mut [T]| v.write(y);
+        let write = {
+            #[inline(always)]
+            |v: L, y: &mut [T]| v.write(y)
+        };
         if ahead > 0 {
-            let read = |xy: &mut Stretches<T, K>, k: usize, i: usize| {
-                let x = xy.get(k, i, w);
-                // A hint, whatever the address: it may lie past the end of the tensor.
-                super::stats::prefetch_line(x.as_ptr().wrapping_add(ahead));
-                L::read(x)
+            let read = {
+                #[inline(always)]
+                |xy: &mut Stretches<T, K>, k: usize, i: usize| {
+                    let x = xy.get(k, i, w);
+                    // A hint, whatever the address: it may lie past the end of the tensor.
+                    super::stats::prefetch_line(x.as_ptr().wrapping_add(ahead));
+                    L::read(x)
+                }
             };
             map_stretches(&mut xy, f, read, write)
         } else {
-            let read = |xy: &mut Stretches<T, K>, k: usize, i: usize| L::read(xy.get(k, i, w));
+            let read = {
+                #[inline(always)]
+                |xy: &mut Stretches<T, K>, k: usize, i: usize| L::read(xy.get(k, i, w))
+            };
             map_stretches(&mut xy, f, read, write)
         }
     }

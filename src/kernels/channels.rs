@@ -82,7 +82,11 @@ fn fold_spans<'a, L: Lanes, A: Reduce<L> + 'a, const K: usize, const AHEAD: bool
                 }
                 let (parts, rest) = piece(i, j).chunks_exact(part);
                 for p in parts.chain(std::iter::once(rest)) {
-                    let [u, v] = fold_pieces::<L, A, K>(1, &|_| p, c.empty()).sums();
+                    let piece = {
+                        #[inline(always)]
+                        |_| p
+                    };
+                    let [u, v] = fold_pieces::<L, A, K>(1, &piece, c.empty()).sums();
                     *o = [o[0] + u, o[1] + v];
                 }
             }
@@ -102,7 +106,11 @@ fn fold_spans<'a, L: Lanes, A: Reduce<L> + 'a, const K: usize, const AHEAD: bool
                 if AHEAD && i + 1 < n {
                     piece(i + 1, j).prefetch();
                 }
-                let run = fold_pieces::<L, A, K>(1, &|_| piece(i, j), a.empty());
+                let one = {
+                    #[inline(always)]
+                    |_| piece(i, j)
+                };
+                let run = fold_pieces::<L, A, K>(1, &one, a.empty());
                 *a = a.merge(run);
             }
         }
@@ -138,12 +146,19 @@ fn group_moments<'a, L: Lanes + 'a, const AHEAD: bool>(
     out: &mut [Moments],
 ) {
     let count = out.len().min(GROUP);
-    let run = |i: usize, j: usize| &image(i)[j * s..][..s];
+    let run = {
+        #[inline(always)]
+        |i: usize, j: usize| &image(i)[j * s..][..s]
+    };
     let mut centres = [ShiftedSums::<L>::around(L::Elem::ZERO); GROUP];
     for (j, c) in centres[..count].iter_mut().enumerate() {
         let first = run(0, j);
         let p = first[0].to_param();
-        let sum = fold_pieces::<L, _, ACCUMULATORS>(1, &|_| first, PivotedSum::around(p));
+        let piece = {
+            #[inline(always)]
+            |_| first
+        };
+        let sum = fold_pieces::<L, _, ACCUMULATORS>(1, &piece, PivotedSum::around(p));
         *c = ShiftedSums::around(L::Elem::from_f64(p.to_f64() + sum.sums()[0] / s as f64));
     }
     let mut sums = [[0.0; 2]; GROUP];
@@ -160,7 +175,10 @@ fn group_moments<'a, L: Lanes + 'a, const AHEAD: bool>(
             fold_spans::<L, _, ACCUMULATORS, AHEAD>(
                 n,
                 s,
-                &|i, _| run(i, j),
+                &{
+                    #[inline(always)]
+                    |i, _| run(i, j)
+                },
                 &centres[j..=j],
                 &mut again,
             );
@@ -199,7 +217,10 @@ pub(crate) fn train_channels<L: Lanes, B: Buffers<Data = L::Mem>>(
             normalize_group::<L, B>(buf, at * s, s, &params[..moments.len()]);
         }
     } else {
-        let image = |i: usize| spans[i].as_ref().expect("every image's span").input();
+        let image = {
+            #[inline(always)]
+            |i: usize| spans[i].as_ref().expect("every image's span").input()
+        };
         group_moments::<L, true>(spans.len(), image, s, out);
         for (j, (p, m)) in params.iter_mut().zip(out.iter()).enumerate() {
             *p = finish(first + j, m);
@@ -250,13 +271,22 @@ pub(crate) fn backward_channels<L: Lanes, const GATED: bool>(
             let inputs = span(spans, 0).inputs();
             for (j, o) in sums.iter_mut().enumerate() {
                 let run = inputs.at((at + j) * s, s);
-                *o = grad_sums_runs::<L, GATED>(1, s, |_| run, centers[at + j]);
+                *o = grad_sums_runs::<L, GATED>(
+                    1,
+                    s,
+                    #[inline(always)]
+                    |_| run,
+                    centers[at + j],
+                );
             }
         } else {
             let runs = at * s..(at + sums.len()) * s;
-            let image = |i: usize| {
-                let grad = spans[i].as_ref().expect("every image's span");
-                grad.inputs().range(runs.clone())
+            let image = {
+                #[inline(always)]
+                |i: usize| {
+                    let grad = spans[i].as_ref().expect("every image's span");
+                    grad.inputs().range(runs.clone())
+                }
             };
             group_grad_sums::<L, GATED>(n, image, s, &centers[at..at + sums.len()], sums);
         }
@@ -265,7 +295,14 @@ pub(crate) fn backward_channels<L: Lanes, const GATED: bool>(
         }
         for i in 0..spans.len() {
             let p = &params[..sums.len()];
-            backward_group::<L, GATED>(span(spans, i), at * s, s, p.len(), |j| p[j]);
+            backward_group::<L, GATED>(
+                span(spans, i),
+                at * s,
+                s,
+                p.len(),
+                #[inline(always)]
+                |j| p[j],
+            );
         }
     }
     if spans.iter().any(|g| g.as_ref().is_some_and(|g| g.stream)) {
@@ -286,7 +323,10 @@ fn group_grad_sums<'a, L: Lanes + 'a, const GATED: bool>(
     out: &mut [GradSums],
 ) {
     let count = out.len().min(GROUP);
-    let run = |i: usize, j: usize| image(i).at(j * s, s);
+    let run = {
+        #[inline(always)]
+        |i: usize, j: usize| image(i).at(j * s, s)
+    };
     let mut lanes = [GradLanes::<L, GATED>::around(L::Elem::ZERO); GROUP];
     for (l, &c) in lanes.iter_mut().zip(&centers[..count]) {
         *l = GradLanes::around(c);
@@ -331,7 +371,10 @@ impl<D: Data, C: Fn(usize) -> D::Param> WithSimd for GradSumsChannels<'_, '_, '_
         for (j, c) in centers[..out.len().min(GROUP)].iter_mut().enumerate() {
             *c = center(first + j);
         }
-        let image = |i: usize| spans[i].expect("every image's span");
+        let image = {
+            #[inline(always)]
+            |i: usize| spans[i].expect("every image's span")
+        };
         let centers = &centers[..out.len().min(GROUP)];
         if spans.iter().any(|g| g.is_some_and(|g| !g.y.is_empty())) {
             group_grad_sums::<D::Lanes<S>, true>(spans.len(), image, s, centers, out)
@@ -354,7 +397,10 @@ impl<D: Data> WithSimd for MomentsChannels<'_, '_, D> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, _: S) {
         let MomentsChannels { spans, s, out } = self;
-        let image = |i: usize| spans[i].expect("every image's span");
+        let image = {
+            #[inline(always)]
+            |i: usize| spans[i].expect("every image's span")
+        };
         group_moments::<D::Lanes<S>, false>(spans.len(), image, s, out)
     }
 }

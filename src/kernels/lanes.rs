@@ -129,6 +129,20 @@ pub(crate) fn read_upto<L: Lanes>(x: &[L::Mem], i: usize, left: usize) -> L {
     }
 }
 
+/// `[f(0), f(1), .., f(K - 1)]`, as `std::array::from_fn`, but always inlined: `from_fn` is
+/// only a hint, and where the compiler leaves it out of line, `f` is compiled into it without
+/// the entry's target features (every intrinsic in `f` then a call; see [`crate::kernels`]).
+/// `f` must be an `#[inline(always)]` closure too. `K >= 1`.
+#[inline(always)]
+pub(crate) fn array_fn<T: Copy, const K: usize>(mut f: impl FnMut(usize) -> T) -> [T; K] {
+    const { assert!(K > 0) };
+    let mut out = [f(0); K];
+    for (j, o) in out.iter_mut().enumerate().skip(1) {
+        *o = f(j);
+    }
+    out
+}
+
 /// The `width <= K * WIDTH` values at `x[at..]` as `K` vectors, zero-padded past `width`:
 /// a tile of neighbouring channels' values.
 #[inline(always)]
@@ -137,19 +151,25 @@ pub(crate) fn load_tile<L: Lanes, const K: usize>(
     at: usize,
     width: usize,
 ) -> [L; K] {
-    std::array::from_fn(|j| {
-        let done = (j * L::WIDTH).min(width);
-        load_upto::<L>(x, at + done, width - done)
-    })
+    array_fn(
+        #[inline(always)]
+        |j| {
+            let done = (j * L::WIDTH).min(width);
+            load_upto::<L>(x, at + done, width - done)
+        },
+    )
 }
 
 /// [`load_tile`] of tensor elements.
 #[inline(always)]
 pub(crate) fn read_tile<L: Lanes, const K: usize>(x: &[L::Mem], at: usize, width: usize) -> [L; K] {
-    std::array::from_fn(|j| {
-        let done = (j * L::WIDTH).min(width);
-        read_upto::<L>(x, at + done, width - done)
-    })
+    array_fn(
+        #[inline(always)]
+        |j| {
+            let done = (j * L::WIDTH).min(width);
+            read_upto::<L>(x, at + done, width - done)
+        },
+    )
 }
 
 /// One element as a vector of width 1: the plain scalar path.
@@ -348,7 +368,10 @@ macro_rules! convert_by_element {
         impl Convert<$d> for $lanes {
             #[inline(always)]
             fn widen(s: &[$d]) -> Self {
-                let wide: [f32; $w] = std::array::from_fn(|i| s[i].to_f32());
+                let wide: [f32; $w] = $crate::kernels::lanes::array_fn(
+                    #[inline(always)]
+                    |i| s[i].to_f32(),
+                );
                 Self::load(&wide)
             }
             #[inline(always)]

@@ -161,7 +161,14 @@ pub(crate) fn normalize_runs<L: Lanes, B: Buffers<Data = L::Mem>>(
 ) {
     let runs = buf.len().checked_div(s).unwrap_or(0);
     if s >= L::WIDTH {
-        map_runs::<L, _, _>(&mut Io(buf), 0, s, runs, |r| AffineLanes::splat(&affine(r)));
+        map_runs::<L, _, _>(
+            &mut Io(buf),
+            0,
+            s,
+            runs,
+            #[inline(always)]
+            |r| AffineLanes::splat(&affine(r)),
+        );
     } else {
         for r in 0..runs {
             normalize_short::<L, B>(buf, r * s, s, &affine(r));
@@ -319,9 +326,14 @@ pub(crate) fn normalize_group<L: Lanes, B: Buffers<Data = L::Mem>>(
     params: &[Affine<L::Elem>],
 ) {
     if s >= L::WIDTH {
-        map_runs::<L, _, _>(&mut Io(buf), start, s, params.len(), |j| {
-            AffineLanes::splat(&params[j])
-        });
+        map_runs::<L, _, _>(
+            &mut Io(buf),
+            start,
+            s,
+            params.len(),
+            #[inline(always)]
+            |j| AffineLanes::splat(&params[j]),
+        );
     } else {
         for (j, p) in params.iter().enumerate() {
             normalize_short::<L, B>(buf, start + j * s, s, p);
@@ -382,7 +394,10 @@ pub(crate) fn normalize_rows<L: Lanes, B: Buffers<Data = L::Mem>>(
     // The parameters of a whole row, made once: most pieces are whole rows.
     let row = RowParams::<L>::new(p, 0, c, stream);
     let pieces = row_pieces(buf.len(), c, rotation);
-    let row_at = |r: usize| pieces.start + r * c;
+    let row_at = {
+        #[inline(always)]
+        |r: usize| pieces.start + r * c
+    };
     // The rows as two stretches, mapped side by side where rows are wide and the stretches
     // lie apart.
     let half = pieces.rows / 2;
@@ -429,8 +444,12 @@ struct RowParams<'a, L: Lanes> {
 impl<'a, L: Lanes> RowParams<'a, L> {
     #[inline(always)]
     fn new(p: &ChannelAffine<'a, L::Elem>, first: usize, n: usize, stream: bool) -> Self {
-        let tail = row_tail(n, L::WIDTH, !stream)
-            .map(|(c0, m)| (c0, m, AffineLanes::load(p, first + c0, m)));
+        // A `match`, not `Option::map`: the closure would be compiled into `map`, which the
+        // compiler may leave out of line, without the entry's features.
+        let tail = match row_tail(n, L::WIDTH, !stream) {
+            Some((c0, m)) => Some((c0, m, AffineLanes::load(p, first + c0, m))),
+            None => None,
+        };
         RowParams {
             whole: RowAffine::new(p, first, n - n % L::WIDTH),
             n,

@@ -57,7 +57,10 @@ macro_rules! wide_lanes {
             }
             #[inline(always)]
             fn splice(self, k: usize, rest: Self) -> Self {
-                let index = <$v>::new(std::array::from_fn(|i| i as $t));
+                let index = <$v>::new(crate::kernels::lanes::array_fn(
+                    #[inline(always)]
+                    |i| i as $t,
+                ));
                 index.simd_lt(<$v>::splat(k as $t)).select(self, rest)
             }
             #[inline(always)]

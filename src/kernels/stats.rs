@@ -217,13 +217,21 @@ pub(crate) fn runs_per_block<L: Lanes, const K: usize>(len: usize, block: usize)
 /// `Σ (x - p)`, summed in lanes.
 #[inline(always)]
 fn pivoted_sum<L: Lanes>(x: &[L::Mem], p: L::Elem) -> f64 {
-    fold_pieces::<L, _, ACCUMULATORS>(1, &|_| x, PivotedSum::around(p)).sums()[0]
+    let piece = {
+        #[inline(always)]
+        |_| x
+    };
+    fold_pieces::<L, _, ACCUMULATORS>(1, &piece, PivotedSum::around(p)).sums()[0]
 }
 
 /// `[Σ (x - k), Σ (x - k)²]`, summed in lanes.
 #[inline(always)]
 fn shifted_sums<L: Lanes>(x: &[L::Mem], k: L::Elem) -> [f64; 2] {
-    fold_pieces::<L, _, ACCUMULATORS>(1, &|_| x, ShiftedSums::around(k)).sums()
+    let piece = {
+        #[inline(always)]
+        |_| x
+    };
+    fold_pieces::<L, _, ACCUMULATORS>(1, &piece, ShiftedSums::around(k)).sums()
 }
 
 /// The moments of a block made of `count` pieces, piece `i` being `piece(i)` (together they
@@ -261,7 +269,12 @@ fn block<'a, L: Lanes>(count: usize, piece: impl Fn(usize) -> &'a [L::Mem]) -> M
 pub(crate) fn moments_each<L: Lanes>(x: &[L::Mem], s: usize, out: &mut [Moments]) {
     if s > block_len::<L>() {
         for (o, run) in out.iter_mut().zip(x.chunks_exact(s)) {
-            *o = moments_runs::<L>(1, s, |_| run);
+            *o = moments_runs::<L>(
+                1,
+                s,
+                #[inline(always)]
+                |_| run,
+            );
         }
         return;
     }
@@ -338,7 +351,11 @@ pub(crate) fn moments_runs<'a, L: Lanes>(
             while start < len {
                 let end = (start + block_len).min(len);
                 prefetch(&x[end..(end + block_len).min(len)]);
-                acc = acc.merge(block::<L>(1, |_| &x[start..end]));
+                acc = acc.merge(block::<L>(
+                    1,
+                    #[inline(always)]
+                    |_| &x[start..end],
+                ));
                 start = end;
             }
         }
@@ -348,7 +365,11 @@ pub(crate) fn moments_runs<'a, L: Lanes>(
     let mut i = 0;
     while i < count {
         let k = per_block.min(count - i);
-        acc = acc.merge(block::<L>(k, |j| run(i + j)));
+        acc = acc.merge(block::<L>(
+            k,
+            #[inline(always)]
+            |j| run(i + j),
+        ));
         i += k;
     }
     acc
@@ -550,7 +571,10 @@ fn tile_sums<L: Lanes, const K: usize, const SCALED: bool>(
     centers: &[L; K],
 ) -> ([L; K], [L; K]) {
     let w = L::WIDTH;
-    let left = |j: usize| width - (j * w).min(width);
+    let left = {
+        #[inline(always)]
+        |j: usize| width - (j * w).min(width)
+    };
     let zero = L::splat(L::Elem::ZERO);
     let scale = L::splat(L::Elem::from_f64(L::Elem::TINY_SCALE));
     let (mut s1, mut s2) = ([zero; K], [zero; K]);
@@ -594,7 +618,10 @@ fn tile<L: Lanes, const K: usize>(
     let first = seen == 0;
     let w = L::WIDTH;
     let zero = L::splat(L::Elem::ZERO);
-    let left = |j: usize| width - (j * w).min(width);
+    let left = {
+        #[inline(always)]
+        |j: usize| width - (j * w).min(width)
+    };
     // First read: sums around the block's first row, as in `block`.
     let pivots = read_tile::<L, K>(x, rows.start * c + c0, width);
     let mut sums = [zero; K];
@@ -622,9 +649,12 @@ fn tile<L: Lanes, const K: usize>(
     }
     // Squares below the element type's normal range (constant channels included: their sums
     // are 0): a third read, vectorized, with the deviations scaled up by a power of two.
-    let tiny = |i: usize| {
-        let (a, b) = (a[i].to_f64(), b[i].to_f64());
-        a.is_finite() && b.is_finite() && tiny_squares::<L::Elem>(rows.len(), a, b)
+    let tiny = {
+        #[inline(always)]
+        |i: usize| {
+            let (a, b) = (a[i].to_f64(), b[i].to_f64());
+            a.is_finite() && b.is_finite() && tiny_squares::<L::Elem>(rows.len(), a, b)
+        }
     };
     let (mut sa, mut sb) = ([e; MAX_WIDTH], [e; MAX_WIDTH]);
     if (0..width).any(tiny) {
