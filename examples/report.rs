@@ -3,7 +3,7 @@
 //! measured in the same run, per shape, layout, operation, thread count and instruction set.
 //!
 //! `cargo run --release --example report [-- --quick] [--isa portable | --isas] [--threads N]
-//! [--csv] [--dtype f16 | bf16] [--fused] [--shapes ABF] [--layout nchw | nhwc]`
+//! [--csv] [--dtype f64 | f16 | bf16] [--fused] [--shapes ABF] [--layout nchw | nhwc]`
 //!
 //! Each operation is timed alternately with a memory copy of the same bytes on the same
 //! threads (median of the calls, minimum beside it). Without `--isa`, calls choose their
@@ -11,7 +11,8 @@
 //! CPU has. `--csv` prints `name,layout,op,threads,median_ms,min_ms,copy_ms,bytes` lines
 //! instead of the table (for `benches/compare/compare.sh`); `--threads N` measures N threads
 //! only. `--dtype f16` or `bf16` measures 16-bit tensors (parameters and statistics `f32`),
-//! with a column for the time the same call takes on `f32` tensors, measured in the same run.
+//! with a column for the time the same call takes on `f32` tensors, measured in the same run;
+//! `--dtype f64` likewise, its parameters `f64`.
 //! `train in place` is training with the output over the input.
 //! `--fused` adds ResNet's fused blocks (`y = relu(bn(x) + residual)` in inference and
 //! training, and its backward with the residual's gradient) beside the same work done as
@@ -45,13 +46,14 @@ fn main() {
         None | Some("f32") => report::<f32>(&args),
         Some("f16") => report::<f16>(&args),
         Some("bf16") => report::<bf16>(&args),
-        Some(other) => panic!("--dtype {other}: f32, f16 or bf16"),
+        Some("f64") => report::<f64>(&args),
+        Some(other) => panic!("--dtype {other}: f32, f64, f16 or bf16"),
     }
 }
 
 /// Times one operation of `case` (on the instruction set `isa`, or the default) and checks its
 /// result: (op, copy, largest error).
-fn measure<D: Data<Param = f32>>(
+fn measure<D: Data>(
     case: &mut Case<D>,
     pool: &rayon::ThreadPool,
     isa: Option<Isa>,
@@ -73,9 +75,10 @@ fn measure<D: Data<Param = f32>>(
     })
 }
 
-fn report<D: Data<Param = f32>>(args: &[String]) {
+fn report<D: Data>(args: &[String]) {
     let args = args.to_vec();
     let dtype = type_name::<D>();
+    // Another type than f32: a column for the same call on f32 tensors.
     let half = dtype != "f32";
     let size = std::mem::size_of::<D>() as f64;
     let has = |f: &str| args.iter().any(|a| a == f);

@@ -2,7 +2,7 @@
 //! memory copy it is compared with, the copy itself, and the test data.
 #![allow(dead_code)]
 
-use batchnorm::{oracle, BatchNorm, Data, Fuse, Layout, SavedStats, Shape};
+use batchnorm::{oracle, BatchNorm, Data, Element, Fuse, Layout, SavedStats, Shape};
 use rayon::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -191,15 +191,15 @@ pub const IN_PLACE_OPS: [(&str, f64); 1] = [("train in place", 2.0)];
 
 /// One shape and layout, ready to time: input, output gradient, a layer with running
 /// statistics, the oracle's results, and the buffers of the operations and of their copies.
-pub struct Case<D = f32> {
+pub struct Case<D: Data = f32> {
     pub shape: Shape,
     pub layout: Layout,
     x: Vec<D>,
     dy: Vec<D>,
     y: Vec<D>,
     dx: Vec<D>,
-    bn: BatchNorm<f32>,
-    saved: SavedStats<f32>,
+    bn: BatchNorm<D::Param>,
+    saved: SavedStats<D::Param>,
     want: [Vec<f64>; 3],
     dst: Vec<D>,
     /// The backward copy moves three tensors' bytes: one and a half tensors each way.
@@ -269,22 +269,22 @@ fn read_pass<D: Data>(x: &[D], threads: usize) -> u64 {
 }
 
 /// `y += r`, one element at a time: a separate pass of the unfused work.
-fn add_pass<D: Data<Param = f32>>(y: &mut [D], r: &[D]) {
+fn add_pass<D: Data>(y: &mut [D], r: &[D]) {
     for (y, r) in y.iter_mut().zip(r) {
         *y = D::from_param(y.to_param() + r.to_param());
     }
 }
 
 /// `y = max(y, 0)`, one element at a time.
-fn relu_pass<D: Data<Param = f32>>(y: &mut [D]) {
+fn relu_pass<D: Data>(y: &mut [D]) {
     for y in y.iter_mut() {
-        if y.to_param() < 0.0 {
-            *y = D::from_param(0.0);
+        if y.to_param() < D::Param::ZERO {
+            *y = D::from_param(D::Param::ZERO);
         }
     }
 }
 
-impl<D: Data<Param = f32>> Case<D> {
+impl<D: Data> Case<D> {
     pub fn new(shape: Shape, layout: Layout) -> Case<D> {
         let len = shape.numel().expect("shape fits");
         let half =
@@ -292,9 +292,9 @@ impl<D: Data<Param = f32>> Case<D> {
         let x = half(input(len, shape.c));
         let dy = half(grad(len));
         let mut y = vec![D::default(); len];
-        let mut bn = BatchNorm::<f32>::new(shape.c);
-        bn.running_mean = (0..shape.c).map(|c| c as f32).collect();
-        bn.running_var = vec![2.0; shape.c];
+        let mut bn = BatchNorm::<D::Param>::new(shape.c);
+        bn.running_mean = (0..shape.c).map(|c| D::Param::from_f64(c as f64)).collect();
+        bn.running_var = vec![D::Param::from_f64(2.0); shape.c];
         let saved = bn.clone().forward_train(&x, &mut y, shape, layout).unwrap();
         let want = [
             oracle::forward_eval(&bn, &x, shape, layout),
@@ -466,8 +466,8 @@ impl<D: Data<Param = f32>> Case<D> {
                 }
                 _ => {
                     for ((o, &d), &y) in dr.iter_mut().zip(dy.iter()).zip(yf.iter()) {
-                        *o = if y.to_param() <= 0.0 {
-                            D::from_param(0.0)
+                        *o = if y.to_param() <= D::Param::ZERO {
+                            D::from_param(D::Param::ZERO)
                         } else {
                             d
                         };

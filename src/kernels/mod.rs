@@ -8,6 +8,25 @@
 //! tensor type ([`crate::element::Data::Lanes`]): `S::F32` for `f32`, `Stored<S::F32, f16>`
 //! for `f16`. Rayon tasks run on other threads, so the features are switched on at the
 //! leaves, not around the driver.
+//!
+//! # The inlining rule
+//! An intrinsic is inlined only into a function compiled with its target features. Only the
+//! entry has them (a `#[target_feature]` function cannot be generic over the instruction
+//! set); a helper or closure that the compiler leaves out of line is compiled without them,
+//! and each intrinsic in it becomes a call that passes its vectors through memory (`bf16`
+//! inference ran 45x slower so). Which helpers are left out of line is decided in the crate
+//! that instantiates the kernels, the user's, so the kernels leave nothing to that decision:
+//! - every function and method below an entry is `#[inline(always)]`;
+//! - every closure below an entry is `#[inline(always)]` too: in argument position
+//!   (`f(#[inline(always)] |j| ..)`) or as a block's value (`let f = { #[inline(always)]
+//!   |j| .. };`), the two places stable Rust takes the attribute;
+//! - a closure that touches lanes is called only by the crate's own `#[inline(always)]`
+//!   functions, never by std's `Iterator::map`, `Option::map` or `array::from_fn`, whose
+//!   `#[inline]` is a hint ([`lanes::array_fn`] replaces the last; a `match` the second).
+//!
+//! `scripts/check_inlining.sh`, run in CI, builds two users' crates in release (the report
+//! example and `examples/every_path.rs`, every public call on every data type) and fails if
+//! either holds a `core::core_arch` function out of line.
 
 pub(crate) mod backward;
 pub(crate) mod buffers;

@@ -4,8 +4,9 @@
 //! The shape of `pulp`'s `Simd` and `WithSimd`: a kernel is a value whose type implements
 //! [`WithSimd`], with one generic method; [`Simd::vectorize`] calls it from the instruction
 //! set's single `#[target_feature]` entry. Everything the kernel calls is `#[inline(always)]`,
-//! so it is compiled into that entry with the entry's features. Adding a kernel is adding one
-//! such type; adding an instruction set is adding one token.
+//! closures included, so it is compiled into that entry with the entry's features ([the
+//! inlining rule](super)). Adding a kernel is adding one such type; adding an instruction set
+//! is adding one token.
 
 use super::lanes::{Convert, Lanes, One};
 use half::{bf16, f16};

@@ -45,11 +45,8 @@ pub(crate) fn block_len<L: Lanes>() -> usize {
 /// A reduction over the vectors of one or more pieces of a block: one step per vector, and
 /// the merge of two partial results.
 ///
-/// A trait with `#[inline(always)]` methods rather than closures: a closure the compiler
-/// leaves out of line loses the `#[target_feature]` of the entry that called it, and with it
-/// the vector instructions (closures cannot be marked `#[inline(always)]` on stable Rust).
-/// Everything else that touches lanes is `#[inline(always)]` with plain loops for the same
-/// reason.
+/// A trait with `#[inline(always)]` methods: its implementations are the kernels' arithmetic,
+/// compiled into the entry that runs them (see [the inlining rule](crate::kernels)).
 pub(crate) trait Reduce<L: Lanes>: Copy {
     /// What one piece is: a slice (statistics) or two of equal length (`x` and `dy`).
     type Piece<'a>: Piece;
