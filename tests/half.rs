@@ -260,9 +260,9 @@ fn check_backward<D: Half>(shape: Shape, layout: Layout, seed: u64) {
 }
 
 // Under Miri only `f16`: `bf16` takes the same lanes, buffers and threads, and differs only in
-// the conversion by element (`convert_by_element!`, the `half` crate's safe code), so it adds
-// 80 s by Miri's clock (a third of the larger half of CI's Miri stage) and no unsafe path; it
-// runs natively on every path.
+// the conversion (the `half` crate's by element on the scalar path, integer lanes of `wide` on
+// the portable one: safe code both), so it adds 80 s by Miri's clock (a third of the larger
+// half of CI's Miri stage) and no unsafe path; it runs natively on every path.
 proptest! {
     #![proptest_config(config(64))]
 
