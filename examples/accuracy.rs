@@ -4,7 +4,7 @@
 //! training's forward pass, `|y - y_ref| / (1 + |y_ref|)`, in both layouts; the error of
 //! inference and of the folded form; and, for `f16` and `bf16` tensors, how many outputs of
 //! training, inference and backward are the correctly rounded reference, one unit in the last
-//! place from it, or further. The README's accuracy tables are this program's output.
+//! place from it, or further. The accuracy tables of docs/ACCURACY.md are this program's output.
 //!
 //! `cargo run --release --example accuracy [-- --quick]`
 

@@ -8,8 +8,8 @@
 //! verifiers deliberately wrong results and see them rejected: every property is a check that
 //! can fail.
 //!
-//! The bounds, against the float64 two-pass reference of the same f32 values (the README's
-//! accuracy section explains them):
+//! The bounds, against the float64 two-pass reference of the same f32 values (docs/ACCURACY.md
+//! explains them):
 //! - batch mean within `1e-5` standard deviations (plus `1e-12` of its magnitude);
 //! - batch variance within `2e-5` of itself, however small (squares below f32's normal range
 //!   are redone in f64);
@@ -394,7 +394,7 @@ pub fn verify_forward_train(
             r.var
         );
         // The scale `weight / sqrt(var + eps)` must exist in f32 for the outputs to (below a
-        // variance of about 1e-77 with eps = 0 it does not: the README says what comes out).
+        // variance of about 1e-77 with eps = 0 it does not: docs/ACCURACY.md says what comes out).
         let scale = layer.weight[c] as f64 / (r.var + layer.eps).sqrt();
         if scale.abs() < 1e37 {
             for i in indices(shape, layout, c).filter(|&i| centrable(x[i], r)) {

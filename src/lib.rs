@@ -42,3 +42,21 @@ pub use parallel::DEFAULT_PARALLEL_THRESHOLD;
 pub use parallel::{with_parallel_threshold, with_stream_threshold};
 pub use shape::{Layout, Shape};
 pub use sync::{Collective, LocalGroup};
+
+/// The guides in `docs/`, compiled and run as doctests (`cargo test --doc`) so that their
+/// examples stay true.
+#[cfg(doctest)]
+mod guides {
+    #[doc = include_str!("../docs/HALF_PRECISION.md")]
+    struct HalfPrecision;
+    #[doc = include_str!("../docs/FUSED.md")]
+    struct Fused;
+    #[doc = include_str!("../docs/FOLDING.md")]
+    struct Folding;
+    #[doc = include_str!("../docs/NDARRAY.md")]
+    struct Ndarray;
+    #[doc = include_str!("../docs/CANDLE.md")]
+    struct Candle;
+    #[doc = include_str!("../docs/SYNC.md")]
+    struct Sync;
+}

@@ -109,7 +109,7 @@ fn check_forward<D: Data<Param = f32>>(shape: Shape, layout: Layout, seed: u64) 
 
             batchnorm::apply_scale_shift_fused(&x, &mut y, &scale, &shift, shape, layout, fuse)
                 .unwrap();
-            // The folded form's error grows with the offset (see the README): its own bound.
+            // The folded form's error grows with the offset (see docs/FUSED.md): its own bound.
             let folded_tol = tol + 1e-7 * offset.abs() / spread;
             assert_fused(
                 &y,

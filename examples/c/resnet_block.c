@@ -6,7 +6,7 @@
  *   the backward pass of bn3 with its ReLU and the residual's gradient
  *   refused calls: NULL data, overlapping buffers, an unknown layout, a bad eps
  *
- * Build (see README, C ABI):
+ * Build (see docs/CAPI.md):
  *   cargo build --release --features capi
  *   cc -std=c11 -O2 -Wall -Wextra -Werror -Iinclude examples/c/resnet_block.c \
  *      target/release/libbatchnorm.a -lpthread -ldl -lm -o resnet_block && ./resnet_block
