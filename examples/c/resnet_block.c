@@ -7,9 +7,9 @@
  *   refused calls: NULL data, overlapping buffers, an unknown layout, a bad eps
  *
  * Build (see docs/CAPI.md):
- *   cargo build --release --features capi
+ *   cargo build --release -p batchnorm-capi
  *   cc -std=c11 -O2 -Wall -Wextra -Werror -Iinclude examples/c/resnet_block.c \
- *      target/release/libbatchnorm.a -lpthread -ldl -lm -o resnet_block && ./resnet_block
+ *      target/release/libbatchnorm_capi.a -lpthread -ldl -lm -o resnet_block && ./resnet_block
  */
 #include "batchnorm.h"
 
