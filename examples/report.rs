@@ -22,6 +22,9 @@
 //! half each way) and the plain training followed
 //! by that read (`train, read residual`, timed as one). `--shapes` keeps the
 //! shapes whose letters it lists, `--layout` one layout.
+//!
+//! `--svg FILE` (with `--features chart`) also draws the table as a chart: one bar per row, its
+//! ratio to the copy, the copy's speed marked at 1.
 
 mod common;
 
@@ -130,6 +133,8 @@ fn report<D: Data>(args: &[String]) {
         "|---|---|---|---|---|---|---|---|---|---|---|{}",
         if half { "---|" } else { "" }
     );
+    // (label, ratio to copy) of every row, for `--svg`.
+    let mut bars: Vec<(String, f64)> = Vec::new();
     let shapes = if quick { &SHAPES[2..4] } else { &SHAPES[..] };
     let letters = arg::<String>(&args, "--shapes");
     let only = arg::<String>(&args, "--layout").map(|l| l.to_lowercase());
@@ -179,6 +184,10 @@ fn report<D: Data>(args: &[String]) {
                             None => String::new(),
                         };
                         let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                        bars.push((
+                            format!("{} {layout:?} {op} {t}t {}", &name[..1], isa_name(isa)),
+                            timing.gbs(bytes) / copy_t.gbs(bytes),
+                        ));
                         if csv {
                             println!(
                                 "{name},{layout:?},{op},{t},{:.4},{:.4},{:.4},{bytes}",
@@ -201,4 +210,65 @@ fn report<D: Data>(args: &[String]) {
             }
         }
     }
+    if let Some(path) = arg::<String>(&args, "--svg") {
+        let title = format!(
+            "batchnorm, {dtype} tensors: ratio to a copy of the same bytes (default isa {})",
+            Isa::current().name()
+        );
+        chart(&path, &title, &bars);
+    }
+}
+
+/// Draws `bars` (label, ratio to copy) as horizontal bars into the SVG file `path`, with a line
+/// at 1 (as fast as the copy).
+#[cfg(feature = "chart")]
+fn chart(path: &str, title: &str, bars: &[(String, f64)]) {
+    use plotters::prelude::*;
+    let n = bars.len().max(1);
+    let height = 80 + 18 * n as u32;
+    let root = SVGBackend::new(path, (900, height)).into_drawing_area();
+    root.fill(&WHITE).expect("svg");
+    let top = bars.iter().map(|b| b.1).fold(1.2, f64::max) * 1.05;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 16))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(230)
+        .build_cartesian_2d(0.0..top, (0..n).into_segmented())
+        .expect("chart");
+    let label = |v: &SegmentValue<usize>| match v {
+        // The first row at the top.
+        SegmentValue::CenterOf(j) => bars.get(n - 1 - j).map_or(String::new(), |b| b.0.clone()),
+        _ => String::new(),
+    };
+    chart
+        .configure_mesh()
+        .y_labels(n)
+        .y_label_formatter(&label)
+        .x_desc("ratio to a copy of the same bytes (1 = as fast as the copy)")
+        .disable_y_mesh()
+        .draw()
+        .expect("mesh");
+    chart
+        .draw_series(bars.iter().enumerate().map(|(i, (_, r))| {
+            let j = n - 1 - i;
+            let (a, b) = (SegmentValue::Exact(j), SegmentValue::Exact(j + 1));
+            let mut bar = Rectangle::new([(0.0, a), (*r, b)], BLUE.mix(0.6).filled());
+            bar.set_margin(2, 2, 0, 0);
+            bar
+        }))
+        .expect("bars");
+    chart
+        .draw_series(std::iter::once(PathElement::new(
+            [(1.0, SegmentValue::Exact(0)), (1.0, SegmentValue::Exact(n))],
+            RED,
+        )))
+        .expect("the copy's line");
+    root.present().expect("svg written");
+    eprintln!("chart written to {path}");
+}
+
+#[cfg(not(feature = "chart"))]
+fn chart(path: &str, _: &str, _: &[(String, f64)]) {
+    eprintln!("--svg {path}: build with --features chart (plotters) to draw the chart");
 }
