@@ -58,7 +58,7 @@ macro_rules! wide_lanes {
             }
             #[inline(always)]
             fn splice(self, k: usize, rest: Self) -> Self {
-                let index = <$v>::new(crate::kernels::lanes::array_fn(
+                let index = <$v>::new(array_fn(
                     #[inline(always)]
                     |i| i as $t,
                 ));
